@@ -1,0 +1,189 @@
+"""`cnnviz <step>`: every pipeline step as a command (the Snakemake rules call these).
+
+Each subcommand parses its arguments and calls one library function; the library does the work.
+Imports are lazy so that `cnnviz --help` and light steps start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import CnnvizError
+
+log = logging.getLogger("cnnviz")
+Command = Callable[[argparse.Namespace], None]
+
+
+def _sample_image(args: argparse.Namespace) -> None:
+    from .images import write_sample_image
+
+    write_sample_image(args.name, Path(args.out))
+
+
+def _stage(args: argparse.Namespace) -> None:
+    from .images import stage_shard
+
+    if len(args.ids) != len(args.images):
+        raise CnnvizError(f"stage: {len(args.ids)} ids for {len(args.images)} images")
+    pairs = list(zip(args.ids, map(Path, args.images), strict=True))
+    stage_shard(pairs, Path(args.staged_dir), Path(args.manifest))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_model
+
+    spec = json.loads(args.spec)
+    card_path = Path(args.card)
+    export_model(
+        name=args.name,
+        source=spec["source"],
+        out_dir=card_path.parent,
+        weights=spec.get("weights", "pretrained"),
+        exporter=spec.get("exporter", "torchscript"),
+        preprocess=spec.get("preprocess"),
+        labels=spec.get("labels"),
+        threads=args.threads,
+    )
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .methods.predictions import predict_shard
+
+    predict_shard(
+        Path(args.card).parent,
+        Path(args.manifest),
+        Path(args.out),
+        top_k=args.top_k,
+        device=args.device,
+        threads=args.threads,
+        batch_size=args.batch_size,
+    )
+
+
+def _activations(args: argparse.Namespace) -> None:
+    from .methods.activations import activations_shard
+
+    options = json.loads(args.options) if args.options else {}
+    activations_shard(
+        Path(args.card).parent,
+        Path(args.manifest),
+        Path(args.out_dir),
+        layers=options.get("layers", "all"),
+        channels=options.get("channels") or {},
+        blank_eps=options.get("blank_eps", 1e-6),
+        device=args.device,
+        threads=args.threads,
+        batch_size=args.batch_size,
+    )
+
+
+def _sparsity(args: argparse.Namespace) -> None:
+    from .methods.activations import sparsity_plot
+
+    sparsity_plot([Path(p) for p in args.activations], Path(args.out))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    build_report(
+        results_dir=Path(args.results),
+        index=Path(args.index),
+        config=json.loads(args.config) if args.config else {},
+        models=args.models,
+    )
+
+
+def _gradcheck(args: argparse.Namespace) -> None:
+    from .autodiff.gradcheck import main as gradcheck_main
+
+    code = gradcheck_main(args.rest)
+    if code:
+        raise SystemExit(code)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnviz", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STEP")
+
+    def add(name: str, func: Command, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    def runtime_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+        p.add_argument("--batch-size", type=int, default=8, help="images per ONNX Runtime call")
+
+    p = add("sample-image", _sample_image, "write one of scikit-image's sample photos as PNG")
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", required=True)
+
+    p = add("stage", _stage, "read, check and convert a shard of images; list the failures")
+    p.add_argument("--manifest", required=True, help="shard manifest JSON to write")
+    p.add_argument("--staged-dir", required=True, help="folder for the converted RGB PNGs")
+    p.add_argument("--ids", nargs="+", required=True, help="one id per image, in order")
+    p.add_argument("--images", nargs="+", required=True, help="image files, in order")
+
+    p = add("export", _export, "export a model to ONNX and write model.json beside it")
+    p.add_argument("--name", required=True, help="the model's name in the config")
+    p.add_argument("--spec", required=True, help="the model's config entry as JSON")
+    p.add_argument("--card", required=True, help="model.json to write (model.onnx goes beside)")
+    p.add_argument("--threads", type=int, default=None)
+
+    p = add("predict", _predict, "top-k predictions for a shard of images")
+    p.add_argument("--card", required=True, help="model.json")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--top-k", type=int, default=5)
+    runtime_options(p)
+
+    p = add("activations", _activations, "feature maps of every conv layer, as channel grids")
+    p.add_argument("--card", required=True, help="model.json")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--options", default="{}", help="the config's activations section as JSON")
+    runtime_options(p)
+
+    p = add("sparsity", _sparsity, "plot blank-channel fraction against depth")
+    p.add_argument("--activations", nargs="+", required=True, help="activation folders (shards)")
+    p.add_argument("--out", required=True)
+
+    p = add("report", _report, "build the HTML report")
+    p.add_argument("--results", required=True, help="the results folder")
+    p.add_argument("--index", required=True, help="index.html to write (model pages beside)")
+    p.add_argument("--config", default="{}", help="the config as run, JSON")
+    p.add_argument("--models", nargs="+", required=True)
+
+    p = add("gradcheck", _gradcheck, "check the gradient engine against finite differences")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="see `cnnviz gradcheck -- --help`")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    started = time.perf_counter()
+    try:
+        args.func(args)
+    except CnnvizError as error:
+        print(f"cnnviz {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    log.info("%s done in %.1f s", args.command, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

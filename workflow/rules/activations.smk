@@ -1,0 +1,35 @@
+rule activations:
+    input:
+        unpack(model_files),
+        manifest=f"{OUT}/images/{{shard}}.json",
+    output:
+        directory(f"{OUT}/{{model}}/activations/{{shard}}"),
+    log:
+        f"{OUT}/logs/activations/{{model}}/{{shard}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/activations/{{model}}/{{shard}}.tsv"
+    conda:
+        "../../envs/core.yaml"
+    threads: config["threads"]
+    params:
+        options=json.dumps(config["activations"], sort_keys=True),
+        device=config["device"],
+        batch_size=config["batch_size"],
+    shell:
+        "cnnviz activations --card {input.card:q}"
+        " --manifest {input.manifest:q} --out-dir {output:q} --options {params.options:q}"
+        " --device {params.device} --threads {threads} --batch-size {params.batch_size}"
+        " 2> {log:q}"
+
+
+rule sparsity:
+    input:
+        per_shard(f"{OUT}/{{{{model}}}}/activations/{{shard}}"),
+    output:
+        f"{OUT}/{{model}}/activations/sparsity.png",
+    log:
+        f"{OUT}/logs/sparsity/{{model}}.log",
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "cnnviz sparsity --activations {input:q} --out {output:q} 2> {log:q}"

@@ -1,0 +1,16 @@
+rule export:
+    output:
+        onnx=f"{OUT}/models/{{model}}/model.onnx",
+        card=f"{OUT}/models/{{model}}/model.json",
+    log:
+        f"{OUT}/logs/export/{{model}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/export/{{model}}.tsv"
+    conda:
+        "../../envs/export.yaml"
+    threads: config["threads"]
+    params:
+        spec=model_spec,
+    shell:
+        "cnnviz export --name {wildcards.model} --spec {params.spec:q}"
+        " --card {output.card:q} --threads {threads} 2> {log:q}"

@@ -1,0 +1,26 @@
+rule sample_image:
+    output:
+        f"{OUT}/samples/{{name}}.png",
+    log:
+        f"{OUT}/logs/sample_image/{{name}}.log",
+    conda:
+        "../../envs/core.yaml"
+    shell:
+        "cnnviz sample-image --name {wildcards.name} --out {output:q} 2> {log:q}"
+
+
+rule stage_shard:
+    input:
+        shard_files,
+    output:
+        manifest=f"{OUT}/images/{{shard}}.json",
+        staged=directory(f"{OUT}/images/{{shard}}"),
+    log:
+        f"{OUT}/logs/stage_shard/{{shard}}.log",
+    conda:
+        "../../envs/core.yaml"
+    params:
+        ids=shard_ids,
+    shell:
+        "cnnviz stage --manifest {output.manifest:q} --staged-dir {output.staged:q}"
+        " --ids {params.ids} --images {input:q} 2> {log:q}"

@@ -1,0 +1,25 @@
+rule report:
+    input:
+        cards=expand(f"{OUT}/models/{{model}}/model.json", model=MODELS),
+        predictions=expand(
+            per_shard(f"{OUT}/{{{{model}}}}/predictions/{{shard}}.json"), model=MODELS
+        ),
+        activations=expand(
+            per_shard(f"{OUT}/{{{{model}}}}/activations/{{shard}}"), model=MODELS
+        ),
+        sparsity=expand(f"{OUT}/{{model}}/activations/sparsity.png", model=MODELS),
+        manifests=per_shard(f"{OUT}/images/{{shard}}.json"),
+    output:
+        index=f"{OUT}/report/index.html",
+        pages=expand(f"{OUT}/report/{{model}}.html", model=MODELS),
+    log:
+        f"{OUT}/logs/report.log",
+    conda:
+        "../../envs/core.yaml"
+    params:
+        results=results_root,
+        models=MODELS,
+        config=json.dumps(config, sort_keys=True),
+    shell:
+        "cnnviz report --results {params.results:q} --index {output.index:q}"
+        " --config {params.config:q} --models {params.models:q} 2> {log:q}"
