@@ -1,0 +1,88 @@
+"""What every per-image method shares: choosing targets and layers, and writing its artifacts.
+
+Artifacts of one method for one image and target class (DESIGN.md, "artifacts are the interface"):
+`{out_dir}/{method}/{image_id}_c{target}.png`  the picture for people (overlay on the image),
+`{out_dir}/{method}/{image_id}_c{target}.npy`  float32 [H, W]: the raw map at model input size,
+`{out_dir}/{method}/{image_id}_c{target}.json` what was computed: target, label, layer, time, notes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import write_json, write_npy
+from ..errors import ConfigError
+
+TargetSpec = str | int | list[int | str] | dict[str, int]
+
+
+def resolve_targets(
+    card: dict[str, Any], probs: np.ndarray, spec: TargetSpec = "top1"
+) -> list[int]:
+    """Class indices to explain for one image.
+
+    `spec`: "top1" (the default), {"top_k": k}, or classes by index or label (one or a list).
+    An unknown class raises ConfigError naming it (via modelcard.resolve_class).
+    """
+    from ..modelcard import resolve_class
+
+    order = np.argsort(-np.asarray(probs), kind="stable")
+    if spec in (None, "top1"):
+        return [int(order[0])]
+    if isinstance(spec, dict):
+        if set(spec) != {"top_k"} or int(spec["top_k"]) < 1:
+            raise ConfigError(f"target {spec!r}: use 'top1', {{top_k: k}} or class names/indices")
+        return [int(i) for i in order[: int(spec["top_k"])]]
+    classes = spec if isinstance(spec, list) else [spec]
+    return [resolve_class(card, c) for c in classes]
+
+
+def last_conv_layer(card: dict[str, Any]) -> dict[str, Any]:
+    """The last conv-like layer whose output is still a spatial map (H, W > 1): Grad-CAM's layer."""
+    spatial = [row for row in card["layers"] if row["shape"][-1] > 1 and row["shape"][-2] > 1]
+    if not spatial:
+        raise ConfigError(
+            f"model {card.get('name')!r} has no conv layer with a spatial output; "
+            "name a layer for the class activation maps in the config"
+        )
+    return spatial[-1]
+
+
+def normalize_map(raw: np.ndarray) -> np.ndarray:
+    """Scale a non-negative map to [0, 1] (a flat map becomes all zeros, not NaN)."""
+    raw = np.asarray(raw, dtype=np.float32)
+    low, high = float(raw.min()), float(raw.max())
+    if high - low <= 1e-12:
+        return np.zeros_like(raw)
+    return (raw - low) / (high - low)
+
+
+def explanation_stem(out_dir: Path, method: str, image_id: str, target: int) -> Path:
+    return Path(out_dir) / method / f"{image_id}_c{target}"
+
+
+def save_explanation(
+    out_dir: Path,
+    method: str,
+    image_id: str,
+    target: int,
+    raw: np.ndarray,
+    picture: np.ndarray,
+    info: dict[str, Any],
+) -> dict[str, str]:
+    """Write the picture (uint8 RGB), the raw float32 map and the info JSON; return their paths."""
+    from ..render import save_png
+
+    stem = explanation_stem(out_dir, method, image_id, target)
+    paths = {
+        "png": str(stem.with_suffix(".png")),
+        "npy": str(stem.with_suffix(".npy")),
+        "json": str(stem.with_suffix(".json")),
+    }
+    write_npy(paths["npy"], np.asarray(raw, dtype=np.float32))
+    save_png(paths["png"], picture)
+    write_json(paths["json"], {"method": method, "image": image_id, "target": int(target), **info})
+    return paths

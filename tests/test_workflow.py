@@ -1,0 +1,102 @@
+"""The real workflow, end to end: snakemake on the default config reduced to 2 images.
+
+Runs the real export of the pretrained EfficientNet-Lite0, real ONNX Runtime sessions and the
+real report; then checks the files, the predictions and the report's links.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_snakemake(workdir: Path, configfile: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "snakemake",
+        "-s", str(REPO / "workflow" / "Snakefile"),
+        "--directory", str(workdir),
+        "--configfile", str(configfile),
+        "--cores", "2",
+        *extra,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("run")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["images"]["samples"] = ["chelsea", "coffee"]
+    configfile = workdir / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = run_snakemake(workdir, configfile)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return workdir / config["output"]
+
+
+def test_predictions_name_the_cat(default_run: Path) -> None:
+    shards = sorted((default_run / "efficientnet-lite0" / "predictions").glob("*.json"))
+    assert shards
+    by_id = {}
+    for shard in shards:
+        for entry in json.loads(shard.read_text())["images"]:
+            by_id[entry["id"]] = entry["top"]
+    assert set(by_id) == {"chelsea", "coffee"}
+    assert "cat" in by_id["chelsea"][0]["label"].lower()
+    assert "espresso" in by_id["coffee"][0]["label"].lower()
+    assert len(by_id["chelsea"]) == 5
+    probs = [t["prob"] for t in by_id["chelsea"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_activation_grids_for_every_conv_layer(default_run: Path) -> None:
+    card = json.loads((default_run / "models" / "efficientnet-lite0" / "model.json").read_text())
+    layers = [row["name"] for row in card["layers"]]
+    assert len(layers) > 40  # EfficientNet-Lite0 has ~49 conv layers
+    for image_id in ("chelsea", "coffee"):
+        grids = list((default_run / "efficientnet-lite0" / "activations").glob(f"*/{image_id}/*.png"))
+        assert {p.stem for p in grids} >= set(layers)
+    assert (default_run / "efficientnet-lite0" / "activations" / "sparsity.png").stat().st_size > 0
+
+
+def test_every_rule_wrote_its_log(default_run: Path) -> None:
+    logs = list((default_run / "logs").rglob("*.log"))
+    rules = {p.relative_to(default_run / "logs").parts[0] for p in logs}
+    assert {"export", "stage_shard", "predict", "activations", "report"} <= rules
+
+
+def test_report_links_every_picture(default_run: Path) -> None:
+    report = default_run / "report"
+    pages = list(report.glob("*.html"))
+    assert {p.name for p in pages} >= {"index.html", "efficientnet-lite0.html"}
+    linked: set[Path] = set()
+    for page in pages:
+        html = page.read_text()
+        for ref in re.findall(r'(?:src|href)="([^"#?]+)', html):
+            if ref.startswith(("http:", "https:", "data:", "mailto:")):
+                continue
+            target = (page.parent / unquote(ref)).resolve()
+            assert target.exists(), f"{page.name} links to missing {ref}"
+            linked.add(target)
+    pictures = {
+        p.resolve() for p in (default_run / "efficientnet-lite0").rglob("*.png")
+    }
+    missing = pictures - linked
+    assert not missing, f"{len(missing)} PNGs not in the report, e.g. {sorted(missing)[:3]}"
+
+
+def test_second_run_has_nothing_to_do(default_run: Path) -> None:
+    workdir = default_run.parent
+    result = run_snakemake(workdir, workdir / "config.yaml", "-n")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
