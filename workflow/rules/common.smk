@@ -38,7 +38,7 @@ if not IMAGE_FILES:
         "config: no images to process; list sample photos under images.samples "
         "or your own folders, globs or files under images.paths"
     )
-IMAGE_IDS = plan.image_ids(IMAGE_FILES)
+IMAGE_IDS = plan.assign_ids(IMAGE_FILES)
 SHARDS = plan.shards(list(zip(IMAGE_IDS, IMAGE_FILES)), config["shard_size"])
 
 

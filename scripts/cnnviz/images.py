@@ -1,0 +1,282 @@
+"""Reading, checking and preprocessing input images.
+
+Every image becomes 8-bit RGB on the way in (`load_image`), so the rest of cnnviz sees one kind of
+picture. Conversions, chosen once here:
+
+- transparency (RGBA, LA, PA, P with a transparent colour) is composited onto white, the way a
+  browser shows the picture, rather than dropping alpha (which exposes whatever colour the
+  invisible pixels happen to hold, often black);
+- 16-bit greyscale (I;16*) is scaled by 1/257 (65535 -> 255); 32-bit integer (I) is treated the
+  same when any value exceeds 255, otherwise read as 8-bit values; float (F) is read as [0, 1] when
+  its maximum is <= 1, else clipped to [0, 255];
+- CMYK, YCbCr, LAB, HSV, 1-bit and palette images use Pillow's own conversion to RGB;
+- the EXIF orientation tag is applied, so a phone photo is upright;
+- images above `PIL.Image.MAX_IMAGE_PIXELS` are refused (ImageError), not merely warned about.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .artifacts import read_json, write_json, write_with
+from .errors import ConfigError, ImageError
+from .plan import IMAGE_SUFFIXES, assign_ids, discover_images, image_id  # noqa: F401
+
+# skimage.data photos usable as sample inputs: name -> how to get the array.
+SAMPLE_IMAGES: dict[str, str] = {
+    "chelsea": "chelsea",
+    "coffee": "coffee",
+    "astronaut": "astronaut",
+    "rocket": "rocket",
+    "stereo_motorcycle": "stereo_motorcycle",  # a (left, right, disparity) tuple: left is used
+    "camera": "camera",
+    "coins": "coins",
+    "moon": "moon",
+    "clock": "clock",
+    "hubble_deep_field": "hubble_deep_field",
+    "immunohistochemistry": "immunohistochemistry",
+}
+
+_FIX = "check that it is a complete image file (PNG, JPEG, ...) or remove it from the inputs"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read `path` as an upright 8-bit RGB image (see the module docstring for conversions)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"image {path}: file not found; check the path in the images config")
+    if path.is_dir():
+        raise ImageError(f"image {path}: is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"image {path}: file is empty (0 bytes); {_FIX}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                _check_size(path, opened.size)
+                opened.load()
+                image = ImageOps.exif_transpose(opened) or opened
+                rgb = to_rgb(image)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(
+            f"image {path}: too large to read safely ({exc}); downscale it, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        ) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageError(f"image {path}: not an image format Pillow can read; {_FIX}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"image {path}: cannot be decoded ({exc}); {_FIX}") from exc
+    return rgb
+
+
+def _check_size(path: Path, size: tuple[int, int]) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise ImageError(
+            f"image {path}: {size[0]}x{size[1]} pixels is over the limit of {limit} "
+            "(a possible decompression bomb); downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if you trust the file"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert an image of any Pillow mode to 8-bit RGB (a new, loaded image)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy()
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        mode in ("P", "L", "RGB") and "transparency" in image.info
+    ):
+        return _on_white(image.convert("RGBA"))
+    if mode.startswith("I;16"):
+        grey = np.asarray(image, dtype=np.float64) / 257.0
+        return _grey_to_rgb(grey)
+    if mode == "I":
+        grey = np.asarray(image, dtype=np.float64)
+        if grey.size and grey.max() > 255:
+            grey = np.clip(grey, 0, 65535) / 257.0
+        return _grey_to_rgb(grey)
+    if mode == "F":
+        grey = np.asarray(image, dtype=np.float64)
+        finite = grey[np.isfinite(grey)]
+        if finite.size and finite.max() <= 1.0:
+            grey = grey * 255.0
+        return _grey_to_rgb(np.nan_to_num(grey))
+    return image.convert("RGB")
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    grey8 = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([grey8] * 3, axis=-1), mode="RGB")
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def model_view(image: Image.Image, pre: dict[str, Any]) -> Image.Image:
+    """Resize and crop `image` exactly as the model input expects (before any normalization).
+
+    `center_crop` follows torchvision's Resize(resize_to) + CenterCrop(size) on a PIL image:
+    the shorter side becomes `resize_to` (the longer one int(resize_to * long / short)), bilinear,
+    then the centre `size` is cut with offsets round((side - crop) / 2).
+    """
+    height, width = (int(v) for v in pre["size"])
+    mode = pre.get("resize", "center_crop")
+    if mode == "stretch":
+        return image.resize((width, height), Image.Resampling.BILINEAR)
+    if mode != "center_crop":
+        raise ConfigError(
+            f"preprocess.resize {mode!r} is not one of center_crop, stretch; fix model.json"
+        )
+    short_to = int(pre.get("resize_to", max(height, width)))
+    if short_to < max(height, width):
+        raise ConfigError(
+            f"preprocess.resize_to {short_to} is smaller than the crop size {height}x{width}; "
+            "set resize_to >= the larger crop side in model.json"
+        )
+    w, h = image.size
+    if w <= h:
+        new_w, new_h = short_to, int(short_to * h / w)
+    else:
+        new_w, new_h = int(short_to * w / h), short_to
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top = int(round((new_h - height) / 2.0))
+    left = int(round((new_w - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
+
+
+def display_image(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
+    """uint8 [H, W, 3]: exactly the crop the model saw, in RGB, for overlays."""
+    return np.asarray(model_view(image.convert("RGB"), pre), dtype=np.uint8).copy()
+
+
+def preprocess(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
+    """float32 [3, H, W] model input: crop, / scale, (x - mean) / std, channel order.
+
+    With channel_order BGR the channels are reversed first; mean and std are then given in the
+    model's own channel order (mean[0] applies to the model's first channel, B).
+    """
+    pixels = display_image(image, pre).astype(np.float32)
+    order = str(pre.get("channel_order", "RGB")).upper()
+    if order == "BGR":
+        pixels = pixels[..., ::-1]
+    elif order != "RGB":
+        raise ConfigError(f"preprocess.channel_order {order!r} is not RGB or BGR; fix model.json")
+    scale = np.float32(pre.get("scale", 255.0))
+    mean = np.asarray(pre.get("mean", [0.0, 0.0, 0.0]), dtype=np.float32)
+    std = np.asarray(pre.get("std", [1.0, 1.0, 1.0]), dtype=np.float32)
+    x = (pixels / scale - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- finding inputs
+
+
+def write_sample_images(out_dir: str | Path, names: Iterable[str]) -> list[Path]:
+    """Write the named skimage.data photos as `out_dir/{name}.png`; returns their paths."""
+    names = list(names)
+    _check_sample_names(names)
+    return [write_sample_image(name, Path(out_dir) / f"{name}.png") for name in names]
+
+
+def write_sample_image(name: str, out: str | Path) -> Path:
+    """Write one skimage.data photo (see SAMPLE_IMAGES) as the PNG file `out`."""
+    _check_sample_names([name])
+    from skimage import data
+
+    array = getattr(data, SAMPLE_IMAGES[name])()
+    if isinstance(array, tuple):
+        array = array[0]
+    picture = Image.fromarray(np.asarray(array))
+    return write_with(out, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def _check_sample_names(names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in SAMPLE_IMAGES]
+    if unknown:
+        raise ConfigError(
+            f"unknown sample image(s) {', '.join(map(repr, unknown))}; "
+            f"valid names: {', '.join(SAMPLE_IMAGES)}"
+        )
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def stage_shard(
+    sources: Sequence[str | Path] | Sequence[tuple[str, str | Path]],
+    staged_dir: str | Path,
+    manifest: str | Path,
+    ids: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Load each source, save it as RGB PNG `staged_dir/{id}.png`, and write the manifest.
+
+    `sources` are paths, or (id, path) pairs. Ids given by the caller (pairs, or `ids` from
+    `assign_ids` over *all* inputs) keep ids unique across shards that share one staged folder;
+    without them ids are made unique within this shard only. A source that cannot be read is
+    listed under "failed" with the reason and never stops the others. Returns the manifest.
+    """
+    if sources and all(isinstance(s, tuple) for s in sources):
+        ids = [str(pair[0]) for pair in sources]
+        sources = [pair[1] for pair in sources]
+    ids = list(ids) if ids is not None else assign_ids(sources)
+    if len(ids) != len(sources):
+        raise ValueError("stage_shard: ids and sources differ in length")
+    staged_dir = Path(staged_dir)
+    images, failed = [], []
+    for source, image_name in zip(sources, ids, strict=True):
+        try:
+            rgb = load_image(source)
+        except ImageError as exc:
+            failed.append({"source": str(source), "error": str(exc)})
+            continue
+        target = staged_dir / f"{image_name}.png"
+        write_with(target, lambda tmp, im=rgb: im.save(tmp, format="PNG"))
+        images.append(
+            {
+                "id": image_name,
+                "source": str(source),
+                "path": str(target),
+                "width": rgb.width,
+                "height": rgb.height,
+            }
+        )
+    result = {"images": images, "failed": failed}
+    write_json(manifest, result)
+    return result
+
+
+def read_manifest(manifest: str | Path) -> dict[str, Any]:
+    """A shard manifest with each image "path" made absolute.
+
+    A relative path is taken from the current folder when it exists there, else the staged file
+    is looked for beside the manifest's shards folder (results/images/{id}.png), so a moved
+    results folder still reads.
+    """
+    manifest = Path(manifest)
+    data = read_json(manifest)
+    for entry in data.get("images", []):
+        path = Path(entry["path"])
+        if not path.is_absolute():
+            fallback = manifest.resolve().parent.parent / f"{entry['id']}.png"
+            path = path.resolve() if path.exists() or not fallback.exists() else fallback
+        entry["path"] = str(path)
+    data.setdefault("failed", [])
+    return data
