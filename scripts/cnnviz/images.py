@@ -162,6 +162,31 @@ def model_view(image: Image.Image, pre: dict[str, Any]) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
+def crop_box(size: tuple[int, int], pre: dict[str, Any]) -> tuple[float, float, float, float]:
+    """The region (left, top, right, bottom) of an image of `size` (w, h) that the model sees,
+    in the image's own pixels: maps computed at model input size go back onto this box."""
+    width, height = size
+    crop_h, crop_w = (int(v) for v in pre["size"])
+    if pre.get("resize", "center_crop") == "stretch":
+        return (0.0, 0.0, float(width), float(height))
+    short_to = int(pre.get("resize_to", max(crop_h, crop_w)))
+    if width <= height:
+        new_w, new_h = short_to, int(short_to * height / width)
+    else:
+        new_w, new_h = int(short_to * width / height), short_to
+    top = int(round((new_h - crop_h) / 2.0))
+    left = int(round((new_w - crop_w) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+
+
+def original_view(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
+    """uint8 [h, w, 3]: the part of the image the model saw, at the image's own resolution
+    (for overlays "on the original image": no downscaling to the model's input size)."""
+    box = tuple(int(round(v)) for v in crop_box(image.size, pre))
+    return np.asarray(image.convert("RGB").crop(box), dtype=np.uint8).copy()
+
+
 def display_image(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
     """uint8 [H, W, 3]: exactly the crop the model saw, in RGB, for overlays."""
     return np.asarray(model_view(image.convert("RGB"), pre), dtype=np.uint8).copy()

@@ -11,6 +11,10 @@ rule activations:
     conda:
         "../../envs/core.yaml"
     threads: config["threads"]
+    resources:
+        mem_mb=mem_mb,
+        runtime=30,
+        gpu=GPU_JOBS,
     params:
         options=json.dumps(config["activations"], sort_keys=True),
         device=config["device"],

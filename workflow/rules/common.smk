@@ -42,8 +42,15 @@ IMAGE_IDS = plan.assign_ids(IMAGE_FILES)
 SHARDS = plan.shards(list(zip(IMAGE_IDS, IMAGE_FILES)), config["shard_size"])
 
 
+METHODS = config["methods"]["enabled"]
+CAM_METHODS = {"gradcam", "gradcampp", "layercam", "guided_gradcam", "scorecam"}
+# Jobs that run ONNX Runtime ask for a GPU when the config says cuda (SLURM: --gpus=1).
+GPU_JOBS = 1 if config["device"] == "cuda" else 0
+
+
 wildcard_constraints:
     model="|".join(map(re.escape, MODELS)),
+    method="|".join(METHODS) or "(?!)",
     shard=r"s[0-9][0-9][0-9]+",
     name=r"[A-Za-z0-9_]+",
 
@@ -75,6 +82,25 @@ def per_shard(pattern, **kwargs):
 def results_root(wildcards, input):
     """The results folder, derived from an input (results/models/M/model.json)."""
     return str(Path(input.cards[0]).parents[2])
+
+
+def method_options(wildcards):
+    """Only the options that change this method's maps: editing one reruns that method alone."""
+    methods = config["methods"]
+    options = {"target": methods["target"]}
+    if wildcards.method in CAM_METHODS:
+        options["cam_layer"] = methods["cam_layer"]
+    if wildcards.method == "guided_gradcam":
+        options["cam_layer"] = methods["cam_layer"]
+    own = {"scorecam", "smoothgrad", "integrated_gradients", "occlusion", "projections"}
+    if wildcards.method in own:
+        options.update(methods[wildcards.method])
+    return json.dumps(options, sort_keys=True)
+
+
+def mem_mb(wildcards, attempt):
+    """Memory per ONNX Runtime job, growing with each retry."""
+    return 3000 * attempt
 
 
 def report_pages():

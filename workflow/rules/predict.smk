@@ -11,6 +11,10 @@ rule predict:
     conda:
         "../../envs/core.yaml"
     threads: config["threads"]
+    resources:
+        mem_mb=mem_mb,
+        runtime=30,
+        gpu=GPU_JOBS,
     params:
         top_k=config["predictions"]["top_k"],
         device=config["device"],

@@ -9,6 +9,11 @@ rule report:
         ),
         sparsity=expand(f"{OUT}/{{model}}/activations/sparsity.png", model=MODELS),
         manifests=per_shard(f"{OUT}/images/{{shard}}.json"),
+        explanations=expand(
+            per_shard(f"{OUT}/{{{{model}}}}/{{{{method}}}}/{{shard}}"),
+            model=MODELS,
+            method=METHODS,
+        ),
     output:
         index=f"{OUT}/report/index.html",
         pages=expand(f"{OUT}/report/{{model}}.html", model=MODELS),
