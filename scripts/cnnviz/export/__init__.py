@@ -1,0 +1,350 @@
+"""The export step: a model source -> results/models/{model}/model.onnx + model.json.
+
+torch sources are exported with torch.onnx.export and verified against torch on a real photo;
+an onnx:<path> source is checked and copied. Importing this package does not import torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..artifacts import write_with
+from ..errors import ModelError
+from ..graph import conv_layers, input_name, strip_softmax
+from ..modelcard import save_card
+from .labels import check_count, default_labels, read_labels
+from .sources import (
+    DEFAULT_PREPROCESS,
+    check_image_input,
+    check_weights,
+    efficientnet_lite0,
+    load_onnx_file,
+    parse_source,
+    torchvision_model,
+)
+
+__all__ = ["export_model"]
+
+log = logging.getLogger("cnnviz.export")
+ONNX_FILE = "model.onnx"
+RELATIVE_TOLERANCE = 1e-3  # of the largest |logit|, at least 1e-3 absolute
+
+
+def export_model(
+    name: str,
+    source: str,
+    out_dir: str | Path,
+    weights: str = "pretrained",
+    exporter: str = "torchscript",
+    preprocess: dict | None = None,
+    labels: list[str] | str | None = None,
+    verify_image: np.ndarray | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Write `out_dir/model.onnx` and `out_dir/model.json`; return the card.
+
+    `preprocess` overrides keys of the source's own preprocessing; `labels` replaces its class
+    names. `verify_image` (HxWx3 uint8, default skimage's chelsea) is the photo on which ONNX
+    Runtime must reproduce torch's logits.
+    """
+    out_dir = Path(out_dir)
+    where = f"model {name!r} ({source})"
+    kind, arg = parse_source(source)
+    started = time.perf_counter()
+    image, image_name = _verify_photo(verify_image)
+    if kind == "onnx":
+        model, data, pre, class_names, output_kind, verification = _from_onnx(
+            arg, where, preprocess, labels, image, image_name, threads
+        )
+        weights_kind = "file"
+        exporter_info: dict[str, Any] = {"torch": None, "dynamo": None}
+    else:
+        check_weights(weights, source)
+        model, data, pre, class_names, verification = _from_torch(
+            kind, arg, weights, exporter, where, preprocess, labels, image, image_name, threads
+        )
+        output_kind, weights_kind = "logits", weights
+        from .torch_export import torch_version
+
+        exporter_info = {"torch": torch_version(), "dynamo": exporter == "dynamo"}
+    layers = conv_layers(model)
+    write_with(out_dir / ONNX_FILE, lambda tmp: tmp.write_bytes(data))
+    card = {
+        "name": name,
+        "source": _card_source(kind, arg, source),
+        "weights": weights_kind,
+        "onnx": ONNX_FILE,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "opset": _opset(model),
+        "input": _input_entry(model),
+        "output": {
+            "name": model.graph.output[0].name,
+            "kind": output_kind,
+            "num_classes": len(class_names),
+        },
+        "preprocess": pre,
+        "labels": class_names,
+        "layers": layers,
+        "verification": verification,
+        "exporter": exporter_info,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if not card["layers"]:
+        log.warning("%s: the graph has no Conv layers; activation pictures will be empty", where)
+    save_card(out_dir, card)
+    log.info(
+        "%s: exported in %.1f s, %d conv layers, verification %s",
+        where,
+        time.perf_counter() - started,
+        len(card["layers"]),
+        verification,
+    )
+    return card
+
+
+# --------------------------------------------------------------------------- torch sources
+
+
+def _from_torch(
+    kind: str,
+    arg: str,
+    weights: str,
+    exporter: str,
+    where: str,
+    preprocess: dict | None,
+    labels: list[str] | str | None,
+    image: Any,
+    image_name: str,
+    threads: int | None,
+) -> tuple[onnx.ModelProto, bytes, dict, list[str], dict]:
+    import torch
+
+    from .torch_export import export_onnx, torch_logits
+
+    if threads:
+        torch.set_num_threads(threads)
+    src = efficientnet_lite0(weights) if kind == "efficientnet" else torchvision_model(arg, weights)
+    if src.note:
+        log.info("%s: %s", where, src.note)
+    pre = _merge_preprocess(src.preprocess, preprocess)
+    size = (int(pre["size"][0]), int(pre["size"][1]))
+    model = export_onnx(src.module, size, exporter, where)
+    data = _serialize_checked(model, where)
+    batch = _photo_batch(image, pre)
+    expected = torch_logits(src.module, batch)
+    got = _ort_logits(data, batch, threads)
+    if got.shape != expected.shape:
+        raise ModelError(f"{where}: ONNX output shape {got.shape} != torch's {expected.shape}")
+    diff = float(np.max(np.abs(got - expected)))
+    tolerance = RELATIVE_TOLERANCE * max(1.0, float(np.max(np.abs(expected))))
+    if not diff <= tolerance:
+        raise ModelError(
+            f"{where}: ONNX Runtime's logits differ from torch's by {diff:.3g} on the "
+            f"{image_name} photo (tolerance {tolerance:.3g}); try the other exporter"
+        )
+    class_names = read_labels(labels, where) if labels is not None else src.labels
+    check_count(class_names, int(expected.shape[1]), where)
+    verification = {
+        "reference": "torch",
+        "image": image_name,
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+        "top1": _top1(got[0], class_names, probabilities=False),
+    }
+    return model, data, pre, class_names, verification
+
+
+# --------------------------------------------------------------------------- onnx:<path>
+
+
+def _from_onnx(
+    arg: str,
+    where: str,
+    preprocess: dict | None,
+    labels: list[str] | str | None,
+    image: Any,
+    image_name: str,
+    threads: int | None,
+) -> tuple[onnx.ModelProto, bytes, dict, list[str], str, dict]:
+    model, path = load_onnx_file(arg)
+    if model.ir_version > 10:
+        model.ir_version = 10
+    dims = check_image_input(model, path)
+    _ort_session(model, threads, f"ONNX model {path}")  # loads at all?
+    model, stripped = strip_softmax(model)
+    pre = _merge_preprocess(DEFAULT_PREPROCESS, preprocess)
+    if isinstance(dims[2], int) and isinstance(dims[3], int):
+        if preprocess is None or "size" not in preprocess:
+            pre["size"] = [dims[2], dims[3]]
+        elif list(pre["size"]) != [dims[2], dims[3]]:
+            raise ModelError(
+                f"{where}: preprocess.size {pre['size']} does not match the model's input "
+                f"{dims}; set size to [{dims[2]}, {dims[3]}]"
+            )
+    if pre.get("resize") == "center_crop" and "resize_to" not in (preprocess or {}):
+        pre["resize_to"] = int(round(max(pre["size"]) * 256 / 224))  # torchvision's 224/256
+    model = _symbolic_batch_if_possible(model, dims, pre, threads)
+    data = _serialize_checked(model, where, strict=False)
+    batch = _photo_batch(image, pre)
+    out = _ort_logits(data, batch, threads)
+    if out.ndim != 2:
+        raise ModelError(
+            f"{where}: the model's output {model.graph.output[0].name!r} has shape "
+            f"{list(out.shape)}; cnnviz needs class scores shaped [batch, classes]"
+        )
+    if not np.all(np.isfinite(out)):
+        raise ModelError(f"{where}: the model's output on the {image_name} photo is not finite")
+    sums = out.sum(axis=1)
+    looks_like_probs = bool(
+        np.all(out >= 0) and np.all(out <= 1) and np.allclose(sums, 1, atol=1e-3)
+    )
+    output_kind = "probabilities" if looks_like_probs and not stripped else "logits"
+    num_classes = int(out.shape[1])
+    class_names = read_labels(labels, where) if labels is not None else default_labels(num_classes)
+    check_count(class_names, num_classes, where)
+    verification = {
+        "reference": None,
+        "image": image_name,
+        "max_abs_diff": None,
+        "tolerance": None,
+        "top1": _top1(out[0], class_names, probabilities=output_kind == "probabilities"),
+    }
+    if stripped:
+        verification["note"] = "final Softmax removed: the output is the logits"
+    return model, data, pre, class_names, output_kind, verification
+
+
+def _symbolic_batch_if_possible(
+    model: onnx.ModelProto, dims: list[int | str], pre: dict, threads: int | None
+) -> onnx.ModelProto:
+    """Make a fixed batch dim symbolic when the graph still computes the same per image."""
+    if not isinstance(dims[0], int):
+        return _name_batch(model)
+    trial = _name_batch(model, clear_fixed=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, *pre["size"])).astype(np.float32)
+    try:
+        both = _ort_logits(trial, x, threads)
+        one = _ort_logits(trial, x[:1], threads)
+    except Exception:  # noqa: BLE001 - the graph hard-codes its batch: keep it fixed
+        return model
+    if both.shape[0] == 2 and np.allclose(both[:1], one, rtol=1e-4, atol=1e-5):
+        return trial
+    return model
+
+
+def _name_batch(model: onnx.ModelProto, clear_fixed: bool = False) -> onnx.ModelProto:
+    out = copy.deepcopy(model)
+    name = input_name(out)
+    values = [v for v in out.graph.input if v.name == name] + list(out.graph.output)
+    for value in values:
+        dims = value.type.tensor_type.shape.dim
+        if dims and (clear_fixed or not dims[0].HasField("dim_value")):
+            dims[0].Clear()
+            dims[0].dim_param = "batch"
+    if clear_fixed:
+        del out.graph.value_info[:]
+    return out
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _merge_preprocess(base: dict, override: dict | None) -> dict:
+    pre = {**copy.deepcopy(base), **copy.deepcopy(override or {})}
+    if pre.get("resize") == "stretch":
+        pre.pop("resize_to", None)
+    return pre
+
+
+def _verify_photo(image: np.ndarray | None) -> tuple[Any, str]:
+    """A PIL RGB image of the verification photo and its name for the card."""
+    from PIL import Image
+
+    from ..images import to_rgb
+
+    if image is None:
+        import skimage.data
+
+        return to_rgb(Image.fromarray(skimage.data.chelsea())), "chelsea"
+    return to_rgb(Image.fromarray(np.asarray(image))), "custom"
+
+
+def _photo_batch(image: Any, pre: dict) -> np.ndarray:
+    """[2, 3, H, W]: the photo and its mirror image, so a batch of more than one is tested."""
+    from PIL import Image
+
+    from ..images import preprocess
+
+    mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.stack([preprocess(image, pre), preprocess(mirrored, pre)]).astype(np.float32)
+
+
+def _ort_session(model: onnx.ModelProto | bytes, threads: int | None, what: str) -> Any:
+    from ..runtime import make_session
+
+    try:
+        return make_session(model, device="cpu", threads=threads)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise ModelError(f"{what} does not load in ONNX Runtime: {exc}") from exc
+
+
+def _ort_logits(
+    model: onnx.ModelProto | bytes, batch: np.ndarray, threads: int | None
+) -> np.ndarray:
+    """The first output for `batch`; image by image when the graph's batch is fixed."""
+    session = _ort_session(model, threads, "the exported ONNX graph")
+    node = session.get_inputs()[0]
+    output = session.get_outputs()[0].name
+    step = node.shape[0] if isinstance(node.shape[0], int) else len(batch)
+    parts = [
+        session.run([output], {node.name: batch[i : i + step]})[0]
+        for i in range(0, len(batch), step)
+    ]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _top1(scores: np.ndarray, labels: list[str], probabilities: bool) -> dict[str, Any]:
+    if probabilities:
+        probs = scores.astype(np.float64)
+    else:
+        shifted = np.exp(scores.astype(np.float64) - scores.max())
+        probs = shifted / shifted.sum()
+    index = int(np.argmax(probs))
+    return {"index": index, "label": labels[index], "prob": round(float(probs[index]), 4)}
+
+
+def _input_entry(model: onnx.ModelProto) -> dict[str, Any]:
+    name = input_name(model)
+    value = next(v for v in model.graph.input if v.name == name)
+    dims = value.type.tensor_type.shape.dim
+    shape = [int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    return {"name": name, "shape": shape, "dtype": "float32"}
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _card_source(kind: str, arg: str, source: str) -> str:
+    return f"onnx:{Path(arg).expanduser().resolve()}" if kind == "onnx" else source
+
+
+def _serialize_checked(model: onnx.ModelProto, where: str, strict: bool = True) -> bytes:
+    """The model's bytes, serialized once, after onnx.checker (a warning only if not strict)."""
+    data = model.SerializeToString()
+    try:
+        onnx.checker.check_model(data)
+    except onnx.checker.ValidationError as exc:
+        if strict:
+            raise ModelError(f"{where}: the ONNX graph fails onnx.checker: {exc}") from exc
+        log.warning("%s: onnx.checker complains (ONNX Runtime loads it): %s", where, exc)
+    return data
