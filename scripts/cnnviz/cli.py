@@ -83,6 +83,21 @@ def _activations(args: argparse.Namespace) -> None:
     )
 
 
+def _explain(args: argparse.Namespace) -> None:
+    from .methods.explain import explain_shard
+
+    explain_shard(
+        Path(args.card).parent,
+        Path(args.manifest),
+        args.method,
+        Path(args.out_dir),
+        options=json.loads(args.options) if args.options else {},
+        device=args.device,
+        threads=args.threads,
+        batch_size=args.batch_size,
+    )
+
+
 def _sparsity(args: argparse.Namespace) -> None:
     from .methods.activations import sparsity_plot
 
@@ -151,6 +166,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--options", default="{}", help="the config's activations section as JSON")
+    runtime_options(p)
+
+    p = add("explain", _explain, "one explanation method (Grad-CAM, saliency, ...) for a shard")
+    p.add_argument("--method", required=True)
+    p.add_argument("--card", required=True, help="model.json")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--options", default="{}", help="the method's options as JSON")
     runtime_options(p)
 
     p = add("sparsity", _sparsity, "plot blank-channel fraction against depth")

@@ -1,9 +1,10 @@
 """What every per-image method shares: choosing targets and layers, and writing its artifacts.
 
 Artifacts of one method for one image and target class (DESIGN.md, "artifacts are the interface"):
-`{out_dir}/{method}/{image_id}_c{target}.png`  the picture for people (overlay on the image),
-`{out_dir}/{method}/{image_id}_c{target}.npy`  float32 [H, W]: the raw map at model input size,
-`{out_dir}/{method}/{image_id}_c{target}.json` what was computed: target, label, layer, time, notes.
+`{out_dir}/{image_id}_c{target}.png`  the picture for people (overlay on the image),
+`{out_dir}/{image_id}_c{target}.npy`  float32 [H, W]: the raw map at model input size,
+`{out_dir}/{image_id}_c{target}.json` what was computed: method, target, label, layer, time, notes.
+The workflow's out_dir is `results/{model}/{method}/{shard}`.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def normalize_map(raw: np.ndarray) -> np.ndarray:
     return (raw - low) / (high - low)
 
 
-def explanation_stem(out_dir: Path, method: str, image_id: str, target: int) -> Path:
-    return Path(out_dir) / method / f"{image_id}_c{target}"
+def explanation_stem(out_dir: Path, image_id: str, target: int) -> Path:
+    return Path(out_dir) / f"{image_id}_c{target}"
 
 
 def save_explanation(
@@ -73,16 +74,15 @@ def save_explanation(
     picture: np.ndarray,
     info: dict[str, Any],
 ) -> dict[str, str]:
-    """Write the picture (uint8 RGB), the raw float32 map and the info JSON; return their paths."""
+    """Write the picture (uint8 RGB), the raw float32 map and the info JSON; return their file
+    names (relative to `out_dir`, so a moved results folder still reads)."""
     from ..render import save_png
 
-    stem = explanation_stem(out_dir, method, image_id, target)
-    paths = {
-        "png": str(stem.with_suffix(".png")),
-        "npy": str(stem.with_suffix(".npy")),
-        "json": str(stem.with_suffix(".json")),
-    }
-    write_npy(paths["npy"], np.asarray(raw, dtype=np.float32))
-    save_png(paths["png"], picture)
-    write_json(paths["json"], {"method": method, "image": image_id, "target": int(target), **info})
-    return paths
+    stem = explanation_stem(out_dir, image_id, target)
+    write_npy(stem.with_suffix(".npy"), np.asarray(raw, dtype=np.float32))
+    save_png(stem.with_suffix(".png"), picture)
+    write_json(
+        stem.with_suffix(".json"),
+        {"method": method, "image": image_id, "target": int(target), **info},
+    )
+    return {ext: stem.with_suffix(f".{ext}").name for ext in ("png", "npy", "json")}
