@@ -79,10 +79,9 @@ def save_explanation(
     from ..render import save_png
 
     stem = explanation_stem(out_dir, image_id, target)
-    write_npy(stem.with_suffix(".npy"), np.asarray(raw, dtype=np.float32))
-    save_png(stem.with_suffix(".png"), picture)
-    write_json(
-        stem.with_suffix(".json"),
-        {"method": method, "image": image_id, "target": int(target), **info},
-    )
-    return {ext: stem.with_suffix(f".{ext}").name for ext in ("png", "npy", "json")}
+    # Appended, not with_suffix: image ids may contain dots.
+    paths = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("png", "npy", "json")}
+    write_npy(paths["npy"], np.asarray(raw, dtype=np.float32))
+    save_png(paths["png"], picture)
+    write_json(paths["json"], {"method": method, "image": image_id, "target": int(target), **info})
+    return {ext: path.name for ext, path in paths.items()}

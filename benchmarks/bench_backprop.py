@@ -1,0 +1,183 @@
+"""Input-gradient methods: cnnviz (ONNX Runtime) against captum (torch), EfficientNet-Lite0.
+
+Same process, interleaved (each repeat runs every contender once, in a rotating order), 2 threads
+on both sides (torch.set_num_threads(2); ORT intra_op 2, inter_op 1, allow_spinning 0), batch 1,
+224x224, the chelsea photo, target = its top-1 class. Session building is not timed (one session
+per job). captum's GuidedBackprop and Deconvolution run on a copy whose ReLU6 modules are an
+nn.ReLU subclass (clamp 0..6), the same computation as ours; on the stock model they would
+silently compute the plain gradient. IG: 50 steps, method gausslegendre on both sides (captum's
+default), zero baseline; captum pushes all 50 points through one batch (its default), ours runs
+52 points (50 + the two end points for the completeness check) in chunks of --ig-batch.
+
+torch's OpenMP threads spin-wait by default; on a shared, oversubscribed machine that made torch
+6x slower than itself (forward ~1 s instead of ~0.17 s at load 9 on 2 cores). The benchmark
+therefore sets OMP_WAIT_POLICY=PASSIVE before importing torch, the counterpart of ORT's
+allow_spinning 0, unless the variable is already set (OMP_WAIT_POLICY=ACTIVE for torch's
+default behaviour).
+
+    python benchmarks/bench_backprop.py [--model-dir DIR] [--repeats 7] [--ig-repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+TARGETS = {"saliency": 0.5, "guided": 0.5, "deconvnet": 0.5, "ig50": 0.4}
+
+
+def effnet(model_dir: Path | None) -> tuple[onnx.ModelProto, dict]:
+    from cnnviz.modelcard import load_card
+
+    if model_dir is None:
+        from cnnviz.export import export_model
+
+        model_dir = Path(tempfile.mkdtemp(prefix="bench-backprop-"))
+        export_model("efficientnet-lite0", "efficientnet-lite0", model_dir)
+    card = load_card(model_dir)
+    return onnx.load(str(Path(model_dir) / card["onnx"])), card
+
+
+def swap_relu6(module):
+    import torch
+
+    class ClampReLU(torch.nn.ReLU):
+        def forward(self, x):
+            return torch.clamp(x, 0.0, 6.0)
+
+    out = copy.deepcopy(module)
+
+    def visit(parent):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.ReLU6):
+                setattr(parent, name, ClampReLU())
+            else:
+                visit(child)
+
+    visit(out)
+    return out
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_interleaved(contenders: dict[str, Callable[[], object]], repeats: int,
+                    warmup: int = 1) -> dict[str, list[float]]:
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):  # rotate the order so no contender always follows the same one
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(timed(contenders[name]))
+    return times
+
+
+def fmt(values: list[float]) -> str:
+    ms = [v * 1000 for v in values]
+    return f"{statistics.median(ms):.1f} ({min(ms):.1f}–{max(ms):.1f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="an exported efficientnet-lite0 (model.json); exported if absent")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--ig-repeats", type=int, default=3)
+    # On a 2-core CPU, batch 1 had the lowest cost per path point (76 ms vs 107 ms at 13, load 8).
+    parser.add_argument("--ig-batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP runtime
+    import torch
+    from captum.attr import Deconvolution, GuidedBackprop, IntegratedGradients, Saliency
+    from cnnviz.export.sources import efficientnet_lite0
+    from cnnviz.images import preprocess
+    from cnnviz.methods import backprop as bp
+    from cnnviz.runtime import make_session
+    from PIL import Image
+    from skimage import data
+
+    torch.set_num_threads(args.threads)
+    model, card = effnet(args.model_dir)
+    module = efficientnet_lite0("pretrained").module
+    relu_module = swap_relu6(module)
+    x = preprocess(Image.fromarray(data.chelsea()), card["preprocess"])[None].astype(np.float32)
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        target = int(module(xt).argmax(1))
+
+    th = args.threads
+    forward = make_session(model, "cpu", th)
+    sessions = {p: bp.gradient_session(model, p, batch=1, device="cpu", threads=th)
+                for p in ("gradient", "guided", "deconvnet")}
+    ig_session = bp.gradient_session(model, "gradient", batch=args.ig_batch, device="cpu",
+                                     threads=th)
+    in_name = card["input"]["name"]
+    saliency, guided = Saliency(module), GuidedBackprop(relu_module)
+    deconv, ig = Deconvolution(relu_module), IntegratedGradients(module)
+
+    def grad_input():
+        return xt.clone().requires_grad_()
+
+    single = {
+        "ort forward": lambda: forward.run(None, {in_name: x}),
+        "torch forward": lambda: module(xt),
+        "saliency ours": lambda: bp.saliency(sessions["gradient"], x, [target]),
+        "saliency captum": lambda: saliency.attribute(grad_input(), target=target),
+        "guided ours": lambda: bp.guided_backprop(sessions["guided"], x, [target]),
+        "guided captum": lambda: guided.attribute(grad_input(), target=target),
+        "deconvnet ours": lambda: bp.deconvnet_map(sessions["deconvnet"], x, [target]),
+        "deconvnet captum": lambda: deconv.attribute(grad_input(), target=target),
+    }
+    ig_pair = {
+        "ig50 ours": lambda: bp.integrated_gradients(ig_session, x[0], target, steps=50,
+                                                     method="gausslegendre"),
+        "ig50 captum": lambda: ig.attribute(grad_input(), target=target, n_steps=50,
+                                            method="gausslegendre"),
+    }
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        times = run_interleaved(single, args.repeats)
+        times.update(run_interleaved(ig_pair, args.ig_repeats))
+
+    lines = [
+        f"EfficientNet-Lite0, batch 1, 224x224, {th} threads each, interleaved; "
+        f"median (min–max) ms over {args.repeats} runs ({args.ig_repeats} for IG); "
+        f"ORT IG chunk {args.ig_batch}; torch OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}.",
+        "",
+        "| method | cnnviz (ORT) | captum (torch) | ratio of medians | ratio of minima | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    pairs = [("forward", "ort forward", "torch forward", None)]
+    pairs += [(key, f"{key} ours", f"{key} captum", goal) for key, goal in TARGETS.items()]
+    for key, mine, peer, goal in pairs:
+        ours, theirs = times[mine], times[peer]
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        best = min(ours) / min(theirs)
+        verdict = "–" if goal is None else f"≤ {goal} ({'met' if ratio <= goal else 'missed'})"
+        lines.append(f"| {key} | {fmt(ours)} | {fmt(theirs)} | {ratio:.2f} | {best:.2f} | "
+                     f"{verdict} |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Deconvnet projections of hidden features to pixel space (Zeiler & Fergus 2014; seed part 2).
+
+For one image and one layer, each chosen channel is projected *alone*, from its single strongest
+activation: the seed is zero everywhere except that channel's maximum value at its argmax
+position. The backward of the graph under the "deconvnet" policy (cnnviz.autodiff) is exactly
+Zeiler & Fergus's deconvnet: max pooling backward = unpooling with the forward pass's switches,
+ReLU backward = ReLU of the reconstruction, convolution backward = the transposed kernels.
+
+The model is cut at the layer first (its output becomes the layer tensor), so the backward graph
+holds only the layers below it. One forward session (all layers' tensors) and one deconvnet
+session per layer serve every image of a job; all (image, channel) seeds of a layer go through
+the deconvnet session in runs of its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import ConfigError
+from . import backprop
+
+SUPPORT_EPS = 1e-6  # |projection| above this times its max marks the support (for the crop)
+
+
+def cut_at(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose only outputs are `tensors` (the head is dropped by vjp's DCE)."""
+    from ..graph import expose
+
+    out = expose(model, list(tensors))
+    keep = [o for o in out.graph.output if o.name in set(tensors)]
+    out.graph.ClearField("output")
+    out.graph.output.extend(keep)
+    return out
+
+
+def top_channels(act: np.ndarray, k: int, rank: np.ndarray | None = None) -> list[int]:
+    """The k channels of [C, h, w] with the largest maximum activation, largest first.
+
+    `rank` (the pre-activation, same shape) breaks ties: a saturated ReLU6 layer has many
+    channels whose maximum is exactly 6. Ties left after that go to the lower channel index.
+    """
+    peaks = act.reshape(act.shape[0], -1).max(axis=1)
+    keys = [-peaks]
+    if rank is not None:
+        keys.insert(0, -rank.reshape(rank.shape[0], -1).max(axis=1))
+    order = np.lexsort(keys)  # last key is primary: the activation's peak
+    return [int(c) for c in order[: max(0, k)]]
+
+
+def unit_seeds(
+    act: np.ndarray, channels: Sequence[int], rank: np.ndarray | None = None
+) -> tuple[np.ndarray, list[dict]]:
+    """Seeds [k, C, h, w]: each channel's max activation at its argmax, zeros elsewhere.
+
+    The argmax is taken over `rank` (the pre-activation) when given, which picks one of the
+    positions tied at a ReLU6's ceiling; the seed value is the activation there.
+    """
+    c_total, h, w = act.shape
+    where = act if rank is None else rank
+    seeds = np.zeros((len(channels), c_total, h, w), np.float32)
+    info = []
+    for i, c in enumerate(channels):
+        if not 0 <= c < c_total:
+            raise ConfigError(f"channel {c} is out of range for a layer with {c_total} channels")
+        y, x = np.unravel_index(int(np.argmax(where[c])), (h, w))
+        value = float(act[c, y, x])
+        seeds[i, c, y, x] = value
+        info.append({"channel": int(c), "value": value, "position": [int(y), int(x)]})
+    return seeds, info
+
+
+class Projector:
+    """Sessions for projecting channels of `layers`, built once per job."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        card: dict[str, Any],
+        layers: Sequence[str],
+        batch: int = 8,
+        device: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        from ..modelcard import find_layer
+        from ..runtime import make_session
+
+        self.rows = {name: find_layer(card, name) for name in layers}
+        self.input = backprop.model_input_name(model)
+        self.forward = make_session(cut_at(model, self._forward_tensors()), device, threads)
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for name, row in self.rows.items():
+            graph = backprop.gradient_model(
+                cut_at(model, [row["tensor"]]), "deconvnet", batch, seed_output=row["tensor"]
+            )
+            self.sessions[name] = make_session(graph, device, threads)
+
+    def _forward_tensors(self) -> list[str]:
+        names = []
+        for row in self.rows.values():
+            names.append(row["tensor"])
+            if row.get("conv_output") and row["conv_output"] != row["tensor"]:
+                names.append(row["conv_output"])  # the pre-activation breaks ReLU6 ties
+        return list(dict.fromkeys(names))
+
+    def activations(self, images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """{layer: (activation [N, C, h, w], pre-activation or None)} from one forward run."""
+        names = self._forward_tensors()
+        outs = self.forward.run(names, {self.input: np.asarray(images, np.float32)})
+        values = dict(zip(names, outs, strict=True))
+        result = {}
+        for name, row in self.rows.items():
+            pre = row.get("conv_output")
+            result[name] = (values[row["tensor"]], values[pre] if pre in values and
+                            pre != row["tensor"] else None)
+        return result
+
+    def project_layers(
+        self, images: np.ndarray, channels: Sequence[int] | int
+    ) -> dict[str, list[list[dict]]]:
+        """{layer: project(...)} for every layer of this projector, from one forward run."""
+        forward = self.activations(images)
+        return {layer: self.project(images, layer, channels, forward) for layer in self.rows}
+
+    def project(
+        self,
+        images: np.ndarray,
+        layer: str,
+        channels: Sequence[int] | int,
+        forward: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
+    ) -> list[list[dict]]:
+        """Per image, per channel: {channel, value, position [y, x], projection [3, H, W], bbox}.
+
+        `channels`: an int k (the k strongest channels of each image, by max activation) or the
+        channel indices to project. `forward`: `activations(images)` when already computed.
+        """
+        images = np.asarray(images, np.float32)
+        if layer not in self.rows:
+            built = ", ".join(self.rows)
+            raise ConfigError(f"layer {layer!r} has no projection session (built: {built})")
+        acts, pres = (forward or self.activations(images))[layer]
+        xs, seeds, infos = [], [], []
+        for i, act in enumerate(acts):
+            pre = None if pres is None else pres[i]
+            chosen = (top_channels(act, channels, pre) if isinstance(channels, int)
+                      else list(channels))
+            s, info = unit_seeds(act, chosen, pre)
+            xs.append(np.repeat(images[i : i + 1], len(chosen), axis=0))
+            seeds.append(s)
+            infos.append(info)
+        if not any(len(s) for s in seeds):
+            return infos
+        grads, _ = backprop.gradients(
+            self.sessions[layer], np.concatenate(xs), np.concatenate(seeds)
+        )
+        start = 0
+        for info in infos:
+            for item in info:
+                item["projection"] = grads[start]
+                item["bbox"] = support_bbox(grads[start])
+                start += 1
+        return infos
+
+
+def project_channels(
+    model: onnx.ModelProto,
+    card: dict[str, Any],
+    image: np.ndarray,
+    layer: str,
+    channels: Sequence[int] | int = 9,
+    device: str = "auto",
+    threads: int | None = None,
+) -> list[dict]:
+    """One image, one layer: each channel's deconvnet projection from its max activation alone.
+
+    Returns one dict per channel: channel, value (the max activation), position ([y, x] in the
+    layer's map), projection (float32 [3, H, W] at input size), bbox (its support, [y0, y1, x0,
+    x1], half-open). Builds its own sessions: for many images use a Projector.
+    """
+    k = channels if isinstance(channels, int) else len(channels)
+    projector = Projector(model, card, [layer], max(1, k), device, threads)
+    return projector.project(np.asarray(image, np.float32)[None], layer, channels)[0]
+
+
+def support_bbox(projection: np.ndarray, eps: float = SUPPORT_EPS) -> list[int]:
+    """[y0, y1, x0, x1] (half-open) of where |projection| exceeds eps * its max; all if empty."""
+    mag = np.abs(projection).max(axis=0)
+    peak = float(mag.max())
+    h, w = mag.shape
+    if peak <= 0:
+        return [0, h, 0, w]
+    ys, xs = np.nonzero(mag > eps * peak)
+    return [int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1]
+
+
+# ---- pictures and artifacts ----------------------------------------------------------------------
+def _tile(rgb: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    shape = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(rgb).resize(shape, Image.Resampling.LANCZOS))
+    out = np.full((size, size, 3), 255, np.uint8)
+    top, left = (size - small.shape[0]) // 2, (size - small.shape[1]) // 2
+    out[top : top + small.shape[0], left : left + small.shape[1]] = small
+    return out
+
+
+def projection_grid(display: np.ndarray, items: Sequence[dict], tile: int = 112) -> np.ndarray:
+    """uint8 picture: one row per channel, [projection (signed RGB, grey = 0) | image patch].
+
+    Both are cropped to the projection's support (its receptive field in practice) and scaled to
+    `tile` pixels; a short text strip names the channel, its max activation and position.
+    """
+    from PIL import Image, ImageDraw
+
+    display = np.asarray(display, np.uint8)
+    label_h, gap = 14, 4
+    width = 2 * tile + gap
+    rows = []
+    for item in items:
+        y0, y1, x0, x1 = item["bbox"]
+        proj = backprop.signed_rgb(item["projection"][:, y0:y1, x0:x1])
+        patch = _resize_like(display, item["projection"].shape[1:])[y0:y1, x0:x1]
+        row = np.full((label_h + tile + gap, width, 3), 255, np.uint8)
+        row[label_h : label_h + tile, :tile] = _tile(proj, tile)
+        row[label_h : label_h + tile, tile + gap :] = _tile(patch, tile)
+        picture = Image.fromarray(row)
+        text = f"ch {item['channel']}  max {item['value']:.3g}  at {tuple(item['position'])}"
+        ImageDraw.Draw(picture).text((2, 1), text, fill=(0, 0, 0))
+        rows.append(np.asarray(picture))
+    if not rows:
+        return np.full((tile, width, 3), 255, np.uint8)
+    return np.concatenate(rows, axis=0)
+
+
+def _resize_like(display: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if display.shape[:2] == tuple(shape):
+        return display
+    from PIL import Image
+
+    size = (shape[1], shape[0])
+    return np.asarray(Image.fromarray(display).resize(size, Image.Resampling.BILINEAR))
+
+
+def save_projections(
+    out_dir: str | Path,
+    image_id: str,
+    layer: str,
+    display: np.ndarray,
+    items: Sequence[dict],
+    info: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Write `{out_dir}/projections/{image_id}_{layer}.png/.npy/.json`; return their paths.
+
+    .npy: float32 [k, 3, H, W], the projections in the order of the JSON's "channels" list.
+    """
+    from ..artifacts import write_json, write_npy
+    from ..render import save_png
+
+    stem = Path(out_dir) / "projections" / f"{image_id}_{layer}"  # layer names may hold dots
+    paths = {ext: f"{stem}.{ext}" for ext in ("png", "npy", "json")}
+    stack = np.stack([it["projection"] for it in items]) if items else np.zeros((0, 3, 1, 1))
+    write_npy(paths["npy"], stack.astype(np.float32))
+    save_png(paths["png"], projection_grid(display, items))
+    meta = [{k: v for k, v in it.items() if k != "projection"} for it in items]
+    write_json(paths["json"], {"method": "projections", "image": image_id, "layer": layer,
+                               "channels": meta, **(info or {})})
+    return paths

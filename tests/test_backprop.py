@@ -1,0 +1,223 @@
+"""Input-gradient methods on tiny ONNX models against analytic and numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from cnnviz.errors import ConfigError
+from cnnviz.methods import backprop as bp
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import TensorProto, helper, numpy_helper
+
+C, H, W, K = 3, 6, 6, 4
+RNG = np.random.default_rng(7)
+
+
+def _model(nodes, inits, out_shape=("batch", K)) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", C, H, W])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, list(out_shape))
+    graph = helper.make_graph(
+        nodes, "tiny", [x], [y], [numpy_helper.from_array(v, k) for k, v in inits.items()]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def linear_model() -> tuple[onnx.ModelProto, np.ndarray]:
+    w = RNG.normal(size=(K, C * H * W)).astype(np.float32)
+    b = RNG.normal(size=K).astype(np.float32)
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1),
+    ]
+    return _model(nodes, {"w": w, "b": b}), w.reshape(K, C, H, W)
+
+
+def conv_net(activation: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """conv3x3(pad 1) -> act -> conv3x3(pad 1) -> act -> GlobalAveragePool -> Gemm."""
+    p = {
+        "w1": RNG.normal(0, 0.5, size=(5, C, 3, 3)).astype(np.float32),
+        "b1": RNG.normal(0, 0.1, size=5).astype(np.float32),
+        "w2": RNG.normal(0, 0.5, size=(4, 5, 3, 3)).astype(np.float32),
+        "b2": RNG.normal(0, 0.1, size=4).astype(np.float32),
+        "wf": RNG.normal(size=(K, 4)).astype(np.float32),
+        "bf": RNG.normal(size=K).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node(activation, ["c1"], ["a1"]),
+        helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node(activation, ["c2"], ["a2"]),
+        helper.make_node("GlobalAveragePool", ["a2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], transB=1),
+    ]
+    return _model(nodes, p), p
+
+
+def session(model, policy="gradient", batch=1):
+    return bp.gradient_session(model, policy, batch=batch, device="cpu", threads=1)
+
+
+def images(n: int) -> np.ndarray:
+    return RNG.normal(size=(n, C, H, W)).astype(np.float32)
+
+
+# ---- numpy reference for the ReLU net ------------------------------------------------------------
+def conv(x, w, b):
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    win = sliding_window_view(xp, (3, 3), axis=(1, 2))  # [C, H, W, 3, 3]
+    return np.einsum("chwij,ocij->ohw", win, w) + b[:, None, None]
+
+
+def conv_back(g, w):
+    gx = np.zeros((w.shape[1], g.shape[1] + 2, g.shape[2] + 2))
+    for i in range(3):
+        for j in range(3):
+            part = np.einsum("ohw,oc->chw", g, w[:, :, i, j])
+            gx[:, i : i + g.shape[1], j : j + g.shape[2]] += part
+    return gx[:, 1:-1, 1:-1]
+
+
+def relu_net_gradient(x, t, p, policy):
+    x = x.astype(np.float64)
+    c1 = conv(x, p["w1"], p["b1"])
+    c2 = conv(np.maximum(c1, 0), p["w2"], p["b2"])
+    g = np.broadcast_to(p["wf"][t][:, None, None] / (H * W), c2.shape)
+
+    def act_back(g, pre):
+        return np.maximum(g, 0) * (pre > 0) if policy == "guided" else g * (pre > 0)
+
+    g = conv_back(act_back(g, c2), p["w2"])
+    return conv_back(act_back(g, c1), p["w1"])
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+def test_saliency_is_abs_gradient_of_linear_model():
+    model, w = linear_model()
+    x, targets = images(3), [0, 3, 1]
+    grads = bp.input_gradients(session(model, batch=3), x, targets)
+    np.testing.assert_allclose(grads, w[targets], rtol=1e-5, atol=1e-6)
+    sal = bp.saliency(session(model, batch=3), x, targets)
+    assert sal.shape == (3, H, W)
+    np.testing.assert_allclose(sal, np.abs(w[targets]).max(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_batching_matches_one_at_a_time():
+    model, _ = conv_net("Relu")
+    x, targets = images(5), [0, 1, 2, 3, 1]
+    one = session(model, "guided", batch=1)
+    two = session(model, "guided", batch=2)  # 5 images: chunks of 2, the last one padded
+    singles = np.concatenate(
+        [bp.guided_backprop(one, x[i : i + 1], [t]) for i, t in enumerate(targets)]
+    )
+    np.testing.assert_allclose(bp.guided_backprop(two, x, targets), singles, atol=1e-6)
+
+
+def test_guided_and_plain_match_numpy_and_differ():
+    model, p = conv_net("Relu")
+    x, targets = images(2), [1, 2]
+    plain = bp.input_gradients(session(model, batch=2), x, targets)
+    guided = bp.guided_backprop(session(model, "guided", batch=2), x, targets)
+    for i, t in enumerate(targets):
+        np.testing.assert_allclose(
+            plain[i], relu_net_gradient(x[i], t, p, "gradient"), rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            guided[i], relu_net_gradient(x[i], t, p, "guided"), rtol=1e-4, atol=1e-6
+        )
+    assert np.abs(guided - plain).max() > 1e-3 * np.abs(plain).max()
+
+
+def test_deconvnet_differs_from_guided():
+    model, _ = conv_net("Relu")
+    x = images(1)
+    guided = bp.guided_backprop(session(model, "guided"), x, [0])
+    deconv = bp.deconvnet_map(session(model, "deconvnet"), x, [0])
+    assert deconv.shape == (1, C, H, W)
+    assert not np.allclose(guided, deconv)
+
+
+def test_smoothgrad_is_seeded_mean_of_noisy_gradients():
+    model, _ = conv_net("Relu")
+    x = images(1)[0]
+    s4 = session(model, batch=4)
+    kwargs = dict(samples=6, noise_level=0.2, batch_size=4)
+    a = bp.smoothgrad_gradient(s4, x, 2, seed=3, **kwargs)
+    assert np.array_equal(a, bp.smoothgrad_gradient(s4, x, 2, seed=3, **kwargs))
+    assert not np.allclose(a, bp.smoothgrad_gradient(s4, x, 2, seed=4, **kwargs))
+    noisy = bp.smoothgrad_inputs(x, 6, 0.2, 3)
+    assert abs(float((noisy - x).std()) - 0.2 * float(x.max() - x.min())) < 0.05
+    s1 = session(model)
+    ref = np.mean([bp.input_gradients(s1, n[None], [2])[0] for n in noisy], axis=0)
+    np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-6)
+    heat = bp.smoothgrad(s4, x, 2, seed=3, **kwargs)
+    np.testing.assert_allclose(heat, np.abs(ref).max(axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_integrated_gradients_linear_is_exact():
+    model, w = linear_model()
+    x = images(1)[0]
+    s = session(model, batch=8)
+    for method in ("gausslegendre", "riemann_left"):
+        attr, err = bp.integrated_gradients(s, x, 2, steps=10, baseline="zero", method=method)
+        np.testing.assert_allclose(attr, x * w[2], rtol=1e-4, atol=1e-5)
+        assert err < 1e-4
+    base = RNG.normal(size=x.shape).astype(np.float32)
+    attr, err = bp.integrated_gradients(s, x, 1, steps=5, baseline=base)
+    np.testing.assert_allclose(attr, (x - base) * w[1], rtol=1e-4, atol=1e-5)
+    # captum's trapezoid weights sum to 1 - 1/n: kept for agreement, visible in completeness.
+    _, err = bp.integrated_gradients(s, x, 1, steps=10, method="riemann_trapezoid")
+    assert abs(err - 0.1) < 1e-3
+
+
+def test_integrated_gradients_completeness_on_smooth_model():
+    model, _ = conv_net("Tanh")
+    x = images(1)[0]
+    s = session(model, batch=8)
+    _, err = bp.integrated_gradients(s, x, 3, steps=16, baseline="zero", batch_size=8)
+    assert err < 1e-2
+    pre = {"scale": 255.0, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    black = bp.make_baseline("black", x, pre)
+    np.testing.assert_allclose(black[:, 0, 0], [-2.5, -1.6, -1.0], rtol=1e-6)
+    _, err = bp.integrated_gradients(s, x, 3, steps=32, baseline="black", pre=pre)
+    assert err < 1e-2
+
+
+def test_bad_arguments_are_named():
+    model, _ = linear_model()
+    s = session(model)
+    with pytest.raises(ConfigError, match="out of range"):
+        bp.saliency(s, images(1), [K])
+    with pytest.raises(ConfigError, match="baseline"):
+        bp.integrated_gradients(s, images(1)[0], 0, steps=4, baseline="grey")
+    with pytest.raises(ConfigError, match="method"):
+        bp.integrated_gradients(s, images(1)[0], 0, steps=4, method="simpson")
+
+
+def test_signed_rgb_maps_zero_to_grey():
+    g = np.zeros((3, 4, 5), np.float32)
+    g[0, 0, 0], g[1, 1, 1] = 1.0, -1.0
+    rgb = bp.signed_rgb(g, percentile=100)
+    assert rgb.shape == (4, 5, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[2, 2]) == (128, 128, 128)
+    assert rgb[0, 0, 0] == 255 and rgb[1, 1, 1] == 0
+
+
+def test_final_softmax_is_skipped_and_logits_exposed():
+    w = RNG.normal(size=(K, C * H * W)).astype(np.float32)
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w"], ["scores"], transB=1),
+        helper.make_node("Softmax", ["scores"], ["logits"], axis=1),
+    ]
+    s = session(_model(nodes, {"w": w}), batch=4)
+    x = images(2)
+    np.testing.assert_allclose(
+        bp.input_gradients(s, x, [1, 2]), w.reshape(K, C, H, W)[[1, 2]], rtol=1e-5, atol=1e-6
+    )
+    attr, err = bp.integrated_gradients(s, x[0], 3, steps=4)  # completeness on the logits
+    assert err < 1e-4

@@ -1,0 +1,146 @@
+"""Deconvnet projections on a tiny conv-relu-maxpool-conv-relu net against a numpy deconvnet."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from cnnviz.methods import projections as pj
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import TensorProto, helper, numpy_helper
+
+S = 24  # input side; conv1 3x3 pad 1 -> maxpool 2x2 stride 2 -> conv2 3x3 pad 1: 12x12 maps
+RNG = np.random.default_rng(11)
+P = {
+    "w1": RNG.normal(0, 0.5, size=(4, 3, 3, 3)).astype(np.float32),
+    "b1": RNG.normal(0, 0.1, size=4).astype(np.float32),
+    "w2": RNG.normal(0, 0.5, size=(6, 4, 3, 3)).astype(np.float32),
+    "b2": RNG.normal(0, 0.1, size=6).astype(np.float32),
+    "wf": RNG.normal(size=(5, 6)).astype(np.float32),
+    "bf": RNG.normal(size=5).astype(np.float32),
+}
+CARD = {
+    "name": "tiny",
+    "input": {"name": "input"},
+    "layers": [
+        {"name": "conv1", "tensor": "a1", "conv_output": "c1"},
+        {"name": "conv2", "tensor": "a2", "conv_output": "c2"},
+    ],
+}
+
+
+def tiny_model() -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["a1"]),
+        helper.make_node("MaxPool", ["a1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["a2"]),
+        helper.make_node("GlobalAveragePool", ["a2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], transB=1),
+    ]
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, S, S])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])
+    inits = [numpy_helper.from_array(v, k) for k, v in P.items()]
+    model = helper.make_model(
+        helper.make_graph(nodes, "tiny", [x], [y], inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 8
+    return model
+
+
+def conv(x, w, b):
+    win = sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1))), (3, 3), axis=(1, 2))
+    return np.einsum("chwij,ocij->ohw", win, w) + b[:, None, None]
+
+
+def conv_transpose(g, w):
+    gx = np.zeros((w.shape[1], g.shape[1] + 2, g.shape[2] + 2))
+    for i in range(3):
+        for j in range(3):
+            part = np.einsum("ohw,oc->chw", g, w[:, :, i, j])
+            gx[:, i : i + g.shape[1], j : j + g.shape[2]] += part
+    return gx[:, 1:-1, 1:-1]
+
+
+def forward(x):
+    a1 = np.maximum(conv(x.astype(np.float64), P["w1"], P["b1"]), 0)
+    c, h, w = a1.shape
+    blocks = a1.reshape(c, h // 2, 2, w // 2, 2).transpose(0, 1, 3, 2, 4)
+    blocks = blocks.reshape(c, h // 2, w // 2, 4)
+    switches = blocks.argmax(axis=-1)  # the Zeiler-Fergus switches
+    a2 = np.maximum(conv(blocks.max(axis=-1), P["w2"], P["b2"]), 0)
+    return a1, switches, a2
+
+
+def deconvnet(x, channel):
+    """Numpy reference: seed the max, transposed conv2, switch unpooling, relu, transposed conv1."""
+    a1, switches, a2 = forward(x)
+    y, xx = np.unravel_index(np.argmax(a2[channel]), a2.shape[1:])
+    seed = np.zeros_like(a2)
+    seed[channel, y, xx] = a2[channel, y, xx]
+    g = conv_transpose(seed, P["w2"])  # [4, 12, 12] at the pooled map
+    unpooled = np.zeros((g.shape[0], g.shape[1], g.shape[2], 4))
+    np.put_along_axis(unpooled, switches[..., None], g[..., None], axis=-1)
+    c, h, w = g.shape
+    up = unpooled.reshape(c, h, w, 2, 2).transpose(0, 1, 3, 2, 4).reshape(a1.shape)
+    return conv_transpose(np.maximum(up, 0), P["w1"]), (int(y), int(xx))
+
+
+def test_projection_equals_numpy_deconvnet_and_stays_in_receptive_field():
+    x = RNG.normal(size=(3, S, S)).astype(np.float32)
+    items = pj.project_channels(tiny_model(), CARD, x, "conv2", [0, 3, 5], device="cpu", threads=1)
+    _, _, a2 = forward(x)
+    assert [it["channel"] for it in items] == [0, 3, 5]
+    for it in items:
+        ref, pos = deconvnet(x, it["channel"])
+        assert tuple(it["position"]) == pos
+        assert abs(it["value"] - a2[it["channel"]][pos]) < 1e-4
+        proj = it["projection"]
+        assert proj.shape == (3, S, S)
+        np.testing.assert_allclose(proj, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+        # receptive field by hand: conv2 (3x3) covers pooled rows y-1..y+1 = conv1 rows
+        # 2y-2..2y+3; conv1 (3x3) adds one each side: input rows 2y-3..2y+4 (same for columns)
+        lo = [max(0, 2 * p - 3) for p in pos]
+        hi = [min(S, 2 * p + 5) for p in pos]
+        inside = np.zeros((S, S), bool)
+        inside[lo[0] : hi[0], lo[1] : hi[1]] = True
+        assert np.abs(proj[:, ~inside]).max() == 0.0
+        assert np.abs(proj[:, inside]).max() > 0.0
+        y0, y1, x0, x1 = it["bbox"]
+        assert lo[0] <= y0 < y1 <= hi[0] and lo[1] <= x0 < x1 <= hi[1]
+
+
+def test_top_k_are_the_strongest_channels_for_each_image(tmp_path):
+    images = RNG.normal(size=(2, 3, S, S)).astype(np.float32)
+    projector = pj.Projector(
+        tiny_model(), CARD, ["conv1", "conv2"], batch=4, device="cpu", threads=1
+    )
+    results = projector.project(images, "conv2", 3)  # 6 seeds through a batch-4 session
+    for image, items in zip(images, results, strict=True):
+        peaks = forward(image)[2].reshape(6, -1).max(axis=1)
+        assert [it["channel"] for it in items] == list(np.argsort(-peaks)[:3])
+        assert [it["value"] for it in items] == sorted((it["value"] for it in items), reverse=True)
+        for it in items:  # batched projections equal the numpy reference, image by image
+            ref, _ = deconvnet(image, it["channel"])
+            np.testing.assert_allclose(
+                it["projection"], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max()
+            )
+    display = RNG.integers(0, 256, size=(S, S, 3), dtype=np.uint8)
+    paths = pj.save_projections(tmp_path, "img", "conv2", display, results[0])
+    assert np.load(paths["npy"]).shape == (3, 3, S, S)
+    first = projector.project(images[:1], "conv1", 2)[0]
+    assert len(first) == 2 and first[0]["value"] >= first[1]["value"]
+
+
+def test_ties_at_a_relu6_ceiling_are_broken_by_the_pre_activation():
+    act = np.zeros((3, 2, 2), np.float32)
+    act[:, 0, 0] = 6.0  # all three channels saturate
+    act[0, 1, 1] = 6.0
+    pre = act.copy()
+    pre[0, 1, 1], pre[2, 0, 0] = 9.0, 7.0
+    assert pj.top_channels(act, 3) == [0, 1, 2]
+    assert pj.top_channels(act, 2, pre) == [0, 2]
+    _, info = pj.unit_seeds(act, [0], pre)
+    assert info[0]["position"] == [1, 1] and info[0]["value"] == 6.0
