@@ -257,14 +257,14 @@ def save_projections(
     items: Sequence[dict],
     info: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Write `{out_dir}/projections/{image_id}_{layer}.png/.npy/.json`; return their paths.
+    """Write `{out_dir}/{image_id}_{layer}.png/.npy/.json`; return their paths.
 
     .npy: float32 [k, 3, H, W], the projections in the order of the JSON's "channels" list.
     """
     from ..artifacts import write_json, write_npy
     from ..render import save_png
 
-    stem = Path(out_dir) / "projections" / f"{image_id}_{layer}"  # layer names may hold dots
+    stem = Path(out_dir) / f"{image_id}_{layer}"  # layer names may hold dots
     paths = {ext: f"{stem}.{ext}" for ext in ("png", "npy", "json")}
     stack = np.stack([it["projection"] for it in items]) if items else np.zeros((0, 3, 1, 1))
     write_npy(paths["npy"], stack.astype(np.float32))
