@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from cnnviz.config import config_errors
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,139 +1,214 @@
-"""The HTML report over a hand-made results folder: links, escaping, discovery, plug-in sections."""
+"""The HTML report over synthetic results in the real layout: pages, links, scale, portability."""
 
 from __future__ import annotations
 
-import hashlib
 import re
+import shutil
+import zipfile
 from pathlib import Path
-from urllib.parse import unquote
 
-import numpy as np
 import pytest
-from cnnviz.artifacts import write_json
-from cnnviz.render import save_png
-from cnnviz.report import SECTION_BUILDERS, Section, build_report
+from cnnviz.artifacts import read_json, write_json
+from cnnviz.report import SECTION_BUILDERS, Section, build_report, crawl, report_zip
 from cnnviz.report import builder as report_builder
+from report_fixture import make_results
 
 EVIL = "<script>alert(1)</script>"
+CONFIG = {"report": {"title": "audit run"}, "models": {"tinynet": {"source": "onnx:x"}}}
 
 
-def _png(path: Path, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    return save_png(path, rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 images, 11 methods + projections, 6 layers, filters, atlas, metrics, benchmarks."""
+    return make_results(tmp_path_factory.mktemp("run") / "results")
 
 
-@pytest.fixture()
-def results(tmp_path: Path) -> Path:
-    root = tmp_path / "results"
-    # staged images and a shard manifest with one failure
-    for name in ("cat", "dog"):
-        _png(root / "images" / f"{name}.png")
-    write_json(
-        root / "images" / "shards" / "s000.json",
-        {
-            "images": [
-                {"id": n, "source": f"/in/{n}.jpg", "path": str(root / "images" / f"{n}.png"),
-                 "width": 32, "height": 24}
-                for n in ("cat", "dog")
-            ],
-            "failed": [{"source": f"/in/{EVIL}.jpg", "error": "not an image"}],
-        },
+@pytest.fixture(scope="module")
+def report(results: Path) -> Path:
+    return build_report(results, config=CONFIG, provenance={"date": "2026-11-27 22:00"})
+
+
+def _ids(html: str) -> list[str]:
+    return re.findall(r'<section id="([^"]+)"', html)
+
+
+def test_pages_and_every_link_resolves(results: Path, report: Path) -> None:
+    assert report == results / "report" / "index.html"
+    found = crawl(report)
+    names = sorted(p.relative_to(report.parent).as_posix() for p in found.pages)
+    assert names == ["index.html", "tinynet.html", "tinynet/chelsea.html", "tinynet/coffee.html",
+                     "tinynet/img0002.html", "tinynet/img0003.html"]  # fmt: skip
+    assert not found.broken and not found.external
+    # nothing the steps drew is left out: every PNG of the model is reachable from the index
+    pictures = set((results / "tinynet").rglob("*.png"))
+    assert pictures and not pictures - found.files
+    assert (results / "report" / "thumbs").is_dir()
+
+
+def test_sections_in_order_with_anchors(report: Path) -> None:
+    index = report.read_text()
+    assert _ids(index) == ["models", "failed", "run"]
+    model = (report.parent / "tinynet.html").read_text()
+    assert _ids(model) == ["summary", "images", "layers", "filters", "atlas", "metrics",
+                           "failed", "provenance"]  # fmt: skip
+    for section in _ids(model):  # the table of contents links every section
+        assert f'href="#{section}"' in model
+    image = (report.parent / "tinynet" / "chelsea.html").read_text()
+    assert _ids(image) == ["predictions", "methods", "activations"]
+    assert 'id="m-gradcam"' in image and 'href="../tinynet.html#images"' in image
+    assert 'rel="next" ' not in image and 'rel="next">coffee' in image  # pager
+    for page in (index, model, image):  # run & config one click away from every page
+        assert re.search(r'href="(\.\./)?index\.html#run"', page)
+
+
+def test_index_summary_numbers(report: Path) -> None:
+    index = report.read_text()
+    cards = dict(
+        (k, v) for v, k in re.findall(r'<span class="v">([^<]+)</span><span class="k">([^<]+)',
+                                      index)
     )  # fmt: skip
-    # model card with a checksum that matches its file
-    model_dir = root / "models" / "net"
-    model_dir.mkdir(parents=True)
-    (model_dir / "model.onnx").write_bytes(b"fake onnx bytes")
-    write_json(
-        model_dir / "model.json",
-        {"name": "net", "source": "onnx:/x.onnx", "weights": "file", "onnx": "model.onnx",
-         "sha256": hashlib.sha256(b"fake onnx bytes").hexdigest(), "opset": 17,
-         "input": {"name": "input", "shape": ["batch", 3, 8, 8]},
-         "output": {"name": "logits", "kind": "logits", "num_classes": 2},
-         "labels": ["cat", EVIL], "layers": []},
-    )  # fmt: skip
-    write_json(
-        root / "net" / "predictions" / "s000.json",
-        {"model": "net",
-         "images": [{"id": n, "top": [{"index": 1, "label": EVIL, "prob": 0.75},
-                                       {"index": 0, "label": "cat", "prob": 0.25}]}
-                    for n in ("cat", "dog")],
-         "failed": []},
-    )  # fmt: skip
-    acts = root / "net" / "activations"
-    layers = [{"name": "stem", "depth": 0, "shape": [4, 8, 8]},
-              {"name": "head", "depth": 1, "shape": [8, 2, 2]}]  # fmt: skip
-    write_json(
-        acts / "s000.json",
-        {"model": "net", "eps": 1e-6, "layers": layers,
-         "images": [{"id": n, "layers": {"stem": {"blank_fraction": 0.0, "mean": 1, "max": 2},
-                                         "head": {"blank_fraction": 0.5, "mean": 1, "max": 2}}}
-                    for n in ("cat", "dog")],
-         "failed": []},
-    )  # fmt: skip
-    for i, n in enumerate(("cat", "dog")):
-        _png(acts / n / "stem.png", i)
-        _png(acts / n / "head.png", i + 1)
-        _png(acts / n / "head_ch3.png", i + 2)
-    _png(acts / "sparsity.png", 9)
-    _png(root / "net" / "gradcam" / "cat_c1.png", 10)  # a method no section knows by name
-    write_json(root / "net" / "gradcam" / "cat_c1.json", {"method": "gradcam", "image": "cat",
-                                                         "target": 1})  # fmt: skip
-    return root
+    assert cards["images"] == "4" and cards["failed"] == "1" and cards["model"] == "1"
+    assert cards["methods"] == "12" and cards["compute time"] == "27.7 s"
+    assert 'golden retriever <span class="small">(2)</span>' in index  # top classes
+    assert "broken &lt;1&gt;.jpg" in index and "cannot identify image file" in index
+    assert "title: audit run" in index and "onnxruntime" in index  # config and software
 
 
-def _links(html: str) -> list[str]:
-    return re.findall(r'(?:src|href)="([^"#]+)"', html)
+def test_model_page_scales(results: Path, report: Path) -> None:
+    """Per-image detail lives on the image pages: the model page links only thumbnails."""
+    model = (report.parent / "tinynet.html").read_text()
+    grids = re.findall(r'"\.\./tinynet/activations/s000/(\w+)/[^"]+\.png"', model)
+    assert set(grids) == {"chelsea"}  # the per-layer example only, full size on click
+    images = re.findall(r"<img [^>]*>", model)
+    assert all('loading="lazy"' in tag for tag in images)
+    strips = [t for t in images if 'class="strip" src="thumbs/strips/tinynet/' in t]
+    assert len(strips) == 4  # one picture per row holds every method's map
+    assert "gradcam/s000/gradcam/" not in model  # the maps themselves are on the image pages
+    table = model[model.index('id="images-table"') :]
+    assert table.count("<tr data-class=") == 4
+    form = re.search(r'<form class="filters"[^>]*>', model).group(0)
+    assert "hidden" in form  # shown by the script; without it the table is just complete
+    assert model.count("<script>") == 1 and "makeSortable" in model
 
 
-def test_every_png_is_referenced_and_links_resolve(results):
-    index = build_report(results, results / "report", {"models": {"net": {}}}, ["net"], {})
-    assert index == results / "report" / "index.html"
-    page = (results / "report" / "net.html").read_text()
-    pngs = [p for p in results.rglob("*.png") if "report" not in p.relative_to(results).parts]
-    assert len(pngs) == 10
-    for png in pngs:
-        assert f'"../{png.relative_to(results).as_posix()}"' in page, png
-    for html in (page, index.read_text()):
-        for link in _links(html):
-            assert not link.startswith(("/", "file:", "http")), link
-            assert (results / "report" / unquote(link)).exists(), link
-    assert 'href="net.html"' in index.read_text()
-    # thumbnails for the predictions table, linked to the staged image
-    assert (results / "report" / "thumbs" / "cat.png").exists()
-    assert 'href="../images/cat.png"><img class="thumb" src="thumbs/cat.png"' in page
+def test_readable_captions_and_colour_bars(report: Path) -> None:
+    image = (report.parent / "tinynet" / "chelsea.html").read_text()
+    figures = re.findall(r"<figure.*?</figure>", image, re.S)
+    assert len(figures) == 1 + 12 + 6 + 1  # input, maps, layer grids, one single channel
+    assert all("<figcaption>" in f for f in figures)
+    assert "bright = more evidence for the class" in image
+    assert "hatched grey = blank channel" in image
+    assert 'class="cbar heat"' in image and 'class="cbar act"' in image
+    assert "approximate</span>" in image  # the finite-difference note is flagged
+    model = (report.parent / "tinynet.html").read_text()
+    assert "Grad-CAM: the layer&#39;s channels weighted" in model  # the legend of the grid
+    assert "0%" in model and "(0%–0%)" in model  # blank channels per layer
+    assert "filters, an input image optimized" in model and "converged" in model
+    assert "<h4>Per method</h4>" in model and "The dashed &#39;random&#39; curve" in model
+    assert 'title="Area under the class probability' in model  # how to read, per column
+    assert "s000/gradcam.json</a>" in model  # per-shard details linked, not tabled
 
 
-def test_labels_and_file_names_are_escaped(results):
-    build_report(results, results / "report", {"note": EVIL}, ["net"], {"operator": EVIL})
-    page = (results / "report" / "net.html").read_text()
-    assert EVIL not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert page.count("&lt;script&gt;") >= 4  # label x2, failed file name, config, provenance
-    assert "75.0%" in page
+def test_correctness_from_labels(report: Path) -> None:
+    model = (report.parent / "tinynet.html").read_text()
+    rows = re.findall(r'<tr data-class="[^"]*" data-conf="[^"]*" data-ok="(\d)"', model)
+    assert rows == ["0", "1", "0", "0"]
+    assert "25.0%" in model  # top-1 correct of the 4 labelled images
+    assert '<select data-f="ok">' in model
 
 
-def test_sections_captions_and_provenance(results):
-    build_report(results, results / "report", {}, ["net"], {"date": "2026-11-27", "duration_s": 3})
-    page = (results / "report" / "net.html").read_text()
-    ids = re.findall(r'<section id="([^"]+)"', page)
-    assert ids == ["predictions", "activations", "m-gradcam", "failed", "provenance"]
-    assert page.count("<figure>") == page.count("<figcaption>") == 8  # 6 grids, plot, gradcam
-    assert "matches the file" in page and "onnxruntime" in page and "3.0 s" in page
-    assert "<details>" in page and "<script" not in page  # collapsible without JavaScript
-    assert "gradcam: image cat, class 1 (&lt;script&gt;" in page
-    assert "not an image" in page and "<td>staging</td>" in page
+def test_escaping(tmp_path: Path) -> None:
+    results = make_results(tmp_path / "results", n_images=2, methods=["gradcam"], n_layers=2,
+                           extras=False, sparsity=False)  # fmt: skip
+    preds = results / "tinynet" / "predictions" / "s000.json"
+    data = read_json(preds)
+    data["images"][0]["top"][0]["label"] = EVIL
+    write_json(preds, data)
+    manifest = results / "images" / "s000.json"
+    data = read_json(manifest)
+    data["failed"] = [{"source": f"/in/{EVIL}.jpg", "error": EVIL}]
+    write_json(manifest, data)
+    index = build_report(results, config={"note": EVIL}, provenance={"operator": EVIL})
+    for page in crawl(index).pages:
+        html = page.read_text()
+        assert EVIL not in html, page
+        assert html.count("<script>") == 1
+    model = (index.parent / "tinynet.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in model
+    assert "&lt;script&gt;" in index.read_text()
 
 
-def test_plug_in_section_and_cli_style_call(results, monkeypatch):
+def test_absent_steps_are_absent(tmp_path: Path) -> None:
+    results = make_results(tmp_path / "results", n_images=2, methods=[], n_layers=2,
+                           grids="none", extras=False, truth=False, failed=False,
+                           sparsity=False)  # fmt: skip
+    shutil.rmtree(results / "tinynet" / "activations")
+    (results / "models" / "ghost").mkdir()
+    index = build_report(results)  # models discovered under results/models/
+    model = (index.parent / "tinynet.html").read_text()
+    assert _ids(model) == ["summary", "images", "provenance"]
+    assert "True class" not in model and 'data-f="ok"' not in model
+    ghost = (index.parent / "ghost.html").read_text()
+    assert _ids(ghost) == ["summary", "images", "provenance"]  # staged images, nothing else
+    assert "No prediction" not in ghost and "no prediction" in ghost
+    assert "model.json was not found" in ghost
+    assert not crawl(index).broken
+
+
+def test_older_layout_and_cli_style_call(tmp_path: Path, monkeypatch) -> None:
+    """images/shards/{shard}.json + images/{id}.png (an older staging layout) still reads."""
+    results = make_results(tmp_path / "results", n_images=2, methods=["saliency"], n_layers=2,
+                           extras=False, sparsity=False)  # fmt: skip
+    (results / "images" / "shards").mkdir()
+    for png in (results / "images" / "s000").glob("*.png"):
+        png.rename(results / "images" / png.name)
+    (results / "images" / "s000.json").rename(results / "images" / "shards" / "s000.json")
+
     def extra(ctx):
         return Section("extra", "Extra", "_gallery.html", {"figures": []}, note=f"for {ctx.name}")
 
     monkeypatch.setattr(report_builder, "SECTION_BUILDERS", [*SECTION_BUILDERS[:-1], extra])
-    index = build_report(results, index=results / "out" / "main.html", models=["net", "ghost"])
-    assert index.name == "main.html" and (results / "out" / "net.html").exists()
-    page = (results / "out" / "net.html").read_text()
-    assert '<section id="extra">' in page and "for net" in page
-    ghost = (results / "out" / "ghost.html").read_text()  # no results at all: still a page
-    assert "ghost" in ghost
-    for link in _links(page):
-        assert (results / "out" / unquote(link)).exists(), link
+    index = build_report(results_dir=results, index=tmp_path / "out" / "main.html",
+                         config={}, models=["tinynet"])  # fmt: skip
+    assert index.name == "main.html" and (index.parent / "tinynet.html").exists()
+    model = (index.parent / "tinynet.html").read_text()
+    assert '<section id="extra">' in model and "for tinynet" in model
+    assert (
+        'href="../results/images/chelsea.png"><img class="thumb" src="../results/images/chel'
+        in model
+    )
+    assert not crawl(index).broken
+
+
+def test_zip_opens_anywhere(results: Path, report: Path, tmp_path: Path) -> None:
+    archive = report_zip(report, tmp_path / "report.zip")
+    names = zipfile.ZipFile(archive).namelist()
+    assert "report/index.html" in names and not any(n.endswith((".npy", ".onnx")) for n in names)
+    elsewhere = tmp_path / "elsewhere"
+    zipfile.ZipFile(archive).extractall(elsewhere)
+    found = crawl(elsewhere / "report" / "index.html")
+    assert len(found.pages) == 6 and not found.broken and not found.external
+    assert all(elsewhere in p.parents for p in found.files)
+
+
+def test_self_contained_single_file(results: Path, tmp_path: Path) -> None:
+    single = build_report(results, tmp_path / "single", CONFIG, self_contained=True)
+    assert single == tmp_path / "single" / "report.html"
+    assert sorted(p.name for p in single.parent.iterdir()) == ["report.html"]
+    html = single.read_text()
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', html)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    ids = set(re.findall(r'id="([^"]+)"', html))
+    for href in set(re.findall(r'href="([^"]+)"', html)):
+        assert href.startswith(("#", "data:")), href
+        assert href.startswith("data:") or href[1:] in ids, href
+    assert {"index", "m-tinynet", "i-tinynet-chelsea"} <= ids
+    assert html.count("<script>") == 1
+
+
+def test_rebuild_keeps_thumbnails(results: Path, report: Path) -> None:
+    thumbs = sorted((report.parent / "thumbs").rglob("*.png"))
+    before = {p: p.stat().st_mtime_ns for p in thumbs}
+    build_report(results, config=CONFIG)
+    assert {p: p.stat().st_mtime_ns for p in thumbs} == before
+    assert len(thumbs) > 12

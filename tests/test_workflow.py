@@ -7,14 +7,13 @@ real report; then checks the files, the predictions and the report's links.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import unquote
 
 import pytest
 import yaml
+from cnnviz.report.portable import crawl
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -64,7 +63,8 @@ def test_activation_grids_for_every_conv_layer(default_run: Path) -> None:
     layers = [row["name"] for row in card["layers"]]
     assert len(layers) > 40  # EfficientNet-Lite0 has ~49 conv layers
     for image_id in ("chelsea", "coffee"):
-        grids = list((default_run / "efficientnet-lite0" / "activations").glob(f"*/{image_id}/*.png"))
+        activations = default_run / "efficientnet-lite0" / "activations"
+        grids = list(activations.glob(f"*/{image_id}/*.png"))
         assert {p.stem for p in grids} >= set(layers)
     assert (default_run / "efficientnet-lite0" / "activations" / "sparsity.png").stat().st_size > 0
 
@@ -77,20 +77,12 @@ def test_every_rule_wrote_its_log(default_run: Path) -> None:
 
 def test_report_links_every_picture(default_run: Path) -> None:
     report = default_run / "report"
-    pages = list(report.glob("*.html"))
-    assert {p.name for p in pages} >= {"index.html", "efficientnet-lite0.html"}
-    linked: set[Path] = set()
-    for page in pages:
-        html = page.read_text()
-        for ref in re.findall(r'(?:src|href)="([^"#?]+)', html):
-            if ref.startswith(("http:", "https:", "data:", "mailto:")):
-                continue
-            target = (page.parent / unquote(ref)).resolve()
-            assert target.exists(), f"{page.name} links to missing {ref}"
-            linked.add(target)
-    pictures = {
-        p.resolve() for p in (default_run / "efficientnet-lite0").rglob("*.png")
-    }
+    found = crawl(report / "index.html")
+    assert not found.broken, f"broken links, e.g. {found.broken[:3]}"
+    pages = {p.name for p in found.pages}
+    assert {"index.html", "efficientnet-lite0.html", "chelsea.html", "coffee.html"} <= pages
+    linked = {p.resolve() for p in found.files}
+    pictures = {p.resolve() for p in (default_run / "efficientnet-lite0").rglob("*.png")}
     missing = pictures - linked
     assert not missing, f"{len(missing)} PNGs not in the report, e.g. {sorted(missing)[:3]}"
 

@@ -98,10 +98,82 @@ def _explain(args: argparse.Namespace) -> None:
     )
 
 
+def _filters(args: argparse.Namespace) -> None:
+    from .methods.filters import visualize_layer
+
+    options = json.loads(args.options) if args.options else {}
+    visualize_layer(
+        Path(args.card).parent,
+        args.layer,
+        Path(args.out_dir),
+        mode=args.mode,
+        filters=options.get("count", 16),
+        steps=options.get("steps", 128),
+        seed=options.get("seed", 0),
+        batch_size=options.get("batch_size", 16),
+        device=args.device,
+        threads=args.threads,
+    )
+
+
 def _sparsity(args: argparse.Namespace) -> None:
     from .methods.activations import sparsity_plot
 
     sparsity_plot([Path(p) for p in args.activations], Path(args.out))
+
+
+def _atlas_map(args: argparse.Namespace) -> None:
+    from .methods.atlas import map_shard
+
+    options = json.loads(args.options) if args.options else {}
+    map_shard(
+        Path(args.card).parent,
+        Path(args.manifest),
+        Path(args.out),
+        layers=options.get("layers", "auto"),
+        top_k=int(options.get("top_k", 9)),
+        device=args.device,
+        threads=args.threads,
+        batch_size=args.batch_size,
+    )
+
+
+def _atlas_reduce(args: argparse.Namespace) -> None:
+    from .methods.atlas import reduce_atlas
+
+    reduce_atlas(
+        Path(args.card).parent,
+        [Path(p) for p in args.shards],
+        [Path(p) for p in args.manifests],
+        Path(args.out_dir),
+        options=json.loads(args.options) if args.options else {},
+        device=args.device,
+        threads=args.threads,
+        batch_size=args.batch_size,
+    )
+
+
+def _metrics(args: argparse.Namespace) -> None:
+    from .metrics import metrics_shard
+
+    metrics_shard(
+        Path(args.card).parent,
+        Path(args.manifest),
+        args.method,
+        Path(args.out),
+        maps_dir=Path(args.maps_dir) if args.maps_dir else None,
+        method_options=json.loads(args.options) if args.options else {},
+        settings=json.loads(args.metrics) if args.metrics else {},
+        device=args.device,
+        threads=args.threads,
+        batch_size=args.batch_size,
+    )
+
+
+def _metrics_summary(args: argparse.Namespace) -> None:
+    from .metrics import summarize
+
+    summarize([Path(p) for p in args.inputs], Path(args.out_dir))
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -112,6 +184,7 @@ def _report(args: argparse.Namespace) -> None:
         index=Path(args.index),
         config=json.loads(args.config) if args.config else {},
         models=args.models,
+        self_contained=args.self_contained,
     )
 
 
@@ -176,15 +249,58 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default="{}", help="the method's options as JSON")
     runtime_options(p)
 
+    p = add("filters", _filters, "visualize a layer's filters by activation maximization")
+    p.add_argument("--card", required=True, help="model.json")
+    p.add_argument("--layer", required=True, help="layer name from model.json")
+    p.add_argument("--mode", default="lucent", choices=["lucent", "seed"])
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--options", default="{}", help="the config's filters section as JSON")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None)
+
     p = add("sparsity", _sparsity, "plot blank-channel fraction against depth")
     p.add_argument("--activations", nargs="+", required=True, help="activation folders (shards)")
     p.add_argument("--out", required=True)
+
+    p = add("atlas-map", _atlas_map, "feature atlas, map: each channel's top-k in one shard")
+    p.add_argument("--card", required=True, help="model.json")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True, help="the shard's top-k JSON to write")
+    p.add_argument("--options", default="{}", help="the config's atlas section as JSON")
+    runtime_options(p)
+
+    p = add("atlas-reduce", _atlas_reduce, "feature atlas, reduce: merge shards, project, tile")
+    p.add_argument("--card", required=True, help="model.json")
+    p.add_argument("--shards", nargs="+", required=True, help="atlas-map outputs, all shards")
+    p.add_argument("--manifests", nargs="+", required=True, help="every shard's manifest")
+    p.add_argument("--out-dir", required=True, help="folder for {layer}.png and {layer}.json")
+    p.add_argument("--options", default="{}", help="the config's atlas section as JSON")
+    runtime_options(p)
+
+    p = add("metrics", _metrics, "explanation quality of one method's maps over a shard")
+    p.add_argument("--method", required=True, help="the method, or 'random' (the reference)")
+    p.add_argument("--card", required=True, help="model.json")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--maps-dir", default=None, help="the explain step's output for the method")
+    p.add_argument("--out", required=True, help="the metrics JSON to write")
+    p.add_argument("--options", default="{}", help="the method's options as JSON")
+    p.add_argument("--metrics", default="{}", help="the config's metrics section as JSON")
+    runtime_options(p)
+
+    p = add("metrics-summary", _metrics_summary, "one model's metrics: summary.json and plots")
+    p.add_argument("--inputs", nargs="+", required=True, help="metrics JSONs (shards x methods)")
+    p.add_argument("--out-dir", required=True, help="folder for summary.json and the plots")
 
     p = add("report", _report, "build the HTML report")
     p.add_argument("--results", required=True, help="the results folder")
     p.add_argument("--index", required=True, help="index.html to write (model pages beside)")
     p.add_argument("--config", default="{}", help="the config as run, JSON")
     p.add_argument("--models", nargs="+", required=True)
+    p.add_argument(
+        "--self-contained",
+        action="store_true",
+        help="write one HTML file with every picture embedded (for a small run)",
+    )
 
     p = add("gradcheck", _gradcheck, "check the gradient engine against finite differences")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="see `cnnviz gradcheck -- --help`")

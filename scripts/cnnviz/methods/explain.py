@@ -108,7 +108,8 @@ def _guided_gradcam(job: Job) -> Iterator[Result]:
     combined = guided_grad_cam(cams, guided)
     for r, (i, _) in enumerate(job.rows):
         yield i, backprop.channel_max_abs(combined[r]), signed(job, i, combined[r]), {
-            "layer": tensor
+            "layer": tensor,
+            "picture": "signed",
         }
 
 
@@ -144,7 +145,8 @@ def _signed_method(policy: str) -> Callable[[Job], Iterator[Result]]:
         grads = _chunked(job, lambda x, t: backprop.input_gradients(session, x, t))
         for r, (i, _) in enumerate(job.rows):
             yield i, backprop.channel_max_abs(grads[r]), signed(job, i, grads[r]), {
-                "policy": policy
+                "policy": policy,
+                "picture": "signed",
             }
 
     return run

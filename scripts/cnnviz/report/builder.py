@@ -1,67 +1,78 @@
-"""The HTML report: an index page and one page per model, built from whatever results exist.
+"""The HTML report: index -> one page per model -> one page per image, from whatever results exist.
 
-Each model page is a list of sections. A section builder looks at the results folder and returns
-`Section`s (or nothing, when its results are absent); each section is drawn by one small partial
-template. A new method plugs in by adding a builder to SECTION_BUILDERS (and a partial); result
-folders no builder claims still appear, as a plain gallery, so no picture is ever left out.
+Pages (all under the report folder, by default results/report/):
 
-Pictures are referenced by relative links (os.path.relpath from the report folder), nothing is
-copied except small thumbnails, and no JavaScript is needed: the report opens from disk and keeps
-working when the results folder is moved or zipped whole.
+- `index.html`: the run at a glance (images, failures, models, top classes, compute time), one
+  row per model, the staging failures, and the run's provenance and config (`#run`).
+- `{model}.html`: summary, the image table (sortable and filterable; per image one strip with
+  every method's map: the method x image grid), layer by layer (sparsity, blank channels, an
+  example grid, filters, atlas), filters, atlas, metrics, failures, provenance. It never embeds
+  per-image activation grids, so a model with 1,000 images still opens in well under 2 s.
+- `{model}/{image}.html`: everything about one image: its predictions, every method's pictures,
+  every layer's activation grid; links back, and to the previous and next image.
+
+A model page is a list of sections; a section builder looks at the results and returns
+`Section`s (or nothing when its results are absent); a small partial template draws each. A new
+step plugs in by adding a builder to SECTION_BUILDERS. Pictures nobody claims still appear in
+"Other pictures", so none is ever left out.
+
+Pictures are linked where the steps wrote them, by relative links; only thumbnails and strips
+are written (report/thumbs/). The portable unit is therefore the results folder (portable.py
+zips exactly what the pages reach). `self_contained=True` writes one HTML file with every
+picture embedded instead (standalone.py). JavaScript only sorts and filters tables; without
+it, every table is complete and every picture is there.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
+import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from importlib import metadata
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
 
-from ..artifacts import read_json, write_with
-from ..errors import ImageError
+from ..artifacts import write_with
+from ..render import SEPARATOR, grid_shape
+from . import captions
+from .collect import Explanation, ModelResults, StagedImage, model_results, staged_images
+from .links import Links, page_id
+from .provenance import config_yaml, format_duration, model_rows, run_rows
+from .thumbs import GAP, SMALL_SIDE, THUMB_SIDE, TILE, Thumbnails, strip_width
 
 TEMPLATES = Path(__file__).parent / "templates"
-PACKAGES = (
-    ("onnxruntime", ("onnxruntime-gpu", "onnxruntime")),
-    ("onnx", ("onnx",)),
-    ("numpy", ("numpy",)),
-    ("pillow", ("pillow",)),
-    ("matplotlib", ("matplotlib",)),
-    ("jinja2", ("jinja2",)),
-    ("scikit-image", ("scikit-image",)),
-)
-
-# One line per method folder: how to read its pictures (used by the generic gallery).
-METHOD_NOTES = {
-    "gradcam": "Grad-CAM: bright regions raised the class score most (last conv layer).",
-    "saliency": "Gradient saliency: |d class score / d pixel|; bright pixels matter most.",
-    "guided": "Guided backpropagation: positive evidence for the class, at pixel resolution.",
-    "deconvnet": "Deconvnet projection of a hidden feature back to pixel space.",
-    "occlusion": "Occlusion: drop in class probability when a patch is covered.",
-    "filters": "Filter visualization: an input optimized to excite one filter.",
-    "atlas": "Feature atlas: the images that excite each channel most.",
-}
+STEP_ORDER = ["export", "stage_shard", "predict", "activations", "sparsity"]
 
 
-STEP_NAMES = {"shards": "staging", "predictions": "predictions", "activations": "activations"}
+# --------------------------------------------------------------------------- data
 
 
 @dataclass
-class Figure:
-    """One picture on the page, with a one-line caption saying how to read it."""
+class Run:
+    results_dir: Path
+    title: str
+    images: dict[str, StagedImage]
+    failed: list[dict[str, str]]
+    models: list[ModelResults]
+    config: dict[str, Any]
+    provenance: dict[str, Any]
+    date: str = ""
 
-    src: str
-    caption: str
-    href: str | None = None  # link target (e.g. the full-size picture); src when None
+    @property
+    def methods(self) -> list[str]:
+        seen: list[str] = []
+        for model in self.models:
+            seen += [m for m in model.methods if m not in seen]
+        return seen
+
+    @property
+    def compute_seconds(self) -> float:
+        return sum(sum(m.timings.values()) for m in self.models)
 
 
 @dataclass
@@ -79,257 +90,309 @@ class Section:
 class ModelContext:
     """What a section builder may look at for one model."""
 
-    name: str
-    results_dir: Path
-    out_dir: Path
-    card: dict[str, Any] | None
-    images: dict[str, dict[str, Any]]  # image id -> {"source", "thumb", "full"}
-    config: dict[str, Any]
-    provenance: dict[str, Any]
-    claimed: set[str] = field(default_factory=set)  # folders of results/{model}/ already shown
+    run: Run
+    model: ModelResults
+    rows: list[dict[str, Any]]  # the image table (see image_rows)
 
     @property
-    def model_dir(self) -> Path:
-        return self.results_dir / self.name
+    def name(self) -> str:
+        return self.model.name
 
-    def href(self, path: str | Path) -> str:
-        """A URL for `path`, relative to the report folder."""
-        return relative_href(path, self.out_dir)
+    @property
+    def card(self) -> dict[str, Any] | None:
+        return self.model.card
 
-
-def relative_href(path: str | Path, out_dir: Path) -> str:
-    """A URL-quoted relative link from the report folder `out_dir` to `path`."""
-    rel = os.path.relpath(Path(path).resolve(), out_dir.resolve())
-    return quote(Path(rel).as_posix())
+    @property
+    def results_dir(self) -> Path:
+        return self.run.results_dir
 
 
 SectionBuilder = Callable[[ModelContext], "Section | list[Section] | None"]
 
 
+def _matches(truth: str, entry: dict[str, Any]) -> bool:
+    wanted = truth.strip().lower()
+    if wanted.isdigit():
+        return int(entry["index"]) == int(wanted)
+    label = str(entry["label"]).lower()
+    return wanted == label or wanted in {part.strip() for part in label.split(",")}
+
+
+def image_ids(run: Run, model: ModelResults) -> list[str]:
+    """Staged images in manifest order, then any image only the model's results name."""
+    ids = list(run.images)
+    extra = set(model.predictions) | set(model.act_stats)
+    for per_image in model.explanations.values():
+        extra |= set(per_image)
+    return ids + sorted(extra - set(ids))
+
+
+def _pick(entries: list[Explanation], top: list[dict[str, Any]]) -> Explanation:
+    """The picture for the predicted class when there is one, else the first."""
+    best = top[0]["index"] if top else None
+    return next((e for e in entries if e.target == best), entries[0])
+
+
+def image_rows(run: Run, model: ModelResults) -> list[dict[str, Any]]:
+    rows = []
+    for image_id in image_ids(run, model):
+        image = run.images.get(image_id)
+        top = model.predictions.get(image_id, [])
+        truth = image.truth if image else None
+        cells = {}
+        for method in model.methods:
+            entries = model.explanations[method].get(image_id)
+            if entries:
+                cells[method] = {"entry": _pick(entries, top), "count": len(entries)}
+        strip = (
+            [cells[m]["entry"].png if m in cells else None for m in model.methods],
+            [cells[m]["count"] - 1 if m in cells else 0 for m in model.methods],
+        )
+        rows.append(
+            {
+                "id": image_id,
+                "image": image,
+                "top": top,
+                "truth": truth,
+                "correct": _matches(truth, top[0]) if truth and top else None,
+                "in_top": any(_matches(truth, t) for t in top) if truth and top else None,
+                "cells": cells,
+                "strip_sources": strip,  # one picture per method, for the grid's row
+                "strip": None,  # the strip file, once written (write_pages)
+            }
+        )
+    return rows
+
+
 # --------------------------------------------------------------------------- sections
 
 
-def predictions_section(ctx: ModelContext) -> Section | None:
-    folder = ctx.model_dir / "predictions"
-    files = sorted(folder.glob("*.json"))
-    if not files:
-        return None
-    ctx.claimed.add("predictions")
-    rows = []
-    for path in files:
-        for entry in read_json(path).get("images", []):
-            image = ctx.images.get(entry["id"], {})
-            rows.append(
-                {
-                    "id": entry["id"],
-                    "source": image.get("source", ""),
-                    "thumb": image.get("thumb"),
-                    "full": image.get("full"),
-                    "top": [
-                        {**t, "percent": f"{100.0 * float(t['prob']):.1f}%"}
-                        for t in entry.get("top", [])
-                    ],
-                }
-            )
-    k = max((len(r["top"]) for r in rows), default=0)
+def summary_section(ctx: ModelContext) -> Section:
+    model, rows = ctx.model, ctx.rows
+    predicted = sum(1 for r in rows if r["top"])
+    judged = [r for r in rows if r["correct"] is not None]
+    accuracy = None
+    if judged:
+        accuracy = {
+            "top1": sum(r["correct"] for r in judged) / len(judged),
+            "topk": sum(bool(r["in_top"]) for r in judged) / len(judged),
+            "n": len(judged),
+            "k": max(len(r["top"]) for r in judged),
+        }
+    methods = []
+    for method in model.methods:
+        entries = [e for per in model.explanations[method].values() for e in per]
+        times = [e.time_s for e in entries if e.time_s is not None]
+        methods.append(
+            {
+                "method": method,
+                "title": captions.method_title(method),
+                "summary": captions.method_summary(method),
+                "images": len(model.explanations[method]),
+                "maps": len(entries),
+                "mean_time": (sum(times) / len(times)) if times else None,
+                "approximate": sum(e.approximate for e in entries),
+            }
+        )
+    steps = sorted(
+        model.timings.items(),
+        key=lambda kv: (STEP_ORDER.index(kv[0]) if kv[0] in STEP_ORDER else 99, kv[0]),
+    )
     return Section(
-        "predictions",
-        "Predictions",
-        "_predictions.html",
-        {"rows": rows, "k": k},
-        note=f"The model's top-{k} classes per image with their probabilities; the thumbnail "
-        "links to the image as staged (before resizing and cropping).",
+        "summary", "Summary", "_summary.html",
+        {"predicted": predicted, "total": len(rows),
+         "failed": len(model.failed) + len(ctx.run.failed),
+         "layers": len(model.layers or (model.card or {}).get("layers", [])),
+         "methods": methods, "accuracy": accuracy, "top_classes": model.top_classes(8),
+         "steps": [(s, format_duration(v)) for s, v in steps],
+         "time": format_duration(sum(model.timings.values())) if model.timings else None},
+        note="The run for this model at a glance. Compute time is the sum of the Snakemake jobs' "
+        "wall times (benchmarks/).",
+    )  # fmt: skip
+
+
+def images_section(ctx: ModelContext) -> Section | None:
+    if not ctx.rows:
+        return None
+    model = ctx.model
+    k = max((len(r["top"]) for r in ctx.rows), default=0)
+    classes = sorted({r["top"][0]["label"] for r in ctx.rows if r["top"]})
+    return Section(
+        "images", "Images", "_images.html",
+        {"rows": ctx.rows, "methods": [(m, captions.method_short(m), captions.method_summary(m))
+                                       for m in model.methods],
+         "has_truth": any(r["truth"] for r in ctx.rows), "k": k, "classes": classes,
+         "heat": any(captions.uses_heat(m) for m in model.methods),
+         "strip_width": strip_width(len(model.methods)), "tile": TILE, "gap": GAP},
+        note="One row per image: the input, the model's top prediction, then one small map per "
+        "method for the predicted class. Click a row's maps or its name for the image's page: "
+        "every map full size and every layer's activations. Click a column header to sort.",
+    )  # fmt: skip
+
+
+def _grid_size(shape: list[int]) -> tuple[int, int]:
+    """(width, height) in px of render.channel_grid for a [C, H, W] activation (for layout)."""
+    if len(shape) != 3:
+        return 768, 768
+    c, h, w = (max(1, int(v)) for v in shape)
+    rows, cols = grid_shape(c)
+    down = math.ceil(cols * w / 1024) if cols * w > 1024 else 1
+    h, w = max(1, h // down), max(1, w // down)
+    up = max(1, 768 // (cols * w)) if down == 1 else 1
+    th, tw = h * up, w * up
+    return cols * (tw + SEPARATOR) - SEPARATOR, rows * (th + SEPARATOR) - SEPARATOR
+
+
+def layers_section(ctx: ModelContext) -> Section | None:
+    model = ctx.model
+    if not (model.act_stats or model.sparsity or model.filters or model.atlas):
+        return None
+    layers = model.layers or (model.card or {}).get("layers", [])
+    example_id = next((r["id"] for r in ctx.rows if r["id"] in model.act_dirs), None)
+    example = model.layer_grids(example_id) if example_id else {}
+    filters = {}
+    for item in model.filters:
+        filters.setdefault(item["layer"], item)
+    atlas = {item["layer"]: item for item in model.atlas}
+    table = []
+    for row in layers:
+        values = [s[row["name"]] for s in model.act_stats.values() if row["name"] in s]
+        blank = [float(v["blank_fraction"]) for v in values if "blank_fraction" in v]
+        peaks = [float(v["max"]) for v in values if "max" in v]
+        table.append(
+            {
+                "name": row["name"],
+                "depth": row.get("depth", ""),
+                "shape": "\u00d7".join(str(v) for v in row.get("shape", [])),
+                "activation": row.get("activation") or "none",
+                "blank": sum(blank) / len(blank) if blank else None,
+                "blank_min": min(blank) if blank else None,
+                "blank_max": max(blank) if blank else None,
+                "peak": sum(peaks) / len(peaks) if peaks else None,
+                "grid": example.get(row["name"]),
+                "filter": filters.get(row["name"]),
+                "atlas": atlas.get(row["name"]),
+            }
+        )
+    return Section(
+        "layers", "Layers", "_layers.html",
+        {"sparsity": [{"png": p, "caption": captions.SPARSITY_CAPTION} for p in model.sparsity],
+         "table": table, "example": example_id, "eps": model.eps,
+         "has_filters": bool(filters), "has_atlas": bool(atlas)},
+        note="Every conv layer, shallow to deep. Blank = the share of channels that never fire "
+        "on an image (mean over images, with the range). The example column shows each "
+        f"layer's channels for {example_id or 'the first image'}; every image's grids are on "
+        "its own page.",
+    )  # fmt: skip
+
+
+def filters_section(ctx: ModelContext) -> Section | None:
+    if not ctx.model.filters:
+        return None
+    items = [
+        {**item, "caption": captions.filter_caption(item),
+         "curve_caption": captions.curve_caption(item) if item["curve"] else ""}
+        for item in ctx.model.filters
+    ]  # fmt: skip
+    return Section(
+        "filters", "Filter visualization", "_filters.html", {"items": items},
+        note="What each filter looks for, with no image at all: an input optimized by gradient "
+        "ascent to excite one filter, beside the optimization's progress.",
+    )  # fmt: skip
+
+
+def atlas_section(ctx: ModelContext) -> Section | None:
+    if not ctx.model.atlas:
+        return None
+    items = [{**item, "caption": captions.atlas_caption(item),
+              "facts": _scalars(item["info"])} for item in ctx.model.atlas]  # fmt: skip
+    return Section(
+        "atlas",
+        "Feature atlas",
+        "_atlas.html",
+        {"items": items},
+        note="For each channel of a layer, the images of this run that excite it most.",
     )
 
 
-def activations_section(ctx: ModelContext) -> Section | None:
-    folder = ctx.model_dir / "activations"
-    if not folder.is_dir():
+def metrics_section(ctx: ModelContext) -> Section | None:
+    model = ctx.model
+    if not model.metrics and not model.metric_details:
         return None
-    ctx.claimed.add("activations")
-    stats_files = [
-        p for p in sorted(folder.rglob("*.json")) if not any(q.startswith(".") for q in p.parts)
-    ]
-    layers: list[dict[str, Any]] = []
-    per_image: list[dict[str, Any]] = []
-    shown: set[Path] = set()
-    eps = None
-    for path in stats_files:
-        data = read_json(path)
-        if "layers" not in data or "images" not in data:
-            continue
-        layers = layers or data["layers"]
-        eps = data.get("eps", eps)
-        for entry in data["images"]:
-            image_dir = path.parent / entry["id"]
-            figures, channel_figures = _activation_figures(ctx, image_dir, entry, data["layers"])
-            shown.update(image_dir.glob("*.png"))
-            per_image.append({"id": entry["id"], "layers": figures, "channels": channel_figures})
-    sparsity = []
-    for plot in sorted(folder.rglob("sparsity*.png")):
-        shown.add(plot)
-        sparsity.append(
-            Figure(
-                ctx.href(plot),
-                "Fraction of blank channels (never above eps for this image) per conv layer, "
-                "shallow to deep; thin lines: single images, thick: their mean.",
-            )
-        )
-    others = [
-        Figure(
-            ctx.href(p),
-            f"{p.relative_to(folder).as_posix()}: an activation picture "
-            "that no stats file describes (left over from an earlier run?).",
-        )
-        for p in sorted(folder.rglob("*.png"))
-        if p not in shown
-    ]
+    items = []
+    for item in model.metrics:
+        data = item["data"]
+        note = ""
+        if isinstance(data, dict):
+            note = str(data.get("description") or data.get("note") or "")
+        lead = 0
+        if item["name"] == "summary" and isinstance(data, dict) and "methods" in data:
+            tables = summary_tables(data)
+            lead = sum(t["title"].startswith(("Per method", "Flags")) for t in tables)
+        else:
+            tables = metric_tables(data) if data is not None else []
+        items.append(
+            {"name": item["name"], "note": note, "tables": tables, "path": item["path"],
+             "lead": lead,
+             "figures": [{"png": png, "caption": captions.metric_caption(key)}
+                         for key, png in item["plots"]]}
+        )  # fmt: skip
     return Section(
-        "activations",
-        "Activations",
-        "_activations.html",
-        {"layers": layers, "images": per_image, "sparsity": sparsity, "others": others,
-         "eps": eps},
-        note="Every conv layer's output for each image, one tile per channel in row-major order "
-        "(channel 0 top left), each tile scaled to its own min..max (viridis: dark purple = "
-        "low, yellow = high). Hatched grey tiles are blank channels: zero everywhere.",
+        "metrics", "Metrics", "_metrics.html",
+        {"items": items, "details": model.metric_details, "root": model.dir / "metrics"},
+        note="How far the maps can be trusted, as written by the metrics step "
+        f"(results/{model.name}/metrics/). Hover a column name for how to read it.",
     )  # fmt: skip
 
 
-def _activation_figures(
-    ctx: ModelContext, image_dir: Path, entry: dict[str, Any], layers: list[dict[str, Any]]
-) -> tuple[list[dict[str, Any]], list[Figure]]:
-    figures = []
-    stats = entry.get("layers", {})
-    for row in layers:
-        grid = image_dir / f"{row['name']}.png"
-        if not grid.exists():
-            continue
-        s = stats.get(row["name"], {})
-        shape = "x".join(str(v) for v in row.get("shape", []))
-        blank = s.get("blank_fraction")
-        blank_text = f"{100 * blank:.0f}% blank" if blank is not None else "no stats"
-        figures.append(
-            {
-                "name": row["name"],
-                "depth": row.get("depth"),
-                "blank": blank_text,
-                "figure": Figure(
-                    ctx.href(grid),
-                    f"{row['name']} (depth {row.get('depth')}, {shape}): all channels for "
-                    f"{entry['id']}; {blank_text}, max {s.get('max', float('nan')):.3g}.",
-                ),
-            }
-        )
-    channel_figures = [
-        Figure(
-            ctx.href(p),
-            f"{p.stem.rsplit('_ch', 1)[0]}, channel {p.stem.rsplit('_ch', 1)[1]} for "
-            f"{entry['id']}, enlarged (viridis, own min..max).",
-        )
-        for p in sorted(image_dir.glob("*_ch*.png"), key=_channel_key)
-    ]
-    return figures, channel_figures
-
-
-def _channel_key(path: Path) -> tuple[str, int]:
-    layer, _, channel = path.stem.rpartition("_ch")
-    return layer, int(channel) if channel.isdigit() else -1
-
-
-def gallery_sections(ctx: ModelContext) -> list[Section]:
-    """Any other result folder of the model: its pictures, grouped by subfolder."""
-    sections = []
-    if not ctx.model_dir.is_dir():
-        return sections
-    for folder in sorted(p for p in ctx.model_dir.iterdir() if p.is_dir()):
-        if folder.name in ctx.claimed or folder.name.startswith("."):
-            continue
-        pictures = sorted(folder.rglob("*.png"))
-        if not pictures:
-            continue
-        ctx.claimed.add(folder.name)
-        note = METHOD_NOTES.get(folder.name, f"Pictures written by the {folder.name} step.")
-        figures = [Figure(ctx.href(p), _gallery_caption(ctx, folder, p, note)) for p in pictures]
-        sections.append(
-            Section(f"m-{folder.name}", folder.name, "_gallery.html", {"figures": figures}, note)
-        )
-    return sections
-
-
-def _gallery_caption(ctx: ModelContext, folder: Path, picture: Path, note: str) -> str:
-    """ "{method}: image ..., class ... (label), layer ...", from the JSON beside the PNG if any."""
-    info_path = picture.with_suffix(".json")
-    info = read_json(info_path) if info_path.exists() else {}
-    if not isinstance(info, dict) or "image" not in info:
-        return f"{folder.name}: {picture.relative_to(folder).with_suffix('').as_posix()}. {note}"
-    parts = [f"image {info['image']}"]
-    if "target" in info:
-        labels = (ctx.card or {}).get("labels", [])
-        target = int(info["target"])
-        label = f" ({labels[target]})" if 0 <= target < len(labels) else ""
-        parts.append(f"class {target}{label}")
-    if "layer" in info:
-        parts.append(f"layer {info['layer']}")
-    return f"{info.get('method', folder.name)}: {', '.join(parts)}. {note}"
+def others_section(ctx: ModelContext) -> Section | None:
+    if not ctx.model.others:
+        return None
+    figures = [
+        {"png": p, "caption": f"{p.relative_to(ctx.model.dir).as_posix()}: a picture no "
+         "section describes (no JSON beside it names its image; left over from an earlier run?)."}
+        for p in ctx.model.others
+    ]  # fmt: skip
+    return Section(
+        "others",
+        "Other pictures",
+        "_gallery.html",
+        {"figures": figures},
+        note="Pictures in this model's results that no other section shows.",
+    )
 
 
 def failed_section(ctx: ModelContext) -> Section | None:
-    """Images that could not be used, from the staging manifests and this model's steps."""
-    seen: set[tuple[str, str]] = set()
-    rows = []
-    sources = [ctx.results_dir / "images" / "shards"]
-    sources += [ctx.model_dir / step for step in ("predictions", "activations")]
-    for folder in sources:
-        for path in sorted(folder.rglob("*.json")) if folder.is_dir() else []:
-            for item in read_json(path).get("failed", []) or []:
-                key = (str(item.get("source", "")), str(item.get("error", "")))
-                if key not in seen:
-                    seen.add(key)
-                    rows.append(
-                        {"source": key[0], "error": key[1], "step": STEP_NAMES[folder.name]}
-                    )
+    rows = ctx.run.failed + ctx.model.failed
     if not rows:
         return None
     return Section(
-        "failed", "Failed images", "_failed.html", {"rows": rows},
+        "failed",
+        "Failed images",
+        "_failed.html",
+        {"rows": rows},
         note="These inputs were skipped; the reason says what to fix. The other images ran.",
-    )  # fmt: skip
+    )
 
 
 def provenance_section(ctx: ModelContext) -> Section:
-    card = ctx.card or {}
-    checksum = card.get("sha256")
-    onnx_file = ctx.results_dir / "models" / ctx.name / card.get("onnx", "model.onnx")
-    check = "model file missing"
-    if onnx_file.exists() and checksum:
-        check = "matches the file" if _sha256(onnx_file) == checksum else "DOES NOT match the file"
-    model_rows = [
-        ("name", card.get("name", ctx.name)),
-        ("source", card.get("source", "unknown")),
-        ("weights", card.get("weights", "unknown")),
-        ("sha256", f"{checksum or 'unknown'} ({check})"),
-        ("opset", card.get("opset", "")),
-        ("input", _describe_io(card.get("input"))),
-        ("output", _describe_io(card.get("output"))),
-        ("conv layers", len(card.get("layers", []))),
-        ("verification", _describe_verification(card.get("verification"))),
-        ("exporter", ", ".join(f"{k} {v}" for k, v in (card.get("exporter") or {}).items())),
-        ("exported", card.get("created", "")),
-    ]
     return Section(
         "provenance", "Provenance", "_provenance.html",
-        {"model": [(k, str(v)) for k, v in model_rows if v not in ("", None)],
-         "run": run_rows(ctx.provenance), "config": config_yaml(ctx.config),
+        {"model": model_rows(ctx.results_dir, ctx.name, ctx.card),
          "card_missing": ctx.card is None},
-        note="What produced this page: the model file, the software and the config as run.",
+        note="The model file this page describes; the software and config of the run are on "
+        "the index page.",
     )  # fmt: skip
 
 
 SECTION_BUILDERS: list[SectionBuilder] = [
-    predictions_section,
-    activations_section,
-    gallery_sections,
+    summary_section,
+    images_section,
+    layers_section,
+    filters_section,
+    atlas_section,
+    metrics_section,
+    others_section,
     failed_section,
     provenance_section,
 ]
@@ -338,112 +401,130 @@ SECTION_BUILDERS: list[SectionBuilder] = [
 # --------------------------------------------------------------------------- helpers
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _describe_io(io: dict[str, Any] | None) -> str:
-    if not io:
-        return ""
-    parts = [str(io.get("name", ""))]
-    if "shape" in io:
-        parts.append("[" + ", ".join(map(str, io["shape"])) + "]")
-    for key in ("dtype", "kind", "num_classes"):
-        if key in io:
-            parts.append(f"{key} {io[key]}")
-    return " ".join(parts)
-
-
-def _describe_verification(v: dict[str, Any] | None) -> str:
-    if not v:
-        return ""
-    text = f"against {v.get('reference', '?')} on {v.get('image', '?')}"
-    if "max_abs_diff" in v:
-        text += f": max |diff| {v['max_abs_diff']:.3g} (tolerance {v.get('tolerance', '?')})"
-    return text
-
-
-def package_versions() -> dict[str, str]:
-    from .. import __version__
-
-    versions = {"python": platform.python_version(), "cnnviz": __version__}
-    for label, dists in PACKAGES:
-        for dist in dists:
-            try:
-                versions[label] = metadata.version(dist)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-        else:
-            versions[label] = "not installed"
-    return versions
-
-
-def run_rows(provenance: dict[str, Any]) -> list[tuple[str, str]]:
-    """Date, duration and package versions of the run, then any other provenance given."""
-    rows = [("date", str(provenance.get("date", time.strftime("%Y-%m-%dT%H:%M:%S%z"))))]
-    duration = provenance.get("duration_s", provenance.get("duration"))
-    if duration is not None:
-        rows.append(("duration", _format_duration(duration)))
-    versions = {**package_versions(), **(provenance.get("versions") or {})}
-    rows += [(name, str(v)) for name, v in versions.items()]
-    skip = {"date", "duration", "duration_s", "versions"}
-    rows += [(str(k), str(v)) for k, v in provenance.items() if k not in skip]
-    return rows
-
-
-def _format_duration(value: Any) -> str:
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
         return str(value)
-    minutes, secs = divmod(seconds, 60)
-    return f"{int(minutes)} min {secs:.0f} s" if minutes else f"{secs:.1f} s"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
-def config_yaml(config: dict[str, Any]) -> str:
-    if not config:
-        return "(not recorded)"
-    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True)
+def _scalars(data: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(str(k), _fmt(v)) for k, v in data.items() if isinstance(v, str | int | float | bool)]
 
 
-def _staged_images(results_dir: Path, out_dir: Path) -> dict[str, dict[str, Any]]:
-    """image id -> source, full-size link and a thumbnail (written under out_dir/thumbs)."""
-    from ..render import thumbnail
+def summary_tables(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """metrics/summary.json: the per-method table first, its column help from "how_to_read"."""
+    how = data.get("how_to_read") if isinstance(data.get("how_to_read"), dict) else {}
 
-    images: dict[str, dict[str, Any]] = {}
-    shards = results_dir / "images" / "shards"
-    entries = []
-    for path in sorted(shards.glob("*.json")) if shards.is_dir() else []:
-        entries.extend(read_json(path).get("images", []))
-    staged = results_dir / "images"
-    known = {e["id"]: e for e in entries}
-    for png in sorted(staged.glob("*.png")) if staged.is_dir() else []:
-        known.setdefault(png.stem, {"id": png.stem, "source": ""})
-    for image_name, entry in known.items():
-        full = staged / f"{image_name}.png"
-        if not full.exists():
+    def tip(column: str) -> str:
+        for key in (column, column.removesuffix("_mean"), column.removesuffix("_std")):
+            if key in how:
+                return str(how[key])
+        return ""
+
+    tables = []
+    methods = data.get("methods")
+    if isinstance(methods, dict) and methods:
+        rows = [{"method": k, **v} if isinstance(v, dict) else {"method": k, "value": v}
+                for k, v in methods.items()]  # fmt: skip
+        tables += metric_tables(rows)
+        tables[-1]["title"] = "Per method"
+    flags = data.get("flags")
+    if flags:
+        flagged = metric_tables(flags if isinstance(flags, list) else [flags])
+        tables += [{**t, "title": "Flags: maps not to be trusted for a property"} for t in flagged]
+    skip = {"description", "how_to_read", "methods", "flags", "plots", "failed", "settings"}
+    tables += metric_tables({k: v for k, v in data.items() if k not in skip})
+    if isinstance(data.get("settings"), dict):
+        rows = [[str(k), _cell(v)] for k, v in data["settings"].items()]
+        tables.append(_table("Settings", ["name", "value"], rows))
+    if how:
+        rows = [[str(k), str(v)] for k, v in how.items()]
+        tables.append(_table("How to read", ["metric", "meaning"], rows))
+    for table in tables:
+        table["tips"] = {c: tip(c) for c in table["columns"]}
+    return tables
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]], more: int = 0) -> dict:
+    return {"title": title, "columns": columns, "rows": rows, "more": more}
+
+
+def _records(title: str, items: list[Any], limit: int) -> dict[str, Any] | None:
+    """A list of dicts as one table (the union of their keys as columns); None otherwise."""
+    dicts = [i for i in items if isinstance(i, dict)]
+    if not dicts or len(dicts) != len(items):
+        return None
+    columns: list[str] = []
+    for item in dicts:
+        columns += [str(k) for k in item if str(k) not in columns]
+    rows = [[_cell(item.get(c, "")) for c in columns] for item in dicts[:limit]]
+    return _table(title, columns, rows, len(dicts) - len(rows))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list) and all(not isinstance(v, dict | list) for v in value):
+        return ", ".join(_fmt(v) for v in value[:50]) + (" …" if len(value) > 50 else "")
+    if isinstance(value, dict | list):
+        return json.dumps(value)[:300]
+    return _fmt(value)
+
+
+def _plain(value: Any) -> bool:
+    """A scalar, or a list of scalars: one cell of a name/value table."""
+    if isinstance(value, list):
+        return all(not isinstance(v, dict | list) for v in value)
+    return not isinstance(value, dict)
+
+
+def metric_tables(data: Any, limit: int = 200) -> list[dict[str, Any]]:
+    """Any JSON as a few tables: {"title", "columns", "rows", "more"} (rows of strings).
+
+    Scalars and lists of scalars go in one name/value table; a dict of dicts or a list of dicts
+    becomes a table of its own; empty containers are left out.
+    """
+    if isinstance(data, list):
+        table = _records("", data, limit)
+        return [table or _table("", ["value"], [[_cell(v)] for v in data[:limit]])]
+    if not isinstance(data, dict):
+        return [_table("", ["value"], [[_fmt(data)]])]
+    plain = [
+        [str(k), _cell(v)]
+        for k, v in data.items()
+        if k not in ("description", "note") and _plain(v) and v != []
+    ]
+    tables = [_table("", ["name", "value"], plain)] if plain else []
+    for key, value in data.items():
+        if not value or _plain(value):
             continue
-        thumb = out_dir / "thumbs" / f"{image_name}.png"
-        try:
-            if not thumb.exists() or thumb.stat().st_mtime < full.stat().st_mtime:
-                thumbnail(full, thumb)
-        except ImageError:
-            thumb = full
-        images[image_name] = {
-            "source": entry.get("source", ""),
-            "thumb": relative_href(thumb, out_dir),
-            "full": relative_href(full, out_dir),
-        }
-    return images
+        if isinstance(value, list):
+            table = _records(str(key), value, limit)
+        elif all(isinstance(v, dict) for v in value.values()):
+            table = _records(str(key), [{"name": k, **v} for k, v in value.items()], limit)
+        else:
+            table = _table(
+                str(key), ["name", "value"], [[str(k), _cell(v)] for k, v in value.items()]
+            )
+        if table:
+            tables.append(table)
+    return tables
+
+
+@lru_cache(maxsize=4096)
+def picture_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the picture's header, for layout before it loads."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            return picture.size
+    except (OSError, ValueError):
+        return None
 
 
 def _environment() -> Environment:
-    return Environment(
+    env = Environment(
         loader=FileSystemLoader(str(TEMPLATES)),
         autoescape=True,
         undefined=StrictUndefined,
@@ -451,6 +532,20 @@ def _environment() -> Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    env.filters["pct"] = lambda v, digits=1: "" if v is None else f"{100 * float(v):.{digits}f}%"
+    env.filters["num"] = _fmt
+    env.filters["duration"] = format_duration
+    env.globals["picture_size"] = picture_size
+    env.globals["method_title"] = captions.method_title
+    return env
+
+
+@lru_cache(maxsize=1)
+def assets() -> tuple[Markup, Markup]:
+    """The inline CSS (with the colour bars) and JavaScript of every page."""
+    css = (TEMPLATES / "style.css").read_text(encoding="utf-8") + captions.colour_bar_css()
+    js = (TEMPLATES / "report.js").read_text(encoding="utf-8")
+    return Markup(css), Markup(js.replace("</", "<\\/"))
 
 
 def model_sections(ctx: ModelContext, builders: Iterable[SectionBuilder]) -> list[Section]:
@@ -461,6 +556,170 @@ def model_sections(ctx: ModelContext, builders: Iterable[SectionBuilder]) -> lis
             continue
         sections.extend(made if isinstance(made, list) else [made])
     return sections
+
+
+# --------------------------------------------------------------------------- pages
+
+
+class Site:
+    """Renders the page fragments (what goes inside <main>) for any kind of links."""
+
+    def __init__(self, run: Run, builders: Iterable[SectionBuilder] | None = None) -> None:
+        self.run = run
+        self.env = _environment()
+        self.rows = {m.name: image_rows(run, m) for m in run.models}
+        builders = list(SECTION_BUILDERS if builders is None else builders)
+        self.sections = {
+            m.name: model_sections(ModelContext(run, m, self.rows[m.name]), builders)
+            for m in run.models
+        }
+
+    def fragment(self, template: str, link: Links, **context: Any) -> Markup:
+        html = self.env.get_template(template).render(link=link, run=self.run, **context)
+        return Markup(html)
+
+    def index(self, link: Links) -> Markup:
+        models = []
+        for model in self.run.models:
+            rows = self.rows[model.name]
+            judged = [r for r in rows if r["correct"] is not None]
+            models.append(
+                {"name": model.name, "card": model.card or {}, "model": model,
+                 "predicted": sum(1 for r in rows if r["top"]), "total": len(rows),
+                 "failed": len(model.failed),
+                 "time": sum(model.timings.values()) if model.timings else None,
+                 "accuracy": sum(r["correct"] for r in judged) / len(judged) if judged else None,
+                 "sections": [s for s in self.sections[model.name]
+                              if s.id not in ("summary", "provenance")]}
+            )  # fmt: skip
+        failed = len(self.run.failed) + sum(len(m.failed) for m in self.run.models)
+        return self.fragment(
+            "index.html", link, models=models, failed=failed,
+            run_rows=run_rows({"date": self.run.date, **self.run.provenance}),
+            config=config_yaml(self.run.config),
+            compute=format_duration(self.run.compute_seconds) if self.run.compute_seconds
+            else None,
+        )  # fmt: skip
+
+    def model(self, model: ModelResults, link: Links) -> Markup:
+        return self.fragment(
+            "model.html", link, model=model, card=model.card or {},
+            sections=self.sections[model.name],
+        )  # fmt: skip
+
+    def image(self, model: ModelResults, position: int, link: Links) -> Markup:
+        rows = self.rows[model.name]
+        row = rows[position]
+        image_id = row["id"]
+        methods = []
+        for method in model.methods:
+            entries = model.explanations[method].get(image_id, [])
+            if not entries:
+                continue
+            figures = [
+                {"entry": e, "heat": captions.uses_heat(method, e.info),
+                 "caption": captions.explanation_caption(
+                     method, e.info, e.info.get("label") or model.label(e.target))}
+                for e in entries
+            ]  # fmt: skip
+            methods.append(
+                {"method": method, "title": captions.method_title(method),
+                 "summary": captions.method_summary(method), "figures": figures}
+            )  # fmt: skip
+        grids = model.layer_grids(image_id)
+        stats = model.act_stats.get(image_id, {})
+        layers = []
+        for layer in model.layers:
+            png = grids.pop(layer["name"], None)
+            if png is None:
+                continue
+            width, height = _grid_size(layer.get("shape", []))
+            layers.append(
+                {"name": layer["name"], "png": png, "width": width, "height": height,
+                 "stats": stats.get(layer["name"], {}),
+                 "caption": captions.activation_caption(
+                     layer, image_id, stats.get(layer["name"], {}))}
+            )  # fmt: skip
+        channels = []
+        for stem, png in sorted(grids.items()):
+            name, _, channel = stem.rpartition("_ch")
+            caption = (
+                captions.channel_caption(name, channel, image_id)
+                if name and channel.isdigit()
+                else f"{stem} for {image_id}: an activation picture no stats file describes."
+            )
+            channels.append({"png": png, "caption": caption})
+        return self.fragment(
+            "image.html", link, model=model, row=row, methods=methods, layers=layers,
+            channels=channels,
+            prev=rows[position - 1]["id"] if position > 0 else None,
+            next=rows[position + 1]["id"] if position + 1 < len(rows) else None,
+        )  # fmt: skip
+
+    def page(self, body: Markup, link: Links, title: str, current: str) -> str:
+        css, js = assets()
+        return self.env.get_template("page.html").render(
+            link=link, run=self.run, body=body, title=title, current=current, css=css, js=js
+        )
+
+
+def collect_run(
+    results_dir: Path,
+    config: dict[str, Any],
+    models: list[str],
+    provenance: dict[str, Any],
+) -> Run:
+    images, failed = staged_images(results_dir)
+    title = str(((config.get("report") or {}).get("title")) or "cnnviz report")
+    date = str(provenance.get("date") or time.strftime("%Y-%m-%d %H:%M"))
+    return Run(
+        results_dir, title, images, failed, [model_results(results_dir, m) for m in models],
+        config, {k: v for k, v in provenance.items() if k != "date"}, date,
+    )  # fmt: skip
+
+
+def _request_thumbnails(site: Site, thumbs: Thumbnails) -> None:
+    for image in site.run.images.values():
+        if image.path is not None:
+            thumbs.request(image.path, THUMB_SIDE)
+    for model in site.run.models:
+        for row in site.rows[model.name]:
+            if row["cells"]:
+                row["strip"] = thumbs.request_strip(f"{model.name}/{row['id']}",
+                                                    *row["strip_sources"])  # fmt: skip
+        for section in site.sections[model.name]:
+            if section.id == "layers":
+                for layer in section.data["table"]:
+                    if layer["grid"] is not None:
+                        thumbs.request(layer["grid"], THUMB_SIDE)
+                    for item in (layer["filter"], layer["atlas"]):
+                        if item is not None:
+                            thumbs.request(item["png"], SMALL_SIDE)
+
+
+def write_pages(site: Site, out_dir: Path, index_path: Path) -> Path:
+    thumbs = Thumbnails(site.run.results_dir, out_dir / "thumbs")
+    _request_thumbnails(site, thumbs)
+    made = thumbs.make()
+    for folder in {path.parent for path in thumbs.strips}:  # strips of an earlier run
+        for old in set(folder.glob("*.png")) - set(thumbs.strips):
+            old.unlink(missing_ok=True)
+    run = site.run
+    for model in run.models:
+        link = Links(out_dir, out_dir, index_path.name, made)
+        body = site.model(model, link)
+        _write_text(
+            out_dir / f"{model.name}.html",
+            site.page(body, link, f"{model.name} \u00b7 {run.title}", model.name),
+        )
+        page_dir = out_dir / model.name
+        for position, row in enumerate(site.rows[model.name]):
+            link = Links(out_dir, page_dir, index_path.name, made)
+            body = site.image(model, position, link)
+            title = f"{row['id']} \u00b7 {model.name} \u00b7 {run.title}"
+            _write_text(page_dir / f"{row['id']}.html", site.page(body, link, title, model.name))
+    link = Links(out_dir, out_dir, index_path.name, made)
+    return _write_text(index_path, site.page(site.index(link), link, run.title, "index"))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -474,10 +733,14 @@ def build_report(
     provenance: dict[str, Any] | None = None,
     *,
     index: str | Path | None = None,
+    self_contained: bool = False,
 ) -> Path:
-    """Write out_dir/index.html and out_dir/{model}.html for each model; returns the index path.
+    """Write the report and return the path of its index page.
 
-    `index` (a file path) may be given instead of `out_dir`; the model pages go beside it.
+    Multi-page (default): out_dir/index.html (or `index`, a file path; the other pages go beside
+    it), out_dir/{model}.html, out_dir/{model}/{image}.html and thumbnails in out_dir/thumbs/.
+    `self_contained=True`: one HTML file with every picture embedded (`index`, or
+    out_dir/report.html), for attaching a small run to a ticket; see standalone.py.
     `models` defaults to every folder under results/models/.
     """
     results_dir = Path(results_dir)
@@ -486,45 +749,23 @@ def build_report(
         out_dir = index_path.parent
     else:
         out_dir = Path(out_dir) if out_dir is not None else results_dir / "report"
-        index_path = out_dir / "index.html"
+        index_path = out_dir / ("report.html" if self_contained else "index.html")
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = config or {}
-    provenance = dict(provenance or {})
     if models is None:
         models_root = results_dir / "models"
         found = models_root.iterdir() if models_root.is_dir() else []
         models = sorted(p.name for p in found if p.is_dir())
+    run = collect_run(results_dir, dict(config or {}), list(models), dict(provenance or {}))
+    site = Site(run)
+    if self_contained:
+        from .standalone import write_standalone
 
-    env = _environment()
-    images = _staged_images(results_dir, out_dir)
-    summaries = []
-    for name in models:
-        card_path = results_dir / "models" / name / "model.json"
-        card = read_json(card_path) if card_path.exists() else None
-        ctx = ModelContext(name, results_dir, out_dir, card, images, config, provenance)
-        sections = model_sections(ctx, SECTION_BUILDERS)
-        page = f"{name}.html"
-        html = env.get_template("model.html").render(
-            title=f"cnnviz: {name}", model=name, card=card or {}, sections=sections,
-            index_href=quote(os.path.relpath(index_path, out_dir)),
-        )  # fmt: skip
-        _write_text(out_dir / page, html)
-        summaries.append(
-            {
-                "name": name,
-                "href": quote(page),
-                "source": (card or {}).get("source", "no model.json"),
-                "weights": (card or {}).get("weights", ""),
-                "sections": [s.title for s in sections if s.id != "provenance"],
-                "failed": next((len(s.data["rows"]) for s in sections if s.id == "failed"), 0),
-            }
-        )
-    html = env.get_template("index.html").render(
-        title="cnnviz report", models=summaries, images=len(images),
-        run=run_rows(provenance), config=config_yaml(config),
-    )  # fmt: skip
-    return _write_text(index_path, html)
+        return write_standalone(site, index_path)
+    return write_pages(site, out_dir, index_path)
 
 
 def _write_text(path: Path, text: str) -> Path:
     return write_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+__all__ = ["SECTION_BUILDERS", "ModelContext", "Section", "build_report", "page_id"]
