@@ -36,6 +36,13 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = tmp_path_factory.mktemp("run")
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["images"]["samples"] = ["chelsea", "coffee"]
+    # Every step and method runs; the image-independent optimizations run short (their
+    # quality is tested in test_filters.py / test_metrics.py, here only the wiring).
+    config["filters"].update(count=4, steps=8, batch_size=4)
+    config["metrics"].update(steps=8)
+    config["metrics"]["randomization"].update(cuts=2)
+    config["methods"]["smoothgrad"] = {"samples": 4}
+    config["methods"]["integrated_gradients"] = {"steps": 8}
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     result = run_snakemake(workdir, configfile)

@@ -188,14 +188,6 @@ def _report(args: argparse.Namespace) -> None:
     )
 
 
-def _gradcheck(args: argparse.Namespace) -> None:
-    from .autodiff.gradcheck import main as gradcheck_main
-
-    code = gradcheck_main(args.rest)
-    if code:
-        raise SystemExit(code)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnviz", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -302,12 +294,20 @@ def _parser() -> argparse.ArgumentParser:
         help="write one HTML file with every picture embedded (for a small run)",
     )
 
-    p = add("gradcheck", _gradcheck, "check the gradient engine against finite differences")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="see `cnnviz gradcheck -- --help`")
+    sub.add_parser(
+        "gradcheck",
+        help="check the gradient engine against finite differences (cnnviz gradcheck --help)",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gradcheck"]:  # its own parser: `cnnviz gradcheck --help`
+        from .autodiff.gradcheck import main as gradcheck_main
+
+        return gradcheck_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
