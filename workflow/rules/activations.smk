@@ -27,6 +27,8 @@ rule activations:
 
 
 rule sparsity:
+    # One small plot from the shards' statistics: on a cluster, not worth a submission.
+    localrule: True
     input:
         per_shard(f"{OUT}/{{{{model}}}}/activations/{{shard}}"),
     output:

@@ -44,11 +44,15 @@ SHARDS = plan.shards(list(zip(IMAGE_IDS, IMAGE_FILES)), config["shard_size"])
 
 METHODS = config["methods"]["enabled"]
 CAM_METHODS = {"gradcam", "gradcampp", "layercam", "guided_gradcam", "scorecam"}
-# Jobs that run ONNX Runtime ask for a GPU when the config says cuda (SLURM: --gpus=1).
-GPU_JOBS = 1 if config["device"] == "cuda" else 0
+# Jobs that run ONNX Runtime ask for a GPU (SLURM: --gpus=1) per `gpu_jobs`; auto: when cuda.
+GPU_JOBS = int(
+    config["device"] == "cuda" if config["gpu_jobs"] == "auto" else config["gpu_jobs"]
+)
 
 
 wildcard_constraints:
+    layer=r"[A-Za-z0-9_.-]+",
+    mode="lucent|seed",
     model="|".join(map(re.escape, MODELS)),
     method="|".join(METHODS) or "(?!)",
     shard=r"s[0-9][0-9][0-9]+",
@@ -103,7 +107,88 @@ def mem_mb(wildcards, attempt):
     return 3000 * attempt
 
 
+def parent_folder(wildcards, output):
+    return str(Path(output[0]).parent)
+
+
+def filter_options(wildcards):
+    """The optimization settings shared by every filter job (not the layer list)."""
+    keep = ("count", "steps", "seed", "batch_size")
+    return json.dumps({k: config["filters"][k] for k in keep}, sort_keys=True)
+
+
+def filter_layers(model):
+    """The configured layers, or (auto) a few spread over the depth of the exported model."""
+    if config["filters"]["layers"] != "auto":
+        return config["filters"]["layers"]
+    card_path = checkpoints.export.get(model=model).output.card
+    from cnnviz.methods.filters import default_layers
+
+    return default_layers(json.loads(Path(card_path).read_text()), 4)
+
+
+def filter_pictures(wildcards):
+    if not config["filters"]["enabled"]:
+        return []
+    return [
+        f"{OUT}/{model}/filters/{layer}.{mode}.png"
+        for model in MODELS
+        for layer in filter_layers(model)
+        for mode in config["filters"]["modes"]
+    ]
+
+
 def report_pages():
     return [f"{OUT}/report/index.html"] + expand(
         f"{OUT}/report/{{model}}.html", model=MODELS
+    )
+
+
+# ---- metrics (rules/metrics.smk): which methods, their settings, the summaries ----
+METRICS = config["metrics"]
+METRIC_METHODS = (
+    [m for m in METHODS if m != "projections"]
+    if METRICS["methods"] == "auto"
+    else list(METRICS["methods"])
+)
+_METRICS_MISSING = sorted(set(METRIC_METHODS) - set(METHODS))
+if METRICS["enabled"] and _METRICS_MISSING:
+    raise ValueError(
+        f"config: metrics.methods lists {', '.join(_METRICS_MISSING)}, which methods.enabled "
+        "does not; enable them there or remove them from metrics.methods"
+    )
+METRIC_REFERENCE = "random"
+
+
+def metrics_summaries():
+    """The report's inputs: one summary per model when metrics are enabled."""
+    return expand(
+        f"{OUT}/{{model}}/metrics/summary.json",
+        model=MODELS if METRICS["enabled"] else [],
+    )
+
+
+def metrics_settings_for(method):
+    """The metrics section as JSON, the randomization test kept only where this method has it:
+    editing one setting reruns only the jobs it changes."""
+    settings = {k: v for k, v in METRICS.items() if k not in ("enabled", "methods")}
+    tested = method in METRICS["randomization"]["methods"]
+    settings["randomization"] = dict(
+        METRICS["randomization"], methods=[method] if tested else []
+    )
+    if method == METRIC_REFERENCE:
+        settings.pop("randomization")
+        settings.pop("class_sensitivity")
+    return json.dumps(settings, sort_keys=True)
+
+
+def metrics_settings(wildcards):
+    return metrics_settings_for(wildcards.method)
+
+
+def metrics_inputs(wildcards):
+    return expand(
+        f"{OUT}/{wildcards.model}/metrics/{{shard}}/{{method}}.json",
+        shard=sorted(SHARDS),
+        method=METRIC_METHODS + [METRIC_REFERENCE],
     )

@@ -1,4 +1,5 @@
-rule export:
+# A checkpoint: layer names (for filters) are known once the model is exported.
+checkpoint export:
     output:
         onnx=f"{OUT}/models/{{model}}/model.onnx",
         card=f"{OUT}/models/{{model}}/model.json",

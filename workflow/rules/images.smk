@@ -1,4 +1,6 @@
 rule sample_image:
+    # A bundled photo written out in a second: on a cluster, not worth a submission.
+    localrule: True
     output:
         f"{OUT}/samples/{{name}}.png",
     log:

@@ -14,6 +14,12 @@ rule report:
             model=MODELS,
             method=METHODS,
         ),
+        filters=filter_pictures,
+        atlas=expand(
+            f"{OUT}/{{model}}/atlas/layers",
+            model=MODELS if config["atlas"]["enabled"] else [],
+        ),
+        metrics=metrics_summaries(),
     output:
         index=f"{OUT}/report/index.html",
         pages=expand(f"{OUT}/report/{{model}}.html", model=MODELS),
