@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=final.suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -31,6 +33,31 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_hidden_names: dict[Path, list[str]] = {}  # per folder, listed once per process
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Delete temporaries of `final` that a killed writer left (SIGKILL skips the cleanup above).
+
+    Each artifact has one writer (Snakemake runs one job per output), so a temporary of it that
+    exists before a write is stale: a rerun after a kill leaves no partial file behind. A folder's
+    hidden files are listed once per process, so writing many files into one folder stays cheap.
+    """
+    folder = final.parent
+    if folder not in _hidden_names:
+        with os.scandir(folder) as entries:
+            _hidden_names[folder] = [e.name for e in entries if e.name.startswith(".")]
+    names = _hidden_names[folder]
+    if not names:
+        return []
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}{re.escape(final.suffix)}")
+    stale = [name for name in names if pattern.fullmatch(name)]
+    for name in stale:
+        names.remove(name)
+        (folder / name).unlink(missing_ok=True)
+    return [folder / name for name in stale]
 
 
 def write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
