@@ -27,14 +27,14 @@ rule activations:
 
 
 rule sparsity:
-    # One small plot from the shards' statistics: on a cluster, not worth a submission.
-    localrule: True
     input:
         per_shard(f"{OUT}/{{{{model}}}}/activations/{{shard}}"),
     output:
         f"{OUT}/{{model}}/activations/sparsity.png",
     log:
         f"{OUT}/logs/sparsity/{{model}}.log",
+    # One small plot from the shards' statistics: on a cluster, not worth a submission.
+    localrule: True
     conda:
         "../../envs/core.yaml"
     shell:

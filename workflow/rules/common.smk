@@ -92,6 +92,8 @@ def method_options(wildcards):
     """Only the options that change this method's maps: editing one reruns that method alone."""
     methods = config["methods"]
     options = {"target": methods["target"]}
+    if wildcards.method not in {"scorecam", "occlusion"}:
+        options["gradient_fallback"] = config["gradient_fallback"]
     if wildcards.method in CAM_METHODS:
         options["cam_layer"] = methods["cam_layer"]
     if wildcards.method == "guided_gradcam":

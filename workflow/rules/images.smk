@@ -1,10 +1,10 @@
 rule sample_image:
-    # A bundled photo written out in a second: on a cluster, not worth a submission.
-    localrule: True
     output:
         f"{OUT}/samples/{{name}}.png",
     log:
         f"{OUT}/logs/sample_image/{{name}}.log",
+    # A bundled photo written out in a second: on a cluster, not worth a submission.
+    localrule: True
     conda:
         "../../envs/core.yaml"
     shell:

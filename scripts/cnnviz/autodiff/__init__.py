@@ -11,4 +11,15 @@ from .context import UnsupportedOpError
 from .policies import POLICIES
 from .rules import RULES
 
-__all__ = ["POLICIES", "RULES", "UnsupportedOpError", "vjp"]
+__all__ = ["POLICIES", "RULES", "UnsupportedOpError", "ops_without_rules", "vjp"]
+
+
+def ops_without_rules(model) -> list[str]:  # noqa: ANN001 - onnx.ModelProto
+    """Nodes no backward rule covers ("op_type node_name"): where a gradient would fail, or,
+    with the finite-difference fallback, be approximate. Constants never need one."""
+    ruled = set(RULES) | {op for rules in POLICIES.values() for op in rules} | {"Constant"}
+    return [
+        f"{node.op_type} {node.name}".strip()
+        for node in model.graph.node
+        if node.op_type not in ruled or node.domain not in ("", "ai.onnx")
+    ]

@@ -44,13 +44,13 @@ IG_METHODS = ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_mid
 
 # ---- sessions ------------------------------------------------------------------------------------
 def gradient_model(model: onnx.ModelProto, policy: str = "gradient", batch: int = 1,
-                   seed_output: str | None = None) -> onnx.ModelProto:
+                   seed_output: str | None = None, fallback: str = "error") -> onnx.ModelProto:
     """The vjp graph of `model` w.r.t. its (first) input, seeded at the logits by default."""
     from ..autodiff import vjp
 
     wrt = model_input_name(model)
     seeds = [seed_output] if seed_output else None
-    g = vjp(model, wrt=[wrt], seed_outputs=seeds, policy=policy, batch=batch)
+    g = vjp(model, wrt=[wrt], seed_outputs=seeds, policy=policy, batch=batch, fallback=fallback)
     # A final Softmax is skipped by the seed: expose the seeded logits too (IG's completeness).
     outputs = {o.name for o in g.graph.output}
     for seed in g.graph.input:
@@ -64,11 +64,13 @@ def gradient_model(model: onnx.ModelProto, policy: str = "gradient", batch: int 
 
 
 def gradient_session(model: onnx.ModelProto, policy: str = "gradient", batch: int = 1,
-                     device: str = "auto", threads: int | None = None) -> ort.InferenceSession:
+                     device: str = "auto", threads: int | None = None,
+                     fallback: str = "error") -> ort.InferenceSession:
     """One session per job and policy; `batch` images (or noise samples, or path points) per run."""
     from ..runtime import make_session
 
-    return make_session(gradient_model(model, policy, batch), device, threads)
+    graph = gradient_model(model, policy, batch, fallback=fallback)
+    return make_session(graph, device, threads)
 
 
 def model_input_name(model: onnx.ModelProto) -> str:

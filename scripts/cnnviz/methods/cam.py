@@ -50,7 +50,11 @@ def layer_tensor(card: dict[str, Any], layer: str | None) -> str:
 
 
 def build_cam_model(
-    model: onnx.ModelProto, card: dict[str, Any], layer: str | None, batch: int
+    model: onnx.ModelProto,
+    card: dict[str, Any],
+    layer: str | None,
+    batch: int,
+    fallback: str = "error",
 ) -> tuple[onnx.ModelProto, str]:
     """The vjp graph w.r.t. the layer's tensor, batch fixed to `batch`; (model, layer tensor).
 
@@ -60,7 +64,7 @@ def build_cam_model(
     from ..autodiff import vjp
 
     tensor = layer_tensor(card, layer)
-    return vjp(model, wrt=[tensor], policy="gradient", batch=batch), tensor
+    return vjp(model, wrt=[tensor], policy="gradient", batch=batch, fallback=fallback), tensor
 
 
 class _CamSession:

@@ -47,6 +47,11 @@ class Job:
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def fallback(self) -> str:
+        """The engine's answer to an op without a backward rule (config `gradient_fallback`)."""
+        return str(self.options.get("gradient_fallback", "error"))
+
+    @property
     def row_inputs(self) -> np.ndarray:
         return self.inputs[[i for i, _ in self.rows]]
 
@@ -61,7 +66,7 @@ class Job:
         if policy is None:
             return make_session(self.model, self.device, self.threads)
         return backprop.gradient_session(
-            self.model, policy, batch or self.batch_size, self.device, self.threads
+            self.model, policy, batch or self.batch_size, self.device, self.threads, self.fallback
         )
 
 
@@ -84,7 +89,7 @@ def _cam_variant(variant: str) -> Callable[[Job], Iterator[Result]]:
         from .cam import build_cam_model, grad_cam_family
 
         layer = _cam_layer(job)
-        graph, tensor = build_cam_model(job.model, job.card, layer, job.batch_size)
+        graph, tensor = build_cam_model(job.model, job.card, layer, job.batch_size, job.fallback)
         session = make_session(graph, job.device, job.threads)
         maps = _chunked(job, lambda x, t: grad_cam_family(session, job.card, x, t, layer,
                                                          (variant,))[variant])
@@ -99,7 +104,7 @@ def _guided_gradcam(job: Job) -> Iterator[Result]:
     from .cam import build_cam_model, grad_cam_family, guided_grad_cam
 
     layer = _cam_layer(job)
-    graph, tensor = build_cam_model(job.model, job.card, layer, job.batch_size)
+    graph, tensor = build_cam_model(job.model, job.card, layer, job.batch_size, job.fallback)
     cam_session = make_session(graph, job.device, job.threads)
     cams = _chunked(job, lambda x, t: grad_cam_family(cam_session, job.card, x, t, layer,
                                                       ("gradcam",))["gradcam"])
@@ -310,8 +315,7 @@ def _run_method(job: Job, method: str, out_dir: Path) -> tuple[list, list]:
         log.error("%s failed: %s", method, error)
         return [], [{"method": method, "images": job.ids, "error": str(error)}]
     seconds = (time.perf_counter() - started) / max(1, len(results))
-    approximate = job.model.metadata_props
-    notes = {p.key: p.value for p in approximate if p.key.startswith("cnnviz.")}
+    notes = approximation_notes(job, method)
     for r, (i, raw, picture, extra) in enumerate(results):
         target = job.rows[r][1]
         info = {
@@ -326,6 +330,26 @@ def _run_method(job: Job, method: str, out_dir: Path) -> tuple[list, list]:
     return done, failed
 
 
+GRADIENT_FREE = {"scorecam", "occlusion"}
+
+
+def approximation_notes(job: Job, method: str) -> dict[str, Any]:
+    """Mark maps whose gradient went through the finite-difference fallback (ops without a
+    rule): the values are then estimates, and the report says so."""
+    from ..autodiff import ops_without_rules
+
+    if method in GRADIENT_FREE or job.fallback != "finite-differences":
+        return {}
+    nodes = ops_without_rules(job.model)
+    if not nodes:
+        return {}
+    shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+    return {
+        "approximate": True,
+        "notes": [f"approximate: no backward rule for {shown}; finite differences used"],
+    }
+
+
 def _projections(job: Job, out_dir: Path) -> tuple[list, list]:
     from .projections import Projector, save_projections
 
@@ -334,7 +358,9 @@ def _projections(job: Job, out_dir: Path) -> tuple[list, list]:
         layers = spread_layers(job.card, 3)
     top_k = int(job.options.get("top_k", 4))
     try:
-        projector = Projector(job.model, job.card, layers, top_k, job.device, job.threads)
+        projector = Projector(
+            job.model, job.card, layers, top_k, job.device, job.threads, job.fallback
+        )
     except CnnvizError as error:
         return [], [{"method": "projections", "images": job.ids, "error": str(error)}]
     done = []

@@ -86,6 +86,7 @@ class Projector:
         batch: int = 8,
         device: str = "auto",
         threads: int | None = None,
+        fallback: str = "error",
     ) -> None:
         from ..modelcard import find_layer
         from ..runtime import make_session
@@ -96,7 +97,8 @@ class Projector:
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name, row in self.rows.items():
             graph = backprop.gradient_model(
-                cut_at(model, [row["tensor"]]), "deconvnet", batch, seed_output=row["tensor"]
+                cut_at(model, [row["tensor"]]), "deconvnet", batch, seed_output=row["tensor"],
+                fallback=fallback,
             )
             self.sessions[name] = make_session(graph, device, threads)
 

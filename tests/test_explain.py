@@ -1,0 +1,95 @@
+"""`cnnviz explain` on a tiny model: every method writes its artifacts, failures are recorded
+per method instead of stopping the job, and the finite-difference fallback is marked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cnnviz.methods.explain import METHODS, explain_shard
+from onnx import helper
+from test_activations import _staged, tiny_model, write_model_dir
+
+
+def with_softplus(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The tiny model with a Softplus (an op without a backward rule) after its first block."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    for node in graph.node:
+        if "relu0" in node.input:
+            node.input[list(node.input).index("relu0")] = "soft0"
+    graph.node.insert(2, helper.make_node("Softplus", ["relu0"], ["soft0"], name="Softplus_0"))
+    return model
+
+
+def add_softplus(model_dir: Path) -> None:
+    path = str(model_dir / "model.onnx")
+    onnx.save(with_softplus(onnx.load(path)), path)
+
+
+@pytest.fixture
+def shard(tmp_path: Path) -> tuple[Path, Path]:
+    model, card = tiny_model([[], [1]])
+    card["preprocess"] = {"size": [8, 8], "resize": "stretch", "scale": 255.0,
+                          "mean": [0.5] * 3, "std": [0.25] * 3, "channel_order": "RGB"}
+    card["name"] = "tiny"
+    model_dir = write_model_dir(tmp_path / "models" / "tiny", model, card)
+    return model_dir, _staged(tmp_path)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_writes_png_npy_json(shard, tmp_path: Path, method: str) -> None:
+    model_dir, manifest = shard
+    options = {"samples": 2, "steps": 4, "window": 4, "stride": 2, "batch_size": 4}
+    summary = explain_shard(model_dir, manifest, method, tmp_path / method, options,
+                            device="cpu", batch_size=2)
+    assert len(summary["maps"]) == 3 and summary["failed"][0]["stage"] == "staging"
+    for entry in summary["maps"]:
+        raw = np.load(tmp_path / method / entry["npy"])
+        assert raw.shape == (8, 8) and raw.dtype == np.float32 and np.isfinite(raw).all()
+        info = json.loads((tmp_path / method / entry["json"]).read_text())
+        assert info["method"] == method and info["target"] == entry["target"]
+        assert (tmp_path / method / entry["png"]).stat().st_size > 0
+
+
+def test_an_op_without_a_rule_fails_that_method_by_name(shard, tmp_path: Path) -> None:
+    model_dir, manifest = shard
+    add_softplus(model_dir)
+    summary = explain_shard(model_dir, manifest, "saliency", tmp_path / "s", {}, device="cpu")
+    assert summary["maps"] == []
+    error = summary["failed"][-1]["error"]
+    assert "Softplus" in error and "finite-differences" in error
+    # gradient-free methods still finish on the same model
+    occl = explain_shard(model_dir, manifest, "occlusion", tmp_path / "o",
+                         {"window": 4, "stride": 2}, device="cpu")
+    assert len(occl["maps"]) == 3
+
+
+def test_finite_difference_fallback_runs_and_is_marked(shard, tmp_path: Path) -> None:
+    model_dir, manifest = shard
+    add_softplus(model_dir)
+    approx = explain_shard(model_dir, manifest, "saliency", tmp_path / "fd",
+                           {"gradient_fallback": "finite-differences"}, device="cpu")
+    assert len(approx["maps"]) == 3  # the fallback's accuracy: test_autodiff_rules.py
+    info = json.loads((tmp_path / "fd" / approx["maps"][0]["json"]).read_text())
+    assert info["approximate"] is True and "Softplus" in info["notes"][0]
+
+
+def test_an_unknown_class_is_recorded_not_fatal(shard, tmp_path: Path) -> None:
+    model_dir, manifest = shard
+    summary = explain_shard(model_dir, manifest, "gradcam", tmp_path / "g",
+                            {"target": ["no such class"]}, device="cpu")
+    assert summary["maps"] == []
+    assert len(summary["failed"]) == 4  # one staging failure + the three images
+    assert "no such class" in summary["failed"][-1]["error"]
+
+
+def test_ops_without_rules_names_the_softplus(shard) -> None:
+    from cnnviz.autodiff import ops_without_rules
+
+    model_dir, _ = shard
+    model = with_softplus(onnx.load(str(model_dir / "model.onnx")))
+    assert ops_without_rules(model) == ["Softplus Softplus_0"]
