@@ -41,8 +41,8 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config["filters"].update(count=4, steps=8, batch_size=4)
     config["metrics"].update(steps=8)
     config["metrics"]["randomization"].update(cuts=2)
-    config["methods"]["smoothgrad"] = {"samples": 4}
-    config["methods"]["integrated_gradients"] = {"steps": 8}
+    methods = config.setdefault("methods", {})
+    methods.update(smoothgrad={"samples": 4}, integrated_gradients={"steps": 8})
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     result = run_snakemake(workdir, configfile)
