@@ -62,6 +62,7 @@ class Run:
     config: dict[str, Any]
     provenance: dict[str, Any]
     date: str = ""
+    audit: dict[str, Any] | None = None  # audit.compare's data: what changed since a baseline
 
     @property
     def methods(self) -> list[str]:
@@ -289,10 +290,14 @@ def layers_section(ctx: ModelContext) -> Section | None:
 def filters_section(ctx: ModelContext) -> Section | None:
     if not ctx.model.filters:
         return None
+    # Shallow to deep (then lucent before seed), so the progression the seed describes shows.
+    depth = {row["name"]: i for i, row in enumerate((ctx.model.card or {}).get("layers", []))}
+    ordered = sorted(ctx.model.filters, key=lambda it: (depth.get(it["layer"], 1 << 30),
+                                                        it["layer"], it["mode"]))
     items = [
         {**item, "caption": captions.filter_caption(item),
          "curve_caption": captions.curve_caption(item) if item["curve"] else ""}
-        for item in ctx.model.filters
+        for item in ordered
     ]  # fmt: skip
     return Section(
         "filters", "Filter visualization", "_filters.html", {"items": items},
@@ -375,6 +380,21 @@ def failed_section(ctx: ModelContext) -> Section | None:
     )
 
 
+def audit_section(ctx: ModelContext) -> Section | None:
+    """A stamped run compared with its baseline (cnnviz.audit.compare), for this model."""
+    audit = ctx.run.audit
+    model = (audit or {}).get("models", {}).get(ctx.name)
+    if audit is None or model is None:
+        return None
+    return Section(
+        "audit", "What changed since the last audit", "_audit.html",
+        {"audit": audit, "model": model},
+        note=f"This run ({audit.get('run_id', '')}) against run {audit.get('baseline', '')}: "
+        "the model file, the config, each image's top-1 prediction and how each method's map "
+        "correlates with the earlier one (32 x 32 copies; 1 = the same picture).",
+    )  # fmt: skip
+
+
 def provenance_section(ctx: ModelContext) -> Section:
     return Section(
         "provenance", "Provenance", "_provenance.html",
@@ -387,6 +407,7 @@ def provenance_section(ctx: ModelContext) -> Section:
 
 SECTION_BUILDERS: list[SectionBuilder] = [
     summary_section,
+    audit_section,
     images_section,
     layers_section,
     filters_section,
@@ -734,6 +755,7 @@ def build_report(
     *,
     index: str | Path | None = None,
     self_contained: bool = False,
+    audit: str | Path | None = None,
 ) -> Path:
     """Write the report and return the path of its index page.
 
@@ -741,7 +763,8 @@ def build_report(
     it), out_dir/{model}.html, out_dir/{model}/{image}.html and thumbnails in out_dir/thumbs/.
     `self_contained=True`: one HTML file with every picture embedded (`index`, or
     out_dir/report.html), for attaching a small run to a ticket; see standalone.py.
-    `models` defaults to every folder under results/models/.
+    `models` defaults to every folder under results/models/. `audit`: a comparison with an
+    earlier run (cnnviz.audit), drawn as each model's "What changed since the last audit".
     """
     results_dir = Path(results_dir)
     if index is not None:
@@ -756,6 +779,8 @@ def build_report(
         found = models_root.iterdir() if models_root.is_dir() else []
         models = sorted(p.name for p in found if p.is_dir())
     run = collect_run(results_dir, dict(config or {}), list(models), dict(provenance or {}))
+    if audit is not None:
+        run.audit = json.loads(Path(audit).read_text(encoding="utf-8"))
     site = Site(run)
     if self_contained:
         from .standalone import write_standalone
