@@ -185,7 +185,31 @@ def _report(args: argparse.Namespace) -> None:
         config=json.loads(args.config) if args.config else {},
         models=args.models,
         self_contained=args.self_contained,
+        audit=Path(args.audit) if args.audit else None,
     )
+
+
+def _audit_snapshot(args: argparse.Namespace) -> None:
+    from .artifacts import write_json
+    from .audit import snapshot
+
+    config = json.loads(args.config) if args.config else {}
+    methods = (config.get("methods") or {}).get("enabled")
+    data = snapshot(Path(args.results), args.run_id, config, args.models, methods, args.baseline)
+    write_json(Path(args.out), data)
+
+
+def _audit_compare(args: argparse.Namespace) -> None:
+    from .artifacts import read_json, write_json
+    from .audit import compare
+
+    write_json(Path(args.out), compare(read_json(args.baseline), read_json(args.current)))
+
+
+def _audit_index(args: argparse.Namespace) -> None:
+    from .audit import write_runs_index
+
+    write_runs_index(Path(args.runs_dir), Path(args.out), title=args.title)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -293,6 +317,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write one HTML file with every picture embedded (for a small run)",
     )
+    p.add_argument("--audit", default=None, help="audit-compare's JSON: what changed since then")
+
+    p = add("audit-snapshot", _audit_snapshot, "freeze a stamped run's checksums, top-k, maps")
+    p.add_argument("--results", required=True, help="the results folder")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--baseline", default="", help="the run this one is compared with")
+    p.add_argument("--config", default="{}", help="the config as run, JSON")
+    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--out", required=True, help="snapshot.json to write")
+
+    p = add("audit-compare", _audit_compare, "what changed between two runs' snapshots")
+    p.add_argument("--baseline", required=True, help="the earlier run's snapshot.json")
+    p.add_argument("--current", required=True, help="this run's snapshot.json")
+    p.add_argument("--out", required=True, help="audit.json to write")
+
+    p = add("audit-index", _audit_index, "the index of stamped runs (runs/index.html)")
+    p.add_argument("--runs-dir", required=True, help="{output}/runs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="cnnviz")
 
     sub.add_parser(
         "gradcheck",

@@ -1,6 +1,7 @@
 # Config, the image plan and shared helpers. Cheap to parse: cluster jobs re-read it.
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 from cnnviz import plan  # noqa: E402  (stdlib-only module)
+from cnnviz import audit  # noqa: E402  (its DAG-time helpers are stdlib-only)
 from cnnviz.config import config_errors  # noqa: E402
 
 DEFAULT_CONFIG = Path(workflow.basedir).parent / "config" / "config.yaml"
@@ -28,6 +30,14 @@ except WorkflowError as error:
     raise WorkflowError(f"the config is not valid:\n{problems}") from None
 
 OUT = config["output"].rstrip("/")
+# Scheduled audits (rules/audit.smk): a stamped run keeps its own report and snapshot.
+RUN_ID = audit.resolve_run_id(config["run_id"])
+RUN_DIR = f"{OUT}/runs/{RUN_ID}" if RUN_ID else ""
+REPORT_DIR = f"{RUN_DIR}/report" if RUN_ID else f"{OUT}/report"
+try:
+    BASELINE = audit.resolve_baseline(f"{OUT}/runs", config["baseline"], RUN_ID)
+except audit.ConfigError as error:
+    raise WorkflowError(str(error)) from None
 MODELS = sorted(config["models"])
 SAMPLE_FILES = [f"{OUT}/samples/{name}.png" for name in config["images"]["samples"]]
 IMAGE_FILES = SAMPLE_FILES + [
@@ -141,9 +151,23 @@ def filter_pictures(wildcards):
 
 
 def report_pages():
-    return [f"{OUT}/report/index.html"] + expand(
-        f"{OUT}/report/{{model}}.html", model=MODELS
+    return [f"{REPORT_DIR}/index.html"] + expand(
+        f"{REPORT_DIR}/{{model}}.html", model=MODELS
     )
+
+
+def audit_targets():
+    """A stamped run's snapshot and the index of runs (nothing when unstamped)."""
+    return [f"{RUN_DIR}/snapshot.json", f"{OUT}/runs/index.html"] if RUN_ID else []
+
+
+def audit_comparison():
+    """The report's input when the run has a baseline: what changed since then."""
+    return [f"{RUN_DIR}/audit.json"] if BASELINE else []
+
+
+def audit_flag(wildcards, input):
+    return f"--audit {shlex.quote(input.audit[0])}" if input.audit else ""
 
 
 # ---- metrics (rules/metrics.smk): which methods, their settings, the summaries ----

@@ -20,9 +20,10 @@ rule report:
             model=MODELS if config["atlas"]["enabled"] else [],
         ),
         metrics=metrics_summaries(),
+        audit=audit_comparison(),
     output:
-        index=f"{OUT}/report/index.html",
-        pages=expand(f"{OUT}/report/{{model}}.html", model=MODELS),
+        index=f"{REPORT_DIR}/index.html",
+        pages=expand(f"{REPORT_DIR}/{{model}}.html", model=MODELS),
     log:
         f"{OUT}/logs/report.log",
     conda:
@@ -31,6 +32,8 @@ rule report:
         results=results_root,
         models=MODELS,
         config=json.dumps(config, sort_keys=True),
+        audit=audit_flag,
     shell:
         "cnnviz report --results {params.results:q} --index {output.index:q}"
-        " --config {params.config:q} --models {params.models:q} 2> {log:q}"
+        " --config {params.config:q} --models {params.models:q} {params.audit}"
+        " 2> {log:q}"
