@@ -17,7 +17,7 @@ picture. Conversions, chosen once here:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +286,39 @@ def stage_shard(
     result = {"images": images, "failed": failed}
     write_json(manifest, result)
     return result
+
+
+def shard_batches(
+    entries: Sequence[dict[str, Any]],
+    pre: dict[str, Any],
+    size: int,
+    on_error: Callable[[dict[str, Any], ImageError], None],
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, model inputs [n <= size, 3, H, W]) for a shard's entries, read lazily so a job
+    never holds more than one batch; an image that cannot be read goes to `on_error`."""
+    ids: list[str] = []
+    inputs: list[np.ndarray] = []
+    for entry in entries:
+        try:
+            inputs.append(preprocess(load_image(entry["path"]), pre))
+        except ImageError as error:
+            on_error(entry, error)
+            continue
+        ids.append(entry["id"])
+        if len(ids) == size:
+            yield ids, np.stack(inputs)
+            ids, inputs = [], []
+    if ids:
+        yield ids, np.stack(inputs)
+
+
+def failure_recorder(failed: list[dict[str, Any]]) -> Callable[[dict[str, Any], ImageError], None]:
+    """An `on_error` for shard_batches that lists the image in a job's "failed" records."""
+
+    def record(entry: dict[str, Any], error: ImageError) -> None:
+        failed.append({"id": entry["id"], "source": entry.get("source"), "error": str(error)})
+
+    return record
 
 
 def read_manifest(manifest: str | Path) -> dict[str, Any]:

@@ -28,9 +28,9 @@ import onnx
 import onnxruntime as ort
 
 from ..artifacts import read_json, write_json
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError
 from ..graph import expose
-from ..images import load_image, preprocess, read_manifest
+from ..images import failure_recorder, read_manifest, shard_batches
 from ..modelcard import find_layer, load_card, model_path
 from ..render import BLANK_EPS, is_blank, save_figure, save_grid_png
 from ..runtime import make_session, run_batched
@@ -165,30 +165,25 @@ def activations_shard(
     entries = shard["images"]
     progress = _Progress(f"activations {card.get('name', '')} {manifest.stem}", len(entries))
     images: list[dict[str, Any]] = []
-    for start in range(0, len(entries), batch_size):
-        ids, inputs = [], []
-        for entry in entries[start : start + batch_size]:
-            try:
-                inputs.append(preprocess(load_image(entry["path"]), card["preprocess"]))
-            except ImageError as exc:
-                failed.append({"id": entry["id"], "source": entry["source"], "error": str(exc)})
-                continue
-            ids.append(entry["id"])
-        if inputs:
-            acts = run_layers(session, card, rows, np.stack(inputs), batch_size)
-            for n, image_name in enumerate(ids):
-                stats = {}
-                for row in rows:
-                    act = acts[row["name"]][n]
-                    stats[row["name"]] = layer_stats(act, eps)
-                    folder = out_dir / image_name
-                    save_grid_png(folder / f"{row['name']}.png", act, eps=eps)
-                    for c in channels.get(row["name"], []):
-                        path = folder / f"{row['name']}_ch{c}.png"
-                        save_grid_png(path, act[c], eps=eps, min_side=CHANNEL_SIDE)
-                images.append({"id": image_name, "layers": stats})
-            del acts
-        progress.update(min(start + batch_size, len(entries)))
+    done = 0
+    record = failure_recorder(failed)
+    for ids, inputs in shard_batches(entries, card["preprocess"], batch_size, record):
+        acts = run_layers(session, card, rows, inputs, batch_size)
+        for n, image_name in enumerate(ids):
+            stats = {}
+            for row in rows:
+                act = acts[row["name"]][n]
+                stats[row["name"]] = layer_stats(act, eps)
+                folder = out_dir / image_name
+                save_grid_png(folder / f"{row['name']}.png", act, eps=eps)
+                for c in channels.get(row["name"], []):
+                    path = folder / f"{row['name']}_ch{c}.png"
+                    save_grid_png(path, act[c], eps=eps, min_side=CHANNEL_SIDE)
+            images.append({"id": image_name, "layers": stats})
+        del acts
+        done += len(ids)
+        progress.update(done)
+    progress.update(len(entries))
     data = {
         "model": card.get("name", Path(model_dir).name),
         "eps": eps,

@@ -265,22 +265,12 @@ def _batches(
     entries: Sequence[dict[str, Any]], pre: dict[str, Any], size: int, failed: list[dict]
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """(ids, inputs [n <= size, 3, H, W]) read lazily; unreadable images go to `failed`."""
-    from ..images import load_image, preprocess
+    from ..images import shard_batches
 
-    ids: list[str] = []
-    inputs: list[np.ndarray] = []
-    for entry in entries:
-        try:
-            inputs.append(preprocess(load_image(entry["path"]), pre))
-        except ImageError as error:
-            failed.append({"image": entry["id"], "error": str(error), "stage": "atlas"})
-            continue
-        ids.append(entry["id"])
-        if len(ids) == size:
-            yield ids, np.stack(inputs)
-            ids, inputs = [], []
-    if ids:
-        yield ids, np.stack(inputs)
+    def record(entry: dict[str, Any], error: ImageError) -> None:
+        failed.append({"image": entry["id"], "error": str(error), "stage": "atlas"})
+
+    return shard_batches(entries, pre, size, record)
 
 
 # ---- reduce: merging -----------------------------------------------------------------------

@@ -10,8 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..artifacts import write_json
-from ..errors import ImageError
-from ..images import load_image, preprocess, read_manifest
+from ..images import failure_recorder, read_manifest, shard_batches
 from ..modelcard import load_card, model_path
 from ..runtime import make_session, run_batched
 
@@ -81,19 +80,9 @@ def predict_shard(
     shard = read_manifest(manifest)
     failed = list(shard["failed"])
     results: list[dict[str, Any]] = []
-    entries = shard["images"]
-    for start in range(0, len(entries), batch_size):
-        ids, inputs = [], []
-        for entry in entries[start : start + batch_size]:
-            try:
-                inputs.append(preprocess(load_image(entry["path"]), card["preprocess"]))
-            except ImageError as exc:
-                failed.append({"id": entry["id"], "source": entry["source"], "error": str(exc)})
-                continue
-            ids.append(entry["id"])
-        if not inputs:
-            continue
-        probs = predict(session, card, inputs, batch_size)
+    record = failure_recorder(failed)
+    for ids, inputs in shard_batches(shard["images"], card["preprocess"], batch_size, record):
+        probs = predict(session, card, list(inputs), batch_size)
         for image_name, row in zip(ids, _rank(probs, card.get("labels"), top_k), strict=True):
             results.append({"id": image_name, "top": row})
     data = {"model": card.get("name", Path(model_dir).name), "images": results, "failed": failed}
