@@ -19,8 +19,10 @@ def default_config() -> dict:
     return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
-def test_default_config_is_valid() -> None:
-    assert config_errors(default_config(), SCHEMA) == []
+@pytest.mark.parametrize("name", ["config.yaml", "quick.yaml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    config = yaml.safe_load((REPO / "config" / name).read_text())
+    assert config_errors(config, SCHEMA) == []
 
 
 @pytest.mark.parametrize(
