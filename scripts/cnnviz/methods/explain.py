@@ -170,8 +170,6 @@ def _smoothgrad(job: Job) -> Iterator[Result]:
             seed=int(job.options.get("seed", 0)),
             batch_size=job.batch_size,
         )
-        raw = np.asarray(raw, np.float32)
-        raw = backprop.channel_max_abs(raw) if raw.ndim == 3 else raw
         yield i, raw, heat(job, i, raw), {"samples": samples}
 
 
