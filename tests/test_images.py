@@ -257,3 +257,29 @@ def test_stage_shard_keeps_going_past_a_bad_file(tmp_path):
     entry = read_manifest(manifest)["images"][0]
     assert entry["id"] == "first" and Path(entry["path"]).is_absolute()
     assert Path(entry["path"]).exists()
+
+
+def test_true_labels_reach_the_manifest(tmp_path):
+    from cnnviz.images import read_labels
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("cat1.png", "dog.jpg"):
+        Image.new("RGB", (6, 5), (10, 20, 30)).save(folder / name)
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("# file, class\ncat1.png,Egyptian cat\ndog,207\n")
+    tsv_file = tmp_path / "labels.tsv"
+    tsv_file.write_text("cat1\ttabby, tabby cat\n")
+    assert read_labels(csv_file) == {"cat1.png": "Egyptian cat", "dog": "207"}
+    assert read_labels(tsv_file) == {"cat1": "tabby, tabby cat"}  # commas inside a TSV field
+    manifest = stage_shard(
+        [folder / "cat1.png", folder / "dog.jpg"], tmp_path / "staged", tmp_path / "m.json",
+        labels=read_labels(csv_file),
+    )
+    assert [e.get("label") for e in manifest["images"]] == ["Egyptian cat", "207"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("cat1.png\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        read_labels(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_labels(tmp_path / "missing.csv")

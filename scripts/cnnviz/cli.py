@@ -31,8 +31,11 @@ def _stage(args: argparse.Namespace) -> None:
 
     if len(args.ids) != len(args.images):
         raise CnnvizError(f"stage: {len(args.ids)} ids for {len(args.images)} images")
+    from .images import read_labels
+
     pairs = list(zip(args.ids, map(Path, args.images), strict=True))
-    stage_shard(pairs, Path(args.staged_dir), Path(args.manifest))
+    labels = read_labels(args.labels) if args.labels else None
+    stage_shard(pairs, Path(args.staged_dir), Path(args.manifest), labels=labels)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -236,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--staged-dir", required=True, help="folder for the converted RGB PNGs")
     p.add_argument("--ids", nargs="+", required=True, help="one id per image, in order")
     p.add_argument("--images", nargs="+", required=True, help="image files, in order")
+    p.add_argument("--labels", default="", help="CSV/TSV of file name, true class (optional)")
 
     p = add("export", _export, "export a model to ONNX and write model.json beside it")
     p.add_argument("--name", required=True, help="the model's name in the config")

@@ -250,8 +250,12 @@ def stage_shard(
     staged_dir: str | Path,
     manifest: str | Path,
     ids: Sequence[str] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Load each source, save it as RGB PNG `staged_dir/{id}.png`, and write the manifest.
+
+    `labels` (from `read_labels`) gives an image's true class by file name or stem; it goes into
+    the manifest entry as "label", and the report then shows correctness and accuracy.
 
     `sources` are paths, or (id, path) pairs. Ids given by the caller (pairs, or `ids` from
     `assign_ids` over *all* inputs) keep ids unique across shards that share one staged folder;
@@ -274,18 +278,43 @@ def stage_shard(
             continue
         target = staged_dir / f"{image_name}.png"
         write_with(target, lambda tmp, im=rgb: im.save(tmp, format="PNG"))
-        images.append(
-            {
-                "id": image_name,
-                "source": str(source),
-                "path": str(target),
-                "width": rgb.width,
-                "height": rgb.height,
-            }
-        )
+        entry = {
+            "id": image_name,
+            "source": str(source),
+            "path": str(target),
+            "width": rgb.width,
+            "height": rgb.height,
+        }
+        truth = (labels or {}).get(Path(source).name, (labels or {}).get(Path(source).stem))
+        if truth is not None:
+            entry["label"] = truth
+        images.append(entry)
     result = {"images": images, "failed": failed}
     write_json(manifest, result)
     return result
+
+
+def read_labels(path: str | Path) -> dict[str, str]:
+    """True classes from a CSV/TSV file of `file name (or stem), class label or index` rows."""
+    import csv
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"images.labels: cannot read {path} ({error}); fix the path") from None
+    first = text.splitlines()[0] if text else ""
+    dialect = "excel-tab" if "\t" in first else "excel"
+    labels = {}
+    for n, row in enumerate(csv.reader(text.splitlines(), dialect=dialect), start=1):
+        if not row or row[0].startswith("#"):
+            continue
+        if len(row) < 2:
+            raise ConfigError(
+                f"images.labels: {path} line {n} has no class; write `file name, class` per line"
+            )
+        labels[row[0].strip()] = row[1].strip()
+    return labels
 
 
 def shard_batches(

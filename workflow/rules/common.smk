@@ -73,6 +73,15 @@ def shard_files(wildcards):
     return [path for _, path in SHARDS[wildcards.shard]]
 
 
+def labels_file(wildcards):
+    """The true-class file (images.labels), an input so that editing it restages the images."""
+    return [config["images"]["labels"]] if config["images"]["labels"] else []
+
+
+def labels_option(wildcards, input):
+    return f"--labels {shlex.quote(input.labels)}" if input.labels else ""
+
+
 def shard_ids(wildcards):
     return " ".join(image_id for image_id, _ in SHARDS[wildcards.shard])
 

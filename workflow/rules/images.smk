@@ -13,7 +13,8 @@ rule sample_image:
 
 rule stage_shard:
     input:
-        shard_files,
+        images=shard_files,
+        labels=labels_file,
     output:
         manifest=f"{OUT}/images/{{shard}}.json",
         staged=directory(f"{OUT}/images/{{shard}}"),
@@ -23,6 +24,7 @@ rule stage_shard:
         "../../envs/core.yaml"
     params:
         ids=shard_ids,
+        labels=labels_option,
     shell:
         "cnnviz stage --manifest {output.manifest:q} --staged-dir {output.staged:q}"
-        " --ids {params.ids} --images {input:q} 2> {log:q}"
+        " --ids {params.ids} --images {input.images:q} {params.labels} 2> {log:q}"
