@@ -119,6 +119,12 @@ def _filters(args: argparse.Namespace) -> None:
     )
 
 
+def _zip_report(args: argparse.Namespace) -> None:
+    from .report.portable import report_zip
+
+    report_zip(Path(args.index), Path(args.out))
+
+
 def _sparsity(args: argparse.Namespace) -> None:
     from .methods.activations import sparsity_plot
 
@@ -277,6 +283,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default="{}", help="the config's filters section as JSON")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None)
+
+    p = add("zip-report", _zip_report, "zip a report with exactly the files its pages link")
+    p.add_argument("index", help="the report's index.html")
+    p.add_argument("out", help="the zip file to write")
 
     p = add("sparsity", _sparsity, "plot blank-channel fraction against depth")
     p.add_argument("--activations", nargs="+", required=True, help="activation folders (shards)")
