@@ -86,3 +86,11 @@ def test_every_conda_env_named_by_a_rule_exists() -> None:
     for rule_file in rules:
         for env in re.findall(r'conda:\s*\n\s*"([^"]+)"', rule_file.read_text()):
             assert (rule_file.parent / env).resolve().is_file(), f"{rule_file.name}: {env}"
+
+
+def test_schema_offers_exactly_the_sample_photos_the_code_writes() -> None:
+    from cnnviz.images import SAMPLE_IMAGES
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    offered = schema["properties"]["images"]["properties"]["samples"]["items"]["enum"]
+    assert sorted(offered) == sorted(SAMPLE_IMAGES)
