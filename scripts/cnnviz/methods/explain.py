@@ -91,8 +91,10 @@ def _cam_variant(variant: str) -> Callable[[Job], Iterator[Result]]:
         layer = _cam_layer(job)
         graph, tensor = build_cam_model(job.model, job.card, layer, job.batch_size, job.fallback)
         session = make_session(graph, job.device, job.threads)
-        maps = _chunked(job, lambda x, t: grad_cam_family(session, job.card, x, t, layer,
-                                                         (variant,))[variant])
+        # The methods chunk and pad to the session's static batch themselves.
+        maps = grad_cam_family(
+            session, job.card, job.row_inputs, job.row_targets, layer, (variant,)
+        )[variant]
         for r, (i, _) in enumerate(job.rows):
             yield i, maps[r], heat(job, i, maps[r]), {"layer": tensor}
 
@@ -106,10 +108,11 @@ def _guided_gradcam(job: Job) -> Iterator[Result]:
     layer = _cam_layer(job)
     graph, tensor = build_cam_model(job.model, job.card, layer, job.batch_size, job.fallback)
     cam_session = make_session(graph, job.device, job.threads)
-    cams = _chunked(job, lambda x, t: grad_cam_family(cam_session, job.card, x, t, layer,
-                                                      ("gradcam",))["gradcam"])
+    cams = grad_cam_family(
+        cam_session, job.card, job.row_inputs, job.row_targets, layer, ("gradcam",)
+    )["gradcam"]
     guided_session = job.session("guided")
-    guided = _chunked(job, lambda x, t: backprop.guided_backprop(guided_session, x, t))
+    guided = backprop.guided_backprop(guided_session, job.row_inputs, job.row_targets)
     combined = guided_grad_cam(cams, guided)
     for r, (i, _) in enumerate(job.rows):
         yield i, backprop.channel_max_abs(combined[r]), signed(job, i, combined[r]), {
@@ -139,7 +142,7 @@ def _scorecam(job: Job) -> Iterator[Result]:
 
 def _saliency(job: Job) -> Iterator[Result]:
     session = job.session("gradient")
-    maps = _chunked(job, lambda x, t: backprop.saliency(session, x, t))
+    maps = backprop.saliency(session, job.row_inputs, job.row_targets)
     for r, (i, _) in enumerate(job.rows):
         yield i, maps[r], heat(job, i, maps[r]), {}
 
@@ -147,7 +150,7 @@ def _saliency(job: Job) -> Iterator[Result]:
 def _signed_method(policy: str) -> Callable[[Job], Iterator[Result]]:
     def run(job: Job) -> Iterator[Result]:
         session = job.session(policy)
-        grads = _chunked(job, lambda x, t: backprop.input_gradients(session, x, t))
+        grads = backprop.input_gradients(session, job.row_inputs, job.row_targets)
         for r, (i, _) in enumerate(job.rows):
             yield i, backprop.channel_max_abs(grads[r]), signed(job, i, grads[r]), {
                 "policy": policy,
@@ -220,21 +223,6 @@ METHODS: dict[str, Callable[[Job], Iterator[Result]]] = {
 def _cam_layer(job: Job) -> str | None:
     layer = job.options.get("cam_layer", "auto")
     return None if layer in (None, "auto") else layer
-
-
-def _chunked(job: Job, compute: Callable[[np.ndarray, list[int]], np.ndarray]) -> np.ndarray:
-    """Run `compute(inputs, targets)` over the job's rows in chunks of exactly batch_size
-    (static-batch gradient graphs): the last chunk is padded and the padding dropped."""
-    x, targets, size = job.row_inputs, job.row_targets, job.batch_size
-    parts = []
-    for start in range(0, len(x), size):
-        xs, ts = x[start : start + size], targets[start : start + size]
-        real = len(xs)
-        if real < size:
-            xs = np.concatenate([xs, np.repeat(xs[-1:], size - real, axis=0)])
-            ts = ts + [ts[-1]] * (size - real)
-        parts.append(np.asarray(compute(xs, ts))[:real])
-    return np.concatenate(parts)
 
 
 # ---- the job -------------------------------------------------------------------------------
