@@ -18,6 +18,10 @@ from .errors import CnnvizError
 
 log = logging.getLogger("cnnviz")
 Command = Callable[[argparse.Namespace], None]
+# Each step's declared outputs, as the rules name them: on bad input they become failure markers.
+FILTER_FILES = (".png", ".npy", ".json", ".curve.png")
+METRICS_SUMMARY_FILES = ("summary.json", "deletion_insertion.png", "randomization.png")
+Outputs = Callable[[argparse.Namespace], list[tuple[Path, bool]]]  # (path, is a folder)
 
 
 def _sample_image(args: argparse.Namespace) -> None:
@@ -221,14 +225,39 @@ def _audit_index(args: argparse.Namespace) -> None:
     write_runs_index(Path(args.runs_dir), Path(args.out), title=args.title)
 
 
+def _out_file(args: argparse.Namespace) -> list[tuple[Path, bool]]:
+    return [(Path(args.out), False)]
+
+
+def _out_folder(args: argparse.Namespace) -> list[tuple[Path, bool]]:
+    return [(Path(args.out_dir), True)]
+
+
+def _filter_files(args: argparse.Namespace) -> list[tuple[Path, bool]]:
+    stem = Path(args.out_dir) / f"{args.layer}.{args.mode}"
+    return [(stem.with_name(stem.name + ext), False) for ext in FILTER_FILES]
+
+
+def _metrics_summary_files(args: argparse.Namespace) -> list[tuple[Path, bool]]:
+    return [(Path(args.out_dir) / name, False) for name in METRICS_SUMMARY_FILES]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnviz", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--record-failures",
+        action="store_true",
+        help="on bad input, write failure markers as the step's outputs and exit 0 "
+        "(the workflow's rules do: the run goes on and the report lists the failure)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="STEP")
 
-    def add(name: str, func: Command, help_: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, func: Command, help_: str, outputs: Outputs | None = None
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, outputs=outputs)
         return p
 
     def runtime_options(p: argparse.ArgumentParser) -> None:
@@ -240,34 +269,54 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--out", required=True)
 
-    p = add("stage", _stage, "read, check and convert a shard of images; list the failures")
+    p = add(
+        "stage",
+        _stage,
+        "read, check and convert a shard of images; list the failures",
+        lambda a: [(Path(a.manifest), False), (Path(a.staged_dir), True)],
+    )
     p.add_argument("--manifest", required=True, help="shard manifest JSON to write")
     p.add_argument("--staged-dir", required=True, help="folder for the converted RGB PNGs")
     p.add_argument("--ids", nargs="+", required=True, help="one id per image, in order")
     p.add_argument("--images", nargs="+", required=True, help="image files, in order")
     p.add_argument("--labels", default="", help="CSV/TSV of file name, true class (optional)")
 
-    p = add("export", _export, "export a model to ONNX and write model.json beside it")
+    p = add(
+        "export",
+        _export,
+        "export a model to ONNX and write model.json beside it",
+        lambda a: [(Path(a.card), False), (Path(a.card).with_name("model.onnx"), False)],
+    )
     p.add_argument("--name", required=True, help="the model's name in the config")
     p.add_argument("--spec", required=True, help="the model's config entry as JSON")
     p.add_argument("--card", required=True, help="model.json to write (model.onnx goes beside)")
     p.add_argument("--threads", type=int, default=None)
 
-    p = add("predict", _predict, "top-k predictions for a shard of images")
+    p = add("predict", _predict, "top-k predictions for a shard of images", _out_file)
     p.add_argument("--card", required=True, help="model.json")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--top-k", type=int, default=5)
     runtime_options(p)
 
-    p = add("activations", _activations, "feature maps of every conv layer, as channel grids")
+    p = add(
+        "activations",
+        _activations,
+        "feature maps of every conv layer, as channel grids",
+        _out_folder,
+    )
     p.add_argument("--card", required=True, help="model.json")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--options", default="{}", help="the config's activations section as JSON")
     runtime_options(p)
 
-    p = add("explain", _explain, "one explanation method (Grad-CAM, saliency, ...) for a shard")
+    p = add(
+        "explain",
+        _explain,
+        "one explanation method (Grad-CAM, saliency, ...) for a shard",
+        _out_folder,
+    )
     p.add_argument("--method", required=True)
     p.add_argument("--card", required=True, help="model.json")
     p.add_argument("--manifest", required=True)
@@ -275,7 +324,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default="{}", help="the method's options as JSON")
     runtime_options(p)
 
-    p = add("filters", _filters, "visualize a layer's filters by activation maximization")
+    p = add(
+        "filters",
+        _filters,
+        "visualize a layer's filters by activation maximization",
+        _filter_files,
+    )
     p.add_argument("--card", required=True, help="model.json")
     p.add_argument("--layer", required=True, help="layer name from model.json")
     p.add_argument("--mode", default="lucent", choices=["lucent", "seed"])
@@ -288,18 +342,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="the report's index.html")
     p.add_argument("out", help="the zip file to write")
 
-    p = add("sparsity", _sparsity, "plot blank-channel fraction against depth")
+    p = add("sparsity", _sparsity, "plot blank-channel fraction against depth", _out_file)
     p.add_argument("--activations", nargs="+", required=True, help="activation folders (shards)")
     p.add_argument("--out", required=True)
 
-    p = add("atlas-map", _atlas_map, "feature atlas, map: each channel's top-k in one shard")
+    p = add(
+        "atlas-map",
+        _atlas_map,
+        "feature atlas, map: each channel's top-k in one shard",
+        _out_file,
+    )
     p.add_argument("--card", required=True, help="model.json")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True, help="the shard's top-k JSON to write")
     p.add_argument("--options", default="{}", help="the config's atlas section as JSON")
     runtime_options(p)
 
-    p = add("atlas-reduce", _atlas_reduce, "feature atlas, reduce: merge shards, project, tile")
+    p = add(
+        "atlas-reduce",
+        _atlas_reduce,
+        "feature atlas, reduce: merge shards, project, tile",
+        _out_folder,
+    )
     p.add_argument("--card", required=True, help="model.json")
     p.add_argument("--shards", nargs="+", required=True, help="atlas-map outputs, all shards")
     p.add_argument("--manifests", nargs="+", required=True, help="every shard's manifest")
@@ -307,7 +371,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--options", default="{}", help="the config's atlas section as JSON")
     runtime_options(p)
 
-    p = add("metrics", _metrics, "explanation quality of one method's maps over a shard")
+    p = add(
+        "metrics",
+        _metrics,
+        "explanation quality of one method's maps over a shard",
+        _out_file,
+    )
     p.add_argument("--method", required=True, help="the method, or 'random' (the reference)")
     p.add_argument("--card", required=True, help="model.json")
     p.add_argument("--manifest", required=True)
@@ -317,7 +386,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="{}", help="the config's metrics section as JSON")
     runtime_options(p)
 
-    p = add("metrics-summary", _metrics_summary, "one model's metrics: summary.json and plots")
+    p = add(
+        "metrics-summary",
+        _metrics_summary,
+        "one model's metrics: summary.json and plots",
+        _metrics_summary_files,
+    )
     p.add_argument("--inputs", nargs="+", required=True, help="metrics JSONs (shards x methods)")
     p.add_argument("--out-dir", required=True, help="folder for summary.json and the plots")
 
@@ -372,11 +446,22 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     started = time.perf_counter()
+    outputs = args.outputs(args) if args.outputs else []
     try:
         args.func(args)
     except CnnvizError as error:
         print(f"cnnviz {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        if not (args.record_failures and outputs):
+            return 2
+        from .failures import record_failure
+
+        record_failure(args.command, error, outputs)
+        print(f"cnnviz {args.command}: recorded the failure in its outputs", file=sys.stderr)
+        return 0
+    if outputs:
+        from .failures import clear_failure
+
+        clear_failure(outputs)
     log.info("%s done in %.1f s", args.command, time.perf_counter() - started)
     return 0
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from .artifacts import read_json, write_json
 from .errors import ConfigError, ModelError
+from .failures import check_input
 
 CARD = "model.json"
 REQUIRED = ("name", "source", "weights", "onnx", "sha256", "opset", "input", "output",
@@ -27,6 +28,7 @@ def load_card(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = card_path(model_dir)
     if not path.is_file():
         raise ModelError(f"{path} does not exist; run the export step for this model first")
+    check_input(path, f"model {path.parent.name!r}")
     try:
         card = read_json(path)
     except (OSError, ValueError) as exc:

@@ -20,7 +20,7 @@ rule activations:
         device=config["device"],
         batch_size=config["batch_size"],
     shell:
-        "cnnviz activations --card {input.card:q}"
+        "cnnviz --record-failures activations --card {input.card:q}"
         " --manifest {input.manifest:q} --out-dir {output:q} --options {params.options:q}"
         " --device {params.device} --threads {threads} --batch-size {params.batch_size}"
         " 2> {log:q}"
@@ -38,4 +38,4 @@ rule sparsity:
     conda:
         "../../envs/core.yaml"
     shell:
-        "cnnviz sparsity --activations {input:q} --out {output:q} 2> {log:q}"
+        "cnnviz --record-failures sparsity --activations {input:q} --out {output:q} 2> {log:q}"

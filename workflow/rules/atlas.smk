@@ -28,7 +28,7 @@ rule atlas_map:
         device=config["device"],
         batch_size=config["batch_size"],
     shell:
-        "cnnviz atlas-map --card {input.card:q} --manifest {input.manifest:q}"
+        "cnnviz --record-failures atlas-map --card {input.card:q} --manifest {input.manifest:q}"
         " --out {output:q} --options {params.options:q} --device {params.device}"
         " --threads {threads} --batch-size {params.batch_size} 2> {log:q}"
 
@@ -56,7 +56,7 @@ rule atlas_reduce:
         device=config["device"],
         batch_size=config["batch_size"],
     shell:
-        "cnnviz atlas-reduce --card {input.card:q} --shards {input.shards:q}"
+        "cnnviz --record-failures atlas-reduce --card {input.card:q} --shards {input.shards:q}"
         " --manifests {input.manifests:q} --out-dir {output:q} --options {params.options:q}"
         " --device {params.device} --threads {threads} --batch-size {params.batch_size}"
         " 2> {log:q}"

@@ -11,6 +11,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 from cnnviz import plan  # noqa: E402  (stdlib-only module)
 from cnnviz import audit  # noqa: E402  (its DAG-time helpers are stdlib-only)
+from cnnviz import failures  # noqa: E402  (stdlib-only at import)
 from cnnviz.config import config_errors  # noqa: E402
 
 DEFAULT_CONFIG = Path(workflow.basedir).parent / "config" / "config.yaml"
@@ -143,6 +144,8 @@ def filter_layers(model):
     if config["filters"]["layers"] != "auto":
         return config["filters"]["layers"]
     card_path = checkpoints.export.get(model=model).output.card
+    if failures.failure_of(card_path):
+        return []  # the export failed: no filter jobs, the report lists why
     from cnnviz.methods.filters import default_layers
 
     return default_layers(json.loads(Path(card_path).read_text()), 4)

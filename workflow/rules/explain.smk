@@ -20,7 +20,7 @@ rule explain:
         device=config["device"],
         batch_size=config["batch_size"],
     shell:
-        "cnnviz explain --method {wildcards.method} --card {input.card:q}"
+        "cnnviz --record-failures explain --method {wildcards.method} --card {input.card:q}"
         " --manifest {input.manifest:q} --out-dir {output:q} --options {params.options:q}"
         " --device {params.device} --threads {threads} --batch-size {params.batch_size}"
         " 2> {log:q}"

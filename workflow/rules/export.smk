@@ -13,5 +13,5 @@ checkpoint export:
     params:
         spec=model_spec,
     shell:
-        "cnnviz export --name {wildcards.model} --spec {params.spec:q}"
+        "cnnviz --record-failures export --name {wildcards.model} --spec {params.spec:q}"
         " --card {output.card:q} --threads {threads} 2> {log:q}"

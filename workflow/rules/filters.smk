@@ -26,6 +26,6 @@ rule filters:
         out_dir=parent_folder,
         device=config["device"],
     shell:
-        "cnnviz filters --card {input.card:q} --layer {wildcards.layer:q}"
+        "cnnviz --record-failures filters --card {input.card:q} --layer {wildcards.layer:q}"
         " --mode {wildcards.mode} --out-dir {params.out_dir:q} --options {params.options:q}"
         " --device {params.device} --threads {threads} 2> {log:q}"

@@ -26,5 +26,5 @@ rule stage_shard:
         ids=shard_ids,
         labels=labels_option,
     shell:
-        "cnnviz stage --manifest {output.manifest:q} --staged-dir {output.staged:q}"
+        "cnnviz --record-failures stage --manifest {output.manifest:q} --staged-dir {output.staged:q}"
         " --ids {params.ids} --images {input.images:q} {params.labels} 2> {log:q}"

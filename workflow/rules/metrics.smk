@@ -27,7 +27,7 @@ rule metrics:
         device=config["device"],
         batch_size=config["batch_size"],
     shell:
-        "cnnviz metrics --method {wildcards.method} --card {input.card:q}"
+        "cnnviz --record-failures metrics --method {wildcards.method} --card {input.card:q}"
         " --manifest {input.manifest:q} --maps-dir {input.maps:q} --out {output:q}"
         " --options {params.options:q} --metrics {params.metrics:q}"
         " --device {params.device} --threads {threads} --batch-size {params.batch_size}"
@@ -57,7 +57,7 @@ rule metrics_reference:
         device=config["device"],
         batch_size=config["batch_size"],
     shell:
-        "cnnviz metrics --method random --card {input.card:q}"
+        "cnnviz --record-failures metrics --method random --card {input.card:q}"
         " --manifest {input.manifest:q} --out {output:q}"
         " --options {params.options:q} --metrics {params.metrics:q}"
         " --device {params.device} --threads {threads} --batch-size {params.batch_size}"
@@ -82,4 +82,4 @@ rule metrics_summary:
     params:
         out_dir=parent_folder,
     shell:
-        "cnnviz metrics-summary --inputs {input:q} --out-dir {params.out_dir:q} 2> {log:q}"
+        "cnnviz --record-failures metrics-summary --inputs {input:q} --out-dir {params.out_dir:q} 2> {log:q}"

@@ -20,6 +20,6 @@ rule predict:
         device=config["device"],
         batch_size=config["batch_size"],
     shell:
-        "cnnviz predict --card {input.card:q} --manifest {input.manifest:q}"
+        "cnnviz --record-failures predict --card {input.card:q} --manifest {input.manifest:q}"
         " --out {output:q} --top-k {params.top_k} --device {params.device}"
         " --threads {threads} --batch-size {params.batch_size} 2> {log:q}"

@@ -192,6 +192,7 @@ def _from_onnx(
             )
     if pre.get("resize") == "center_crop" and "resize_to" not in (preprocess or {}):
         pre["resize_to"] = int(round(max(pre["size"]) * 256 / 224))  # torchvision's 224/256
+    model = _fixed_image_size(model, dims, pre["size"])
     model = _symbolic_batch_if_possible(model, dims, pre, threads)
     data = _serialize_checked(model, where, strict=False)
     batch = _photo_batch(image, pre)
@@ -221,6 +222,29 @@ def _from_onnx(
     if stripped:
         verification["note"] = "final Softmax removed: the output is the logits"
     return model, data, pre, class_names, output_kind, verification
+
+
+def _fixed_image_size(
+    model: onnx.ModelProto, dims: list[int | str], size: list[int]
+) -> onnx.ModelProto:
+    """Pin a dynamic height/width to the preprocessing size (the card's `preprocess.size`).
+
+    Every image reaches the model at that size anyway, and the gradient engine and the layer
+    table need static shapes below the batch axis.
+    """
+    if isinstance(dims[2], int) and isinstance(dims[3], int):
+        return model
+    out = copy.deepcopy(model)
+    name = input_name(out)
+    value = next(v for v in out.graph.input if v.name == name)
+    for axis, length in ((2, size[0]), (3, size[1])):
+        dim = value.type.tensor_type.shape.dim[axis]
+        if not dim.HasField("dim_value"):
+            dim.Clear()
+            dim.dim_value = int(length)
+    del out.graph.value_info[:]  # intermediate shapes recorded with the symbols are stale
+    log.info("input %r: dynamic height/width fixed to %s (preprocess.size)", name, size)
+    return out
 
 
 def _symbolic_batch_if_possible(

@@ -213,7 +213,10 @@ def load_onnx_file(path_text: str) -> tuple[onnx.ModelProto, Path]:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
-        raise ModelError(f"cannot read ONNX model {path}: {exc}") from exc
+        raise ModelError(
+            f"cannot read ONNX model {path}: {exc}; check that the file is a complete ONNX "
+            "model (export or download it again) and that source: onnx:<path> names it"
+        ) from exc
     return model, path
 
 

@@ -29,6 +29,7 @@ import onnxruntime as ort
 
 from ..artifacts import read_json, write_json
 from ..errors import ConfigError
+from ..failures import check_input, failure_of
 from ..graph import expose
 from ..images import failure_recorder, read_manifest, shard_batches
 from ..modelcard import find_layer, load_card, model_path
@@ -216,7 +217,11 @@ def sparsity_plot(stats_jsons: Sequence[str | Path], out_png: str | Path) -> Pat
     images: list[dict[str, Any]] = []
     model = ""
     files: list[Path] = []
-    for entry in map(Path, stats_jsons):
+    entries = [Path(p) for p in stats_jsons]
+    usable = [entry for entry in entries if failure_of(entry) is None]
+    if entries and not usable:
+        check_input(entries[0], "every activations job")
+    for entry in usable:
         files.extend(sorted(entry.glob("*.json")) if entry.is_dir() else [entry])
     for path in files:
         data = read_json(path)

@@ -36,6 +36,7 @@ import onnx
 
 from ..artifacts import read_json, write_json, write_with
 from ..errors import ConfigError, ImageError, ModelError
+from ..failures import check_input, failure_of, upstream_message
 
 log = logging.getLogger("cnnviz.atlas")
 
@@ -281,7 +282,15 @@ def merge_shards(
     tops: dict[str, TopK] = {}
     ids: list[str] = []
     failed: list[dict] = []
+    shard_files = list(shard_files)
+    if shard_files and all(failure_of(path) for path in shard_files):
+        check_input(shard_files[0], "every atlas-map job")
     for path in shard_files:
+        record = failure_of(path)
+        if record is not None:
+            error = upstream_message(record, "atlas-map")
+            failed.append({"shard": Path(path).stem, "error": error})
+            continue
         shard = read_json(path)
         if shard.get("format") != FORMAT:
             raise ModelError(f"{path} is not an atlas shard file ({FORMAT}); rerun atlas-map")

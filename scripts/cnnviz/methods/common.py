@@ -41,6 +41,27 @@ def resolve_targets(
     return [resolve_class(card, c) for c in classes]
 
 
+def known_classes(card: dict[str, Any], spec: TargetSpec) -> tuple[TargetSpec, list[str]]:
+    """`spec` without the classes the model lacks, and an error naming each of those.
+
+    One unknown label in a list should not cost the images their other targets: the caller
+    explains the known classes and records the errors.
+    """
+    from ..modelcard import resolve_class
+
+    if spec in (None, "top1") or isinstance(spec, dict):
+        return spec, []
+    known: list[int | str] = []
+    errors: list[str] = []
+    for target in spec if isinstance(spec, list) else [spec]:
+        try:
+            resolve_class(card, target)
+            known.append(target)
+        except ConfigError as error:
+            errors.append(str(error))
+    return known, errors
+
+
 def last_conv_layer(card: dict[str, Any]) -> dict[str, Any]:
     """The last conv-like layer whose output is still a spatial map (H, W > 1): Grad-CAM's layer."""
     spatial = [row for row in card["layers"] if row["shape"][-1] > 1 and row["shape"][-2] > 1]

@@ -22,7 +22,7 @@ import onnx
 from ..artifacts import write_json
 from ..errors import CnnvizError
 from . import backprop
-from .common import normalize_map, resolve_targets, save_explanation
+from .common import known_classes, normalize_map, resolve_targets, save_explanation
 
 log = logging.getLogger("cnnviz.explain")
 
@@ -250,10 +250,12 @@ def load_job(
     job = Job(model, card, ids, batch, views, [], options, device, threads, batch_size)
     if not ids:
         return job, failed
+    spec, unknown = known_classes(card, options.get("target", "top1"))
+    failed += [{"image": f"all {len(ids)} images", "error": error} for error in unknown]
     probs = predict(make_session(model, device, threads), card, list(batch), batch_size)
     for i, image_id in enumerate(ids):
         try:
-            targets = resolve_targets(card, probs[i], options.get("target", "top1"))
+            targets = resolve_targets(card, probs[i], spec)
         except CnnvizError as error:
             failed.append({"image": image_id, "error": str(error)})
             continue

@@ -22,6 +22,7 @@ import onnx
 
 from ..artifacts import read_json, write_json
 from ..errors import CnnvizError, ConfigError
+from ..failures import check_input
 
 log = logging.getLogger("cnnviz.metrics")
 
@@ -89,6 +90,7 @@ def compute_maps(job: Any, method: str) -> np.ndarray:
 
 def read_maps(job: Any, maps_dir: Path) -> tuple[list[tuple[int, int]], list, list[dict]]:
     """(rows, maps, failed) from the explain step's `summary.json` in `maps_dir`."""
+    check_input(maps_dir, f"the explain step (maps in {maps_dir})")
     summary_path = Path(maps_dir) / "summary.json"
     if not summary_path.is_file():
         raise CnnvizError(f"{summary_path} does not exist; run the explain step first")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import read_json, write_json
+from ..failures import failure_of
 from .run import REFERENCE
 
 CLASS_THRESHOLD = 0.8
@@ -59,6 +60,8 @@ def collect(paths: list[Path]) -> dict[str, list[dict[str, Any]]]:
     """{method: [per-shard metrics JSON, ...]} from the files (ordered by shard)."""
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(map(Path, paths)):
+        if failure_of(path) is not None:
+            continue  # the report lists that job's failure
         data = read_json(path)
         by_method[str(data.get("method", path.stem))].append(data)
     return dict(sorted(by_method.items()))

@@ -367,6 +367,21 @@ def others_section(ctx: ModelContext) -> Section | None:
     )
 
 
+def failed_jobs_section(ctx: ModelContext) -> Section | None:
+    rows = ctx.model.jobs_failed
+    if not rows:
+        return None
+    return Section(
+        "failed-jobs",
+        "Failed jobs",
+        "_failed_jobs.html",
+        {"rows": rows, "with_model": False},
+        note="These jobs stopped on bad input and wrote the reason instead of their results; "
+        "the rest of the run went on. Fix what the reason names and run again: the jobs whose "
+        "settings changed rerun.",
+    )
+
+
 def failed_section(ctx: ModelContext) -> Section | None:
     rows = ctx.run.failed + ctx.model.failed
     if not rows:
@@ -407,6 +422,7 @@ def provenance_section(ctx: ModelContext) -> Section:
 
 SECTION_BUILDERS: list[SectionBuilder] = [
     summary_section,
+    failed_jobs_section,
     audit_section,
     images_section,
     layers_section,
@@ -608,14 +624,16 @@ class Site:
                 {"name": model.name, "card": model.card or {}, "model": model,
                  "predicted": sum(1 for r in rows if r["top"]), "total": len(rows),
                  "failed": len(model.failed),
+                 "failed_jobs": sum(1 for r in model.jobs_failed if not r["skipped"]),
                  "time": sum(model.timings.values()) if model.timings else None,
                  "accuracy": sum(r["correct"] for r in judged) / len(judged) if judged else None,
                  "sections": [s for s in self.sections[model.name]
                               if s.id not in ("summary", "provenance")]}
             )  # fmt: skip
         failed = len(self.run.failed) + sum(len(m.failed) for m in self.run.models)
+        failed_jobs = [dict(row, model=m.name) for m in self.run.models for row in m.jobs_failed]
         return self.fragment(
-            "index.html", link, models=models, failed=failed,
+            "index.html", link, models=models, failed=failed, failed_jobs=failed_jobs,
             run_rows=run_rows({"date": self.run.date, **self.run.provenance}),
             config=config_yaml(self.run.config),
             compute=format_duration(self.run.compute_seconds) if self.run.compute_seconds

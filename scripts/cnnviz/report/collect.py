@@ -12,7 +12,9 @@ part empty. Layouts read (README "Artifacts"):
 - `{model}/filters/**/{layer}.{mode}.png` + `.json` + `.curve.png`; `{model}/atlas/**/{layer}.png`
   + `.json` (atlas-reduce writes `atlas/layers/`); `{model}/metrics/*.json` (summary.json first,
   with the plots it names) and `metrics/*/**.json` (per shard and method: linked);
-- `benchmarks/{rule}/...{model}...tsv` (Snakemake's job timings).
+- `benchmarks/{rule}/...{model}...tsv` (Snakemake's job timings);
+- job failure markers (`job-failed.json`, `*.job-failed.json`, see cnnviz.failures) under
+  `models/{model}/` and `{model}/`: jobs that failed on bad input, and the jobs skipped for it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import read_json
+from ..failures import find_failures, root_cause
 
 RESERVED = {"predictions", "activations", "filters", "atlas", "metrics"}
 # Display order of the per-image methods (the schema's order); unknown methods follow, sorted.
@@ -103,6 +106,7 @@ class ModelResults:
     metric_details: list[Path] = field(default_factory=list)
     others: list[Path] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
+    jobs_failed: list[dict[str, str]] = field(default_factory=list)  # see failed_jobs()
     timings: dict[str, float] = field(default_factory=dict)  # step -> seconds (sum of jobs)
 
     @property
@@ -201,7 +205,9 @@ def staged_images(results_dir: Path) -> tuple[dict[str, StagedImage], list[dict[
 def _failure(item: Any, step: str) -> dict[str, str]:
     if not isinstance(item, dict):
         return {"source": str(item), "error": "", "step": step}
-    source = item.get("source") or item.get("id") or ""
+    images = item.get("images")
+    listed = ", ".join(map(str, images)) if isinstance(images, list) else ""
+    source = item.get("source") or item.get("image") or item.get("id") or listed
     return {"source": str(source), "error": str(item.get("error", "")), "step": step}
 
 
@@ -222,7 +228,9 @@ def _unique(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def model_results(results_dir: Path, name: str) -> ModelResults:
     card_path = results_dir / "models" / name / "model.json"
     card = _json(card_path) if card_path.exists() else None
-    model = ModelResults(name, results_dir / name, card if isinstance(card, dict) else None)
+    if not isinstance(card, dict) or "job_failed" in card:
+        card = None  # missing, or the export failed (listed in jobs_failed)
+    model = ModelResults(name, results_dir / name, card)
     failed: list[dict[str, str]] = []
     _read_predictions(model, failed)
     _read_activations(model, failed)
@@ -231,8 +239,33 @@ def model_results(results_dir: Path, name: str) -> ModelResults:
     _read_atlas(model)
     _read_metrics(model)
     model.failed = _unique(failed)
+    model.jobs_failed = failed_jobs(results_dir, [results_dir / "models" / name, model.dir])
     model.timings = step_timings(results_dir, name)
     return model
+
+
+def failed_jobs(results_dir: Path, folders: list[Path]) -> list[dict[str, str]]:
+    """One row per job that left failure markers in `folders`: its step, the job (its first
+    output, relative to the results), the reason, and for a skipped job the root cause."""
+    rows: dict[tuple[str, ...], dict[str, str]] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for record in find_failures(folder):
+            outputs = tuple(record.get("outputs") or [record["marker"]])
+            first = Path(outputs[0])
+            try:
+                job = str(first.resolve().relative_to(results_dir.resolve()))
+            except ValueError:
+                job = first.name
+            cause = root_cause(record)
+            rows.setdefault((str(record.get("step")),) + outputs, {
+                "step": str(record.get("step", "?")), "job": job,
+                "error": str(record.get("error", "")),
+                "skipped": "yes" if cause is not record else "",
+                "cause_step": str(cause.get("step", "")) if cause is not record else "",
+            })  # fmt: skip
+    return sorted(rows.values(), key=lambda r: (r["skipped"], r["step"], r["job"]))
 
 
 def _read_predictions(model: ModelResults, failed: list[dict[str, str]]) -> None:
