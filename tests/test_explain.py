@@ -81,9 +81,10 @@ def test_finite_difference_fallback_runs_and_is_marked(shard, tmp_path: Path) ->
 def test_an_unknown_class_is_recorded_not_fatal(shard, tmp_path: Path) -> None:
     model_dir, manifest = shard
     summary = explain_shard(model_dir, manifest, "gradcam", tmp_path / "g",
-                            {"target": ["no such class"]}, device="cpu")
-    assert summary["maps"] == []
-    assert len(summary["failed"]) == 4  # one staging failure + the three images
+                            {"target": ["no such class", 1]}, device="cpu")
+    assert [m["target"] for m in summary["maps"]] == [1, 1, 1]  # the known class still runs
+    assert len(summary["failed"]) == 2  # one staging failure + the unknown class, named once
+    assert summary["failed"][-1]["image"] == "all 3 images"
     assert "no such class" in summary["failed"][-1]["error"]
 
 
