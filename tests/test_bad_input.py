@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from cluster.workflow_runs import dry_run_jobs
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from test_workflow import run_snakemake
@@ -231,3 +232,14 @@ def test_a_second_run_has_nothing_to_do(bad_run) -> None:
     result = run_snakemake(bad_run["workdir"], bad_run["workdir"] / "config.yaml", "-n")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_replacing_the_broken_file_reruns_that_model_only(bad_run) -> None:
+    workdir = bad_run["workdir"]
+    onnx.save(small_cnn(), str(workdir / "broken.onnx"))
+    result = run_snakemake(workdir, workdir / "config.yaml", "-n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = dry_run_jobs(result.stdout)
+    models = {wildcards.get("model") for _, wildcards in jobs} - {None}
+    assert ("export", {"model": "broken"}) in [(r, {"model": w.get("model")}) for r, w in jobs]
+    assert models == {"broken"}, jobs

@@ -92,6 +92,14 @@ def model_spec(wildcards):
     return json.dumps(config["models"][wildcards.model], sort_keys=True)
 
 
+def model_source_file(wildcards):
+    """An onnx:<path> source's file, so that replacing it re-exports that model. Only when it
+    exists: a missing file is the export job's error to record, not a reason to stop the run."""
+    source = config["models"][wildcards.model]["source"]
+    path = Path(source[len("onnx:") :]).expanduser() if source.startswith("onnx:") else None
+    return [str(path)] if path is not None and path.is_file() else []
+
+
 def model_files(wildcards):
     return {
         "onnx": f"{OUT}/models/{wildcards.model}/model.onnx",

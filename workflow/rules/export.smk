@@ -1,5 +1,7 @@
 # A checkpoint: layer names (for filters) are known once the model is exported.
 checkpoint export:
+    input:
+        model_source_file,
     output:
         onnx=f"{OUT}/models/{{model}}/model.onnx",
         card=f"{OUT}/models/{{model}}/model.json",
