@@ -64,8 +64,10 @@ def timed(cmd: list[str]) -> dict[str, float]:
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
-    cpu = sum(float(re.search(rf"{key} time \(seconds\): ([\d.]+)", result.stderr).group(1))
-              for key in ("User", "System"))
+    cpu = sum(
+        float(re.search(rf"{key} time \(seconds\): ([\d.]+)", result.stderr).group(1))
+        for key in ("User", "System")
+    )
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss / 1024)}
 
 
@@ -95,13 +97,49 @@ def main() -> None:
     maps, shard_files = [], []
     for manifest in manifests:
         shard_files.append(out / "atlas" / "shards" / f"{manifest.stem}.json")
-        maps.append(timed([*cnnviz, "atlas-map", "--card", str(card), "--manifest",
-                           str(manifest), "--out", str(shard_files[-1]), *runtime]))
-    single = timed([*cnnviz, "atlas-map", "--card", str(card), "--manifest", str(whole),
-                    "--out", str(out / "atlas" / "single.json"), *runtime])
-    reduce = timed([*cnnviz, "atlas-reduce", "--card", str(card), "--shards",
-                    *map(str, shard_files), "--manifests", *map(str, manifests), "--out-dir",
-                    str(out / "atlas" / "layers"), *runtime])
+        maps.append(
+            timed(
+                [
+                    *cnnviz,
+                    "atlas-map",
+                    "--card",
+                    str(card),
+                    "--manifest",
+                    str(manifest),
+                    "--out",
+                    str(shard_files[-1]),
+                    *runtime,
+                ]
+            )
+        )
+    single = timed(
+        [
+            *cnnviz,
+            "atlas-map",
+            "--card",
+            str(card),
+            "--manifest",
+            str(whole),
+            "--out",
+            str(out / "atlas" / "single.json"),
+            *runtime,
+        ]
+    )
+    reduce = timed(
+        [
+            *cnnviz,
+            "atlas-reduce",
+            "--card",
+            str(card),
+            "--shards",
+            *map(str, shard_files),
+            "--manifests",
+            *map(str, manifests),
+            "--out-dir",
+            str(out / "atlas" / "layers"),
+            *runtime,
+        ]
+    )
     layers = sorted(p.stem for p in (out / "atlas" / "layers").glob("*.json"))
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -25,10 +25,10 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+import benchlib
 import numpy as np
 import onnx
 
@@ -49,33 +49,14 @@ def effnet(model_dir: Path | None) -> tuple[onnx.ModelProto, dict]:
 
 def swap_relu6(module):
     """captum's rules hook nn.ReLU only: the test oracle's ReLU6 swap (tests/torch_oracle.py)."""
-    return _oracle().swap_relu6(module)
+    return benchlib.torch_oracle().swap_relu6(module)
 
 
-def _oracle():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import torch_oracle
-
-    return torch_oracle
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def run_interleaved(contenders: dict[str, Callable[[], object]], repeats: int,
-                    warmup: int = 1) -> dict[str, list[float]]:
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    names = list(contenders)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):  # rotate the order so no contender always follows the same one
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(timed(contenders[name]))
-    return times
+def run_interleaved(
+    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """The shared interleaved loop (benchlib), rotating the order each repeat."""
+    return benchlib.run_interleaved(contenders, repeats, warmup)
 
 
 def fmt(values: list[float]) -> str:
@@ -85,8 +66,12 @@ def fmt(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="an exported efficientnet-lite0 (model.json); exported if absent")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="an exported efficientnet-lite0 (model.json); exported if absent",
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--ig-repeats", type=int, default=3)
     # On a 2-core CPU, batch 1 had the lowest cost per path point (76 ms vs 107 ms at 13, load 8).
@@ -115,10 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
     th = args.threads
     forward = make_session(model, "cpu", th)
-    sessions = {p: bp.gradient_session(model, p, batch=1, device="cpu", threads=th)
-                for p in ("gradient", "guided", "deconvnet")}
-    ig_session = bp.gradient_session(model, "gradient", batch=args.ig_batch, device="cpu",
-                                     threads=th)
+    sessions = {
+        p: bp.gradient_session(model, p, batch=1, device="cpu", threads=th)
+        for p in ("gradient", "guided", "deconvnet")
+    }
+    ig_session = bp.gradient_session(
+        model, "gradient", batch=args.ig_batch, device="cpu", threads=th
+    )
     in_name = card["input"]["name"]
     saliency, guided = Saliency(module), GuidedBackprop(relu_module)
     deconv, ig = Deconvolution(relu_module), IntegratedGradients(module)
@@ -137,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         "deconvnet captum": lambda: deconv.attribute(grad_input(), target=target),
     }
     ig_pair = {
-        "ig50 ours": lambda: bp.integrated_gradients(ig_session, x[0], target, steps=50,
-                                                     method="gausslegendre"),
-        "ig50 captum": lambda: ig.attribute(grad_input(), target=target, n_steps=50,
-                                            method="gausslegendre"),
+        "ig50 ours": lambda: bp.integrated_gradients(
+            ig_session, x[0], target, steps=50, method="gausslegendre"
+        ),
+        "ig50 captum": lambda: ig.attribute(
+            grad_input(), target=target, n_steps=50, method="gausslegendre"
+        ),
     }
     import warnings
 
@@ -164,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = statistics.median(ours) / statistics.median(theirs)
         best = min(ours) / min(theirs)
         verdict = "–" if goal is None else f"≤ {goal} ({'met' if ratio <= goal else 'missed'})"
-        lines.append(f"| {key} | {fmt(ours)} | {fmt(theirs)} | {ratio:.2f} | {best:.2f} | "
-                     f"{verdict} |")
+        lines.append(
+            f"| {key} | {fmt(ours)} | {fmt(theirs)} | {ratio:.2f} | {best:.2f} | {verdict} |"
+        )
     print("\n".join(lines))
     return 0
 

@@ -21,10 +21,10 @@ import io
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+import benchlib
 import numpy as np
 import onnx
 
@@ -53,32 +53,17 @@ def effnet(model_dir: Path | None) -> tuple[onnx.ModelProto, dict]:
 
 def effnet_torch():
     """The pretrained torch network with its own head ReLU6 (tests/torch_oracle.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    import torch_oracle
-
-    return torch_oracle.pretrained_effnet(own_head_relu6=True)
+    return benchlib.torch_oracle().pretrained_effnet(own_head_relu6=True)
 
 
 LAST: dict[str, object] = {}  # each contender's last result, for the agreement column
 
 
-def timed(name: str, fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    LAST[name] = fn()
-    return time.perf_counter() - start
-
-
 def run_interleaved(
     contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
 ) -> dict[str, list[float]]:
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            times[name].append(timed(name, fn))
-    return times
+    """The shared interleaved loop (benchlib), fixed order; last results go to LAST."""
+    return benchlib.run_interleaved(contenders, repeats, warmup, rotate=False, results=LAST)
 
 
 def as_map(result: object) -> np.ndarray | None:

@@ -55,9 +55,14 @@ def export(module, folder: Path) -> Path:
 
     path = folder / "model.onnx"
     torch.onnx.export(
-        module.eval(), torch.zeros(1, 3, 224, 224), str(path), input_names=["input"],
-        output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17, dynamo=False,
+        module.eval(),
+        torch.zeros(1, 3, 224, 224),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
     )
     return path
 
@@ -73,8 +78,21 @@ def torch_layer(module, layer: str):
     raise SystemExit(f"--layer {layer}: the torch side knows blocks.N.expand_conv and conv_head")
 
 
-def torch_lucent(module, layer: str, channels: list[int], steps: int, warm: int = 1) -> float:
-    """lucent-style optimization of `channels` as one batch; seconds per step after `warm`."""
+def torch_lucent(
+    module,
+    layer: str,
+    channels: list[int],
+    steps: int,
+    warm: int = 1,
+    hook=None,
+    clamp: tuple[float | None, float | None] = (0.0, 6.0),
+) -> float:
+    """lucent-style optimization of `channels` as one batch; seconds per step after `warm`.
+
+    The objective is the channel mean of `clamp(output of hook)`; `hook` defaults to
+    `torch_layer(module, layer)` (EfficientNet-Lite0, ReLU6: clamp 0..6). For a ReLU layer of
+    another model pass its pre-activation module and clamp (0.0, None).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -87,8 +105,10 @@ def torch_lucent(module, layer: str, channels: list[int], steps: int, warm: int 
     spectrum = (torch.randn(b, 3, size, size // 2 + 1, 2) * 0.01).requires_grad_(True)
     opt = torch.optim.Adam([spectrum], lr=0.05)
     store = {}
-    hook = torch_layer(module, layer).register_forward_hook(
-        lambda _m, _i, out: store.__setitem__("act", out.clamp(0.0, 6.0))
+    target = torch_layer(module, layer) if hook is None else hook
+    lo, hi = clamp
+    handle = target.register_forward_hook(
+        lambda _m, _i, out: store.__setitem__("act", out.clamp(lo, hi))
     )
     rng = np.random.default_rng(0)
     idx = torch.arange(b)
@@ -106,8 +126,9 @@ def torch_lucent(module, layer: str, channels: list[int], steps: int, warm: int 
         x = x[:, :, d[0] : d[0] + x.shape[2] - 8, d[1] : d[1] + x.shape[3] - 8]
         s = ov.SCALES[int(rng.integers(0, len(ov.SCALES)))]
         a = math.radians(ov.ANGLES[int(rng.integers(0, len(ov.ANGLES)))])
-        theta = torch.tensor([[math.cos(a) / s, -math.sin(a) / s, 0.0],
-                              [math.sin(a) / s, math.cos(a) / s, 0.0]]).expand(b, 2, 3)
+        theta = torch.tensor(
+            [[math.cos(a) / s, -math.sin(a) / s, 0.0], [math.sin(a) / s, math.cos(a) / s, 0.0]]
+        ).expand(b, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=True)
         x = F.grid_sample(x - 0.5, grid, mode="bilinear", align_corners=True) + 0.5
         d = [int(v) for v in rng.integers(0, 4, 2)]
@@ -125,8 +146,32 @@ def torch_lucent(module, layer: str, channels: list[int], steps: int, warm: int 
             loss.backward()
             opt.step()
     finally:
-        hook.remove()
+        handle.remove()
     return (time.perf_counter() - start) / steps
+
+
+def ort_filter_rate(
+    model, tensor: str, channels: list[int], steps: int, batch: int, threads: int = THREADS
+) -> tuple[float, float]:
+    """cnnviz's (filter-steps/s of the step loop, setup seconds) for `channels` of `tensor`.
+
+    The loop time is that of a run of 1 + steps steps minus that of a 1-step run: setup (the
+    gradient graph and its session, once per job) and the first step drop out.
+    """
+    loops = []
+    for n in (1, 1 + steps):
+        res = optimize_filters(
+            model,
+            tensor,
+            channels,
+            steps=n,
+            batch_size=batch,
+            preprocess=PRE,
+            device="cpu",
+            threads=threads,
+        )
+        loops.append(res.seconds - res.info["setup_seconds"])
+    return len(channels) * steps / (loops[1] - loops[0]), res.info["setup_seconds"]
 
 
 def main() -> None:
@@ -135,12 +180,17 @@ def main() -> None:
     parser.add_argument("--layer", default="blocks.8.expand_conv")
     parser.add_argument("--filters", type=int, default=16)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating rounds; each runs every variant once")
-    parser.add_argument("--skip-torch-batch", action="store_true",
-                        help="skip the (slow) batched torch reference")
-    parser.add_argument("--torch-spin", action="store_true",
-                        help="leave torch's OpenMP threads spinning (its default)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds; each runs every variant once"
+    )
+    parser.add_argument(
+        "--skip-torch-batch", action="store_true", help="skip the (slow) batched torch reference"
+    )
+    parser.add_argument(
+        "--torch-spin",
+        action="store_true",
+        help="leave torch's OpenMP threads spinning (its default)",
+    )
     args = parser.parse_args()
     if not args.torch_spin:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch loads its OpenMP runtime
@@ -157,20 +207,15 @@ def main() -> None:
     rows = {r["name"]: r for r in conv_layers(model)}
     row = rows[args.layer]
     channels = list(range(args.filters))
-    print(f"# filter visualization: {args.layer} {row['shape']}, lucent mode, {args.steps} steps, "
-          f"{THREADS} threads; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}\n")
+    print(
+        f"# filter visualization: {args.layer} {row['shape']}, lucent mode, {args.steps} steps, "
+        f"{THREADS} threads; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}\n"
+    )
 
     def ours(batch: int, chans: list[int]) -> tuple[float, float]:
-        """(filter-steps/s of the step loop, setup seconds). The loop time is that of a run
-        of 1 + steps steps minus that of a 1-step run: setup and the first step drop out."""
-        loops = []
-        for steps in (1, 1 + args.steps):
-            res = optimize_filters(model, row["tensor"], chans, steps=steps, batch_size=batch,
-                                   preprocess=PRE, device="cpu", threads=THREADS)
-            loops.append(res.seconds - res.info["setup_seconds"])
-        return len(chans) * args.steps / (loops[1] - loops[0]), res.info["setup_seconds"]
+        return ort_filter_rate(model, row["tensor"], chans, args.steps, batch)
 
     def torch_rate(chans: list[int]) -> float:
         return len(chans) / torch_lucent(module, args.layer, chans, args.steps)
@@ -202,8 +247,10 @@ def main() -> None:
             note = f"setup {setups[label]:.1f} s (graph + session, once per job)"
         else:
             note = "whole-model forward, hook at the layer"
-        print(f"| {label} | {med:.2f} | {min(rates):.2f} - {max(rates):.2f} | "
-              f"{med / base:.1f}x | {note} |")
+        print(
+            f"| {label} | {med:.2f} | {min(rates):.2f} - {max(rates):.2f} | "
+            f"{med / base:.1f}x | {note} |"
+        )
 
 
 if __name__ == "__main__":

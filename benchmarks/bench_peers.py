@@ -1,0 +1,1056 @@
+"""cnnviz against its torch peers, every model and batch in one process and one interleaved run.
+
+For each model the pipeline exports (`cnnviz.export.export_model`, cached under --model-dir:
+EfficientNet-Lite0 pretrained; torchvision vgg16 and resnet50 with random weights; 224x224) and
+batch 1 and 16, one interleaved run (each repeat runs every contender once, in a rotating order)
+times:
+
+- ONNX Runtime's forward against torch's (no_grad);
+- Grad-CAM / Grad-CAM++ / Score-CAM against pytorch-grad-cam's GradCAM / GradCAMPlusPlus /
+  ScoreCAM (batch_size 64), on the torch module whose output is the card's Grad-CAM tensor;
+- saliency / guided backprop / deconvnet / integrated gradients (gausslegendre, zero baseline) /
+  occlusion (zero baseline, softmax) against captum's Saliency / GuidedBackprop / Deconvolution /
+  IntegratedGradients / Occlusion; captum's guided and deconvolution rules see EfficientNet's
+  ReLU6 as an nn.ReLU subclass (tests/torch_oracle.py), else they would return the gradient;
+- activation maximization (lucent recipe; bench_filters.py) as filter-steps/s against the same
+  recipe as a torch autograd loop over the same filters, both at the cell's batch.
+
+Inputs: scikit-image's sample photos, preprocessed as the model card says; target = each image's
+top-1 class. Sessions, graphs and torch copies are built outside the timings. Threads: 2 on both
+sides (torch.set_num_threads(2) with OMP_WAIT_POLICY=PASSIVE set before torch loads; ONNX
+Runtime intra_op 2, inter_op 1, allow_spinning 0).
+
+Each method is also given as its floor ratio: its median over one ORT forward of the same model
+and batch, next to its physical floor in forwards (Grad-CAM ~1; saliency, guided, deconvnet ~3,
+a forward plus a backward of about two; IG steps x 3; occlusion patches + 1; Score-CAM one per
+channel; a filter step ~3).
+
+The plan (PLAN) is sized to fit 25 minutes on 2 quiet cores: the expensive peers run once and/or
+on fewer IG steps or occlusion patches on the large models and at batch 16, some batch-16 cells
+are estimated from batch 1; the output says which and why.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_peers.py [--quick] [--out FILE.md]
+        [--models efficientnet-lite0,resnet50,vgg16] [--batches 1,16] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP runtime
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import io  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+for _path in (HERE, HERE.parent / "scripts"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import bench_backprop  # noqa: E402
+import bench_engine  # noqa: E402
+import bench_filters  # noqa: E402
+import benchlib  # noqa: E402
+import numpy as np  # noqa: E402
+from benchlib import OwnTime  # noqa: E402
+
+THREADS = 2
+SCORE_BATCH = 64  # Score-CAM masked inputs per run, both sides (bench_cam.py)
+OCCLUSION_BATCH = 32  # occluded copies per run, both sides (bench_cam.py)
+IG_CHUNK = 1  # cnnviz IG path points per run: lowest cost per point on 2 cores (bench_backprop)
+CAPTUM_IG_ALL = 50  # captum IG: up to this many path points in one batch (its default: all)
+CAPTUM_IG_CHUNK = 16  # ... beyond it, internal_batch_size 16 (memory: batch 16 x 8 steps)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    weights: str
+    cam_module: str  # torch module whose output is the card's Grad-CAM tensor (last conv layer)
+    filter_layer: str  # card layer whose channels activation maximization maximizes
+    filter_module: str  # torch module whose output, clamped, is that layer's tensor
+    filter_clamp: tuple[float | None, float | None]
+
+
+SPECS = {
+    s.name: s
+    for s in (
+        ModelSpec(
+            "efficientnet-lite0",
+            "efficientnet-lite0",
+            "pretrained",
+            "head_act",  # the oracle gives the head its own ReLU6 module
+            "blocks.8.expand_conv",  # 480 x 14 x 14, ReLU6
+            "_blocks.8._bn0",
+            (0.0, 6.0),
+        ),
+        ModelSpec(
+            "resnet50",
+            "torchvision:resnet50",
+            "random",
+            "layer4.2.bn3",  # the card's last conv: layer4.2.conv3 with its BN folded
+            "layer3.5.conv2",  # 256 x 14 x 14, ReLU
+            "layer3.5.bn2",
+            (0.0, None),
+        ),
+        ModelSpec(
+            "vgg16",
+            "torchvision:vgg16",
+            "random",
+            "features.29",  # the ReLU after features.28
+            "features.24",  # 512 x 14 x 14, ReLU
+            "features.24",
+            (0.0, None),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What runs for one model and batch (None / "skip": not run, estimated from batch 1)."""
+
+    repeats: int = 5  # forward, Grad-CAM, Grad-CAM++, saliency, guided, deconvnet
+    peer_warmup: int = 1  # untimed warm-up calls per torch contender (ORT ones: always 1)
+    gradcampp: bool = True
+    ig_steps: int | None = 8
+    ig_repeats: int = 1
+    occlusion: tuple[int, int] | None = (56, 56)  # window, stride
+    occlusion_repeats: int = 1
+    scorecam: str = "estimate"  # measure: both | estimate: the peer from a torch probe | skip
+    filter_steps: int | None = 3
+    filter_rounds: int = 1
+    split: bool = False  # one interleaved run per pair, sessions freed in between (memory)
+    why: tuple[str, ...] = ()  # reasons for the reductions, for the plan table
+
+
+FULL_SETTINGS = "IG 50 steps, occlusion 32/16 (169 patches), Score-CAM peer measured"
+PLAN: dict[tuple[str, int], Cell] = {
+    ("efficientnet-lite0", 1): Cell(
+        repeats=7,
+        ig_steps=50,
+        ig_repeats=3,
+        occlusion=(32, 16),
+        occlusion_repeats=3,
+        scorecam="measure",
+        filter_steps=8,
+        filter_rounds=3,
+        why=("the target cell: full settings; Score-CAM 1 repeat (pytorch-grad-cam ~100 s)",),
+    ),
+    ("efficientnet-lite0", 16): Cell(
+        repeats=5,
+        ig_steps=8,
+        ig_repeats=1,
+        occlusion=(56, 56),
+        occlusion_repeats=2,
+        scorecam="skip",
+        filter_steps=8,
+        filter_rounds=2,
+        why=(
+            "IG 8 steps, 1 repeat: 50 steps would be ~50 s (cnnviz) + ~150 s (captum) a repeat",
+            "occlusion 56/56 (16 patches): 32/16 would be ~55 s + ~175 s a repeat",
+            "Score-CAM runs image by image in both libraries: estimated as 16 x batch 1",
+        ),
+    ),
+    ("resnet50", 1): Cell(
+        repeats=5,
+        ig_steps=8,
+        ig_repeats=2,
+        occlusion=(56, 56),
+        occlusion_repeats=2,
+        scorecam="estimate",
+        filter_steps=4,
+        filter_rounds=2,
+        why=(
+            "IG 8 steps, occlusion 56/56 (16 patches): ~6x and ~10x cheaper than the full "
+            "settings (cost is linear in steps and patches on both sides)",
+            "Score-CAM peer estimated: 2048 channels = 32 torch forwards at batch 64 (one such "
+            "forward timed); measuring it would take ~3 min",
+        ),
+    ),
+    ("resnet50", 16): Cell(
+        repeats=3,
+        ig_steps=4,
+        ig_repeats=1,
+        occlusion=(56, 56),
+        occlusion_repeats=1,
+        scorecam="skip",
+        filter_steps=3,
+        filter_rounds=1,
+        split=True,
+        why=(
+            "3 repeats (a repeat ~25 s); IG 4 steps, occlusion 56/56, 1 repeat",
+            "one interleaved run per pair, sessions freed in between: five batch-16 gradient "
+            "sessions side by side risk running out of memory",
+            "Score-CAM: 16 x batch 1 (image by image in both libraries)",
+        ),
+    ),
+    ("vgg16", 1): Cell(
+        repeats=5,
+        ig_steps=8,
+        ig_repeats=1,
+        occlusion=(56, 56),
+        occlusion_repeats=2,
+        scorecam="estimate",
+        filter_steps=3,
+        filter_rounds=2,
+        why=(
+            "IG 8 steps (50: ~25 s + ~35 s a repeat), occlusion 56/56 (32/16: ~25 s + ~45 s)",
+            "Score-CAM peer estimated: 512 channels = 8 torch forwards at batch 64 (one timed)",
+        ),
+    ),
+    ("vgg16", 16): Cell(
+        repeats=2,
+        peer_warmup=0,
+        gradcampp=False,
+        ig_steps=None,
+        occlusion=None,
+        scorecam="skip",
+        filter_steps=None,
+        split=True,
+        why=(
+            "one interleaved run per pair, sessions freed in between: a VGG16 session holds "
+            "1.2-1.7 GB of weights (batch 1 peaked at 12 GB RSS with all of them)",
+            "one repeat of the cheap pairs is ~75 s: 2 repeats, torch contenders not warmed up "
+            "(the ORT sessions are), Grad-CAM++ not run (the same graph and torch pass as "
+            "Grad-CAM)",
+            "IG, occlusion and Score-CAM estimated as 16 x batch 1 (~2.5 min, ~2 min and "
+            "~55 min a repeat to measure); activation maximization not run: on this CPU a "
+            "filter-step costs the same at any batch (EfficientNet: compare its batch 1 and 16 "
+            "rows)",
+        ),
+    ),
+}
+QUICK_PLAN: dict[tuple[str, int], Cell] = {
+    ("efficientnet-lite0", 1): Cell(
+        repeats=2,
+        ig_steps=4,
+        occlusion=(112, 112),
+        scorecam="estimate",
+        filter_steps=2,
+        why=("--quick: tiny settings, indicative only",),
+    ),
+    ("efficientnet-lite0", 2): Cell(
+        repeats=1,
+        ig_steps=4,
+        occlusion=(112, 112),
+        scorecam="skip",
+        filter_steps=2,
+        why=("--quick",),
+    ),
+    ("resnet50", 1): Cell(
+        repeats=1,
+        ig_steps=2,
+        occlusion=(112, 112),
+        scorecam="skip",
+        filter_steps=1,
+        split=True,
+        why=("--quick; Score-CAM not run (2048 channels); pair by pair",),
+    ),
+    ("vgg16", 1): Cell(
+        repeats=1,
+        ig_steps=2,
+        occlusion=(112, 112),
+        scorecam="skip",
+        filter_steps=1,
+        why=("--quick; Score-CAM not run (~1 min)",),
+    ),
+}
+
+# method: (label, peer label, physical floor in ORT forwards of the same model and batch)
+METHODS = {
+    "forward": ("forward", "torch forward (no_grad)"),
+    "gradcam": ("Grad-CAM", "pytorch-grad-cam GradCAM"),
+    "gradcampp": ("Grad-CAM++", "pytorch-grad-cam GradCAMPlusPlus"),
+    "saliency": ("saliency", "captum Saliency"),
+    "guided": ("guided backprop", "captum GuidedBackprop"),
+    "deconvnet": ("deconvnet", "captum Deconvolution"),
+    "ig": ("integrated gradients", "captum IntegratedGradients"),
+    "occlusion": ("occlusion", "captum Occlusion"),
+    "scorecam": ("Score-CAM", "pytorch-grad-cam ScoreCAM"),
+    "filters": ("activation maximization", "torch autograd loop (lucent recipe)"),
+}
+# Targets (issue 9), on EfficientNet-Lite0 at batch 1: (kind, bound, text)
+TARGETS = {
+    "gradcam": ("forward", 1.2, "≤ 1.2× one ORT forward"),
+    "saliency": ("peer", 0.5, "≤ 0.5× captum"),
+    "guided": ("peer", 0.5, "≤ 0.5× captum"),
+    "deconvnet": ("peer", 0.5, "≤ 0.5× captum"),
+    "ig": ("peer", 0.4, "≤ 0.4× captum"),
+    "occlusion": ("peer", 0.3, "≤ 0.3× captum"),
+    "scorecam": ("speedup", 7.0, "≥ 7× faster than pytorch-grad-cam"),
+    "filters": ("rate", 4.0, "≥ 4× the torch loop's filter-steps/s"),
+}
+TARGET_CELL = ("efficientnet-lite0", 1)
+
+
+# ------------------------------------------------------------------------------------ inputs
+def photos(count: int, pre: dict) -> np.ndarray:
+    """[count, 3, H, W]: scikit-image's sample photos (mirrored after the 11th), preprocessed."""
+    from cnnviz.images import SAMPLE_IMAGES, preprocess, to_rgb
+    from PIL import Image, ImageOps
+    from skimage import data
+
+    names = list(SAMPLE_IMAGES)
+    out = []
+    for i in range(count):
+        array = getattr(data, SAMPLE_IMAGES[names[i % len(names)]])()
+        if isinstance(array, tuple):
+            array = array[0]
+        image = to_rgb(Image.fromarray(np.asarray(array)))
+        if (i // len(names)) % 2:
+            image = ImageOps.mirror(image)
+        out.append(preprocess(image, pre))
+    return np.stack(out).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ torch side
+def _bottleneck_forward(self, x):
+    """torchvision's Bottleneck without in-place ops and with one ReLU module per use (same
+    values): hooks (pytorch-grad-cam on bn3, captum's ReLU rules) then see each call apart."""
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu2(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    return self.relu3(out + identity)
+
+
+def torch_nets(spec: ModelSpec):
+    """(net, net for captum's guided / deconvolution rules): the exported weights, eval mode."""
+    import types
+
+    import torch
+
+    if spec.source == "efficientnet-lite0":
+        net = benchlib.torch_oracle().pretrained_effnet(own_head_relu6=True)
+        return net, bench_backprop.swap_relu6(net)
+    from cnnviz.export.sources import torchvision_model
+    from torchvision.models.resnet import Bottleneck
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        net = torchvision_model(spec.source.split(":", 1)[1], spec.weights).module
+    for module in net.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+        if isinstance(module, Bottleneck):
+            module.relu2, module.relu3 = torch.nn.ReLU(), torch.nn.ReLU()
+            module.forward = types.MethodType(_bottleneck_forward, module)
+    return net.eval(), net
+
+
+def pgc_call(cls, net, layer, xt, targets, batch_size: int | None = None) -> Callable:
+    """One pytorch-grad-cam call; its hooks live for the call only (no cross-talk)."""
+
+    def run():
+        cam = cls(model=net, target_layers=[layer])
+        if batch_size:
+            cam.batch_size = batch_size
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # ScoreCAM's tqdm bars
+                return cam(input_tensor=xt, targets=targets)
+        finally:
+            cam.activations_and_grads.release()
+
+    return run
+
+
+# ------------------------------------------------------------------------------------ one cell
+@dataclass
+class CellResult:
+    model: str
+    batch: int
+    cell: Cell
+    times: dict[str, list[float]]
+    agreement: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    wall: float = 0.0
+    setup: float = 0.0
+
+
+def _pearson(a, b) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+# first image's map of each contender's result, ours / peer
+VIEWS: dict[str, tuple[Callable, Callable]] = {
+    "forward": (lambda o: o[0][0], lambda o: _np(o)[0]),
+    "gradcam": (lambda o: o["gradcam"][0], lambda o: _np(o)[0]),
+    "gradcampp": (lambda o: o["gradcampp"][0], lambda o: _np(o)[0]),
+    "saliency": (lambda o: o[0], lambda o: np.abs(_np(o)[0]).max(axis=0)),
+    "guided": (lambda o: o[0], lambda o: _np(o)[0]),
+    "deconvnet": (lambda o: o[0], lambda o: _np(o)[0]),
+    "ig": (lambda o: o[0][0], lambda o: _np(o)[0]),
+    "occlusion": (lambda o: o[0], lambda o: _np(o)[0, 0]),
+    "scorecam": (lambda o: o, lambda o: _np(o)[0]),
+}
+
+
+def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> CellResult:
+    """Time one model and batch. Each pair's builder makes its sessions (outside the timings);
+    all pairs then run as one interleaved run, or with `cell.split` one interleaved run per
+    pair whose sessions are freed before the next pair's are built (memory)."""
+    import torch
+    from captum.attr import (
+        Deconvolution,
+        GuidedBackprop,
+        IntegratedGradients,
+        Occlusion,
+        Saliency,
+    )
+    from cnnviz.methods import backprop as bp
+    from cnnviz.methods import cam
+    from cnnviz.methods.common import last_conv_layer
+    from cnnviz.methods.occlusion import occlusion, window_starts
+    from cnnviz.modelcard import find_layer
+    from cnnviz.runtime import make_session
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    started = time.perf_counter()
+    net, relu_net = nets
+    x = photos(batch, card["preprocess"])
+    xt = torch.from_numpy(x)
+    in_name, out_name = card["input"]["name"], card["output"]["name"]
+    probe_session = make_session(model, "cpu", THREADS)
+    targets = [int(t) for t in probe_session.run([out_name], {in_name: x})[0].argmax(axis=1)]
+    del probe_session
+    layer = net.get_submodule(spec.cam_module)
+    tg = [ClassifierOutputTarget(t) for t in targets]
+    info: dict = {"targets": targets[:4], "scorecam_channels": last_conv_layer(card)["shape"][0]}
+    built: dict[str, object] = {}  # sessions, built on first use, shared by the pairs
+
+    def session(key: str):
+        if key not in built:
+            if key == "forward":
+                built[key] = make_session(model, "cpu", THREADS)
+            elif key == "cam":
+                graph, info["cam_tensor"] = cam.build_cam_model(model, card, None, batch=batch)
+                built[key] = make_session(graph, "cpu", THREADS)
+            elif key == "ig":  # IG_CHUNK path points a run
+                if batch == IG_CHUNK:
+                    built[key] = session("gradient")
+                else:
+                    s = bp.gradient_session(
+                        model, "gradient", batch=IG_CHUNK, device="cpu", threads=THREADS
+                    )
+                    bp.saliency(s, x[:IG_CHUNK], targets[:IG_CHUNK])  # warm, untimed
+                    built[key] = s
+            else:  # a gradient policy
+                built[key] = bp.gradient_session(
+                    model, key, batch=batch, device="cpu", threads=THREADS
+                )
+        return built[key]
+
+    Pair = tuple[dict[str, Callable[[], object]], dict[str, int], dict[str, int]]
+    fast = (1, cell.peer_warmup)
+
+    def pair(method: str, ours, peer, repeats: int, warmup: tuple[int, int]) -> Pair:
+        names = (f"{method}/ours", f"{method}/peer")
+        return (
+            dict(zip(names, (ours, peer), strict=True)),
+            dict.fromkeys(names, repeats),
+            dict(zip(names, warmup, strict=True)),
+        )
+
+    def forward_pair() -> Pair:
+        fwd = session("forward")
+
+        def torch_forward():
+            with torch.no_grad():
+                return net(xt)
+
+        return pair(
+            "forward", lambda: fwd.run([out_name], {in_name: x}), torch_forward, cell.repeats, fast
+        )
+
+    def cam_pair(variant: str, cls) -> Callable[[], Pair]:
+        def build() -> Pair:
+            s = session("cam")
+            return pair(
+                variant,
+                lambda: cam.grad_cam_family(s, card, x, targets, None, variants=(variant,)),
+                pgc_call(cls, net, layer, xt, tg),
+                cell.repeats,
+                fast,
+            )
+
+        return build
+
+    def gradient_pair(method: str, policy: str, fn, peer_cls, peer_net) -> Callable[[], Pair]:
+        def build() -> Pair:
+            s, peer = session(policy), peer_cls(peer_net)
+            return pair(
+                method,
+                lambda: fn(s, x, targets),
+                lambda: peer.attribute(xt.clone().requires_grad_(), target=targets),
+                cell.repeats,
+                fast,
+            )
+
+        return build
+
+    def ig_pair() -> Pair:
+        steps, s, ig = cell.ig_steps, session("ig"), IntegratedGradients(net)
+        chunk = None if batch * steps <= CAPTUM_IG_ALL else CAPTUM_IG_CHUNK
+        info["ig"] = {"steps": steps, "captum_internal_batch_size": chunk}
+
+        def ours():
+            return [
+                bp.integrated_gradients(s, x[i], targets[i], steps=steps, batch_size=IG_CHUNK)
+                for i in range(batch)
+            ]
+
+        def captum():
+            return ig.attribute(
+                xt, target=targets, n_steps=steps, method="gausslegendre", internal_batch_size=chunk
+            )
+
+        return pair("ig", ours, captum, cell.ig_repeats, (0, 0))
+
+    def occlusion_pair() -> Pair:
+        (window, stride), fwd = cell.occlusion, session("forward")
+        occluder = Occlusion(torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval())
+        per_eval = max(1, OCCLUSION_BATCH // batch)
+        patches = len(window_starts(x.shape[-2], window, stride)) * len(
+            window_starts(x.shape[-1], window, stride)
+        )
+        info["occlusion"] = {"window": window, "stride": stride, "patches": patches}
+
+        def ours():
+            return [
+                occlusion(fwd, card, x[i], targets[i], window, stride, batch_size=OCCLUSION_BATCH)
+                for i in range(batch)
+            ]
+
+        def captum():
+            return occluder.attribute(
+                xt,
+                sliding_window_shapes=(3, window, window),
+                strides=(3, stride, stride),
+                baselines=0,
+                target=targets,
+                perturbations_per_eval=per_eval,
+            )
+
+        return pair("occlusion", ours, captum, cell.occlusion_repeats, (0, 0))
+
+    def scorecam_pair() -> Pair:
+        fwd, cam_s = session("forward"), session("cam")
+        counts: dict = {}
+        info["scorecam_counts"] = counts
+
+        def ours():
+            acts = cam.cam_inputs(cam_s, card, x[:1], targets[:1])[0][0]
+            return cam.score_cam(fwd, card, x[:1], targets[0], acts, SCORE_BATCH, info=counts)
+
+        # the probe behind the estimate: one torch forward of SCORE_BATCH masked-size inputs
+        probe = (xt[:1] * 0.5).expand(SCORE_BATCH, -1, -1, -1).contiguous()
+
+        def torch_probe():
+            with torch.no_grad():
+                net(probe)
+
+        fns = {"scorecam/ours": ours, "scorecam/probe": torch_probe}
+        if cell.scorecam == "measure":
+            fns["scorecam/peer"] = pgc_call(ScoreCAM, net, layer, xt[:1], tg[:1], SCORE_BATCH)
+        return fns, dict.fromkeys(fns, 1), dict.fromkeys(fns, 0)
+
+    def filters_pair() -> Pair:
+        row = find_layer(card, spec.filter_layer)
+        chans, steps = list(range(batch)), cell.filter_steps
+        hook = net.get_submodule(spec.filter_module)
+        info["filters"] = {"layer": spec.filter_layer, "shape": row["shape"], "steps": steps}
+
+        def ours():  # seconds per filter-step, setup excluded
+            rate, setup = bench_filters.ort_filter_rate(model, row["tensor"], chans, steps, batch)
+            info["filters"]["setup_s"] = setup
+            return OwnTime(1.0 / rate)
+
+        def torch_loop():
+            step = bench_filters.torch_lucent(
+                net, spec.filter_layer, chans, steps, hook=hook, clamp=spec.filter_clamp
+            )
+            return OwnTime(step / len(chans))
+
+        return pair("filters", ours, torch_loop, cell.filter_rounds, (0, 0))
+
+    builders: list[Callable[[], Pair]] = [forward_pair, cam_pair("gradcam", GradCAM)]
+    if cell.gradcampp:
+        builders.append(cam_pair("gradcampp", GradCAMPlusPlus))
+    builders += [
+        gradient_pair("saliency", "gradient", bp.saliency, Saliency, net),
+        gradient_pair("guided", "guided", bp.guided_backprop, GuidedBackprop, relu_net),
+        gradient_pair("deconvnet", "deconvnet", bp.deconvnet_map, Deconvolution, relu_net),
+    ]
+    if cell.ig_steps:
+        builders.append(ig_pair)
+    if cell.occlusion:
+        builders.append(occlusion_pair)
+    if cell.scorecam != "skip":
+        builders.append(scorecam_pair)
+    if cell.filter_steps:
+        builders.append(filters_pair)
+
+    def progress(name: str, seconds: float) -> None:
+        if seconds > 5:
+            print(f"    {spec.name} b{batch} {name}: {seconds:.1f} s", flush=True)
+
+    groups = [[b] for b in builders] if cell.split else [builders]
+    times: dict[str, list[float]] = {}
+    results: dict[str, object] = {}
+    setup = 0.0
+    for group in groups:
+        t0 = time.perf_counter()
+        fns: dict[str, Callable[[], object]] = {}
+        reps: dict[str, int] = {}
+        warm: dict[str, int] = {}
+        for build in group:
+            f, r, w = build()
+            fns.update(f)
+            reps.update(r)
+            warm.update(w)
+        setup += time.perf_counter() - t0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            times.update(
+                benchlib.run_interleaved(fns, reps, warm, results=results, progress=progress)
+            )
+        if cell.split:
+            fns.clear()
+            built.clear()
+            gc.collect()
+    agreement = {}
+    for method, (mine, theirs) in VIEWS.items():
+        if f"{method}/ours" in results and f"{method}/peer" in results:
+            try:
+                agreement[method] = _pearson(
+                    mine(results[f"{method}/ours"]), theirs(results[f"{method}/peer"])
+                )
+            except Exception as exc:  # noqa: BLE001 - a view mismatch must not lose the timings
+                print(f"    agreement {method}: {exc}", flush=True)
+    result = CellResult(spec.name, batch, cell, times, agreement, info)
+    result.setup, result.wall = setup, time.perf_counter() - started
+    return result  # sessions and closures go with this frame; the caller collects
+
+
+# ------------------------------------------------------------------------------------ the report
+@dataclass
+class Stat:
+    median: float  # seconds (filters: seconds per filter-step)
+    low: float
+    high: float
+    n: int
+    estimate: str = ""  # how it was estimated; "" when measured
+
+    @classmethod
+    def of(cls, values: list[float] | None) -> Stat | None:
+        if not values:
+            return None
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+    def scaled(self, k: float, how: str) -> Stat:
+        return Stat(self.median * k, self.low * k, self.high * k, self.n, how)
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:.1f}" if ms < 1000 else f"{ms:,.0f}"
+
+
+def fmt_time(s: Stat | None) -> str:
+    if s is None:
+        return "–"
+    if s.estimate:
+        return f"~{_ms(s.median)} (est.: {s.estimate})"
+    spread = f" ({_ms(s.low)}–{_ms(s.high)})" if s.n > 1 else ""
+    return f"{_ms(s.median)}{spread} ×{s.n}"
+
+
+def fmt_rate(s: Stat | None) -> str:
+    if s is None:
+        return "–"
+    if s.estimate:
+        return f"~{1 / s.median:.2f}/s (est.: {s.estimate})"
+    spread = f" ({1 / s.high:.2f}–{1 / s.low:.2f})" if s.n > 1 else ""
+    return f"{1 / s.median:.2f}/s{spread} ×{s.n}"
+
+
+@dataclass
+class Row:
+    ours: Stat | None
+    peer: Stat | None
+    setting: str = ""
+    floor: float | None = None  # physical floor in ORT forwards of the same model and batch
+
+
+def cell_stats(res: CellResult, by_key: dict[tuple[str, int], CellResult]) -> dict[str, Row]:
+    """{method: Row}, with the estimates filled in from the model's batch-1 cell."""
+    t, info, b = res.times, res.info, res.batch
+    base = by_key.get((res.model, 1)) if b != 1 else None
+    out: dict[str, Row] = {}
+    floors = {"gradcam": 1.0, "gradcampp": 1.0, "saliency": 3.0, "guided": 3.0}
+    floors["deconvnet"] = 3.0
+    for method in ("forward", "gradcam", "gradcampp", "saliency", "guided", "deconvnet"):
+        ours, peer = Stat.of(t.get(f"{method}/ours")), Stat.of(t.get(f"{method}/peer"))
+        if ours is not None or peer is not None:
+            out[method] = Row(ours, peer, "", floors.get(method))
+    if "gradcampp" not in out and "gradcam" in out:
+        how = "= Grad-CAM (same graph / same torch pass)"
+        row = out["gradcam"]
+        out["gradcampp"] = Row(row.ours.scaled(1, how), row.peer.scaled(1, how), "not run", 1.0)
+    # IG / occlusion: measured, or batch x the batch-1 cell (same settings)
+    for method in ("ig", "occlusion"):
+        src = res if f"{method}/ours" in t else base
+        if src is None or f"{method}/ours" not in src.times:
+            continue
+        ours, peer = Stat.of(src.times[f"{method}/ours"]), Stat.of(src.times[f"{method}/peer"])
+        if method == "ig":
+            steps = src.info["ig"]["steps"]
+            setting, floor = f"{steps} steps", 3.0 * steps
+        else:
+            o = src.info["occlusion"]
+            setting = f"{o['window']}/{o['stride']}, {o['patches']} patches"
+            floor = o["patches"] + 1.0
+        if src is not res:
+            how = f"{b} × batch 1"
+            ours, peer = ours.scaled(b, how), peer.scaled(b, how)
+        out[method] = Row(ours, peer, setting, floor)
+    # Score-CAM: one image; the peer measured or ceil(C / 64) torch forwards at batch 64
+    src = res if "scorecam/ours" in t else base
+    if src is not None and "scorecam/ours" in src.times:
+        ours = Stat.of(src.times["scorecam/ours"])
+        peer = Stat.of(src.times.get("scorecam/peer"))
+        channels = src.info["scorecam_channels"]
+        runs = math.ceil(channels / SCORE_BATCH)
+        probe = Stat.of(src.times["scorecam/probe"])
+        estimate = probe.scaled(runs, f"{runs} torch forwards at batch {SCORE_BATCH}")
+        counts = src.info.get("scorecam_counts", {})
+        setting = f"{channels} channels; cnnviz ran {counts.get('forward_passes', '?')} passes"
+        if peer is None:
+            peer = estimate
+        else:
+            setting += f"; the estimate ({runs} probe forwards) gives {_ms(estimate.median)} ms"
+        if src is not res:
+            how = f"{b} × batch 1"
+            ours = ours.scaled(b, how)
+            peer = peer.scaled(b, how + (" of an estimate" if peer.estimate else ""))
+        out["scorecam"] = Row(ours, peer, setting, channels + 1.0)
+    if "filters/ours" in t:
+        f = info["filters"]
+        setting = f"{f['layer']} {f['shape']}, {f['steps']} steps, {b} filter(s) a batch"
+        out["filters"] = Row(Stat.of(t["filters/ours"]), Stat.of(t["filters/peer"]), setting, 3.0)
+    elif base is not None and "filters/ours" in base.times:
+        how = "the batch-1 rate"
+        out["filters"] = Row(
+            Stat.of(base.times["filters/ours"]).scaled(1, how),
+            Stat.of(base.times["filters/peer"]).scaled(1, how),
+            "not run at this batch",
+            3.0,
+        )
+    return out
+
+
+def ratio(method: str, ours: Stat, peer: Stat) -> float:
+    """cnnviz / peer medians; activation maximization: cnnviz rate / torch rate."""
+    if method == "filters":
+        return peer.median / ours.median
+    return ours.median / peer.median
+
+
+def judge(method: str, row: Row | None, fwd: Row | None) -> tuple[str, str, str] | None:
+    """(measured value as text, "met" / "missed by ...", " (est.)" or "") against TARGETS."""
+    kind, bound, _ = TARGETS[method]
+    if row is None or row.ours is None:
+        return None
+    ours, peer = row.ours, row.peer
+    if kind == "forward":
+        if fwd is None or fwd.ours is None:
+            return None
+        value = ours.median / fwd.ours.median
+        shown, ok = f"{value:.2f}× one ORT forward", value <= bound
+    elif peer is None:
+        return None
+    elif kind == "speedup":
+        value = peer.median / ours.median
+        shown, ok = f"{value:.1f}× faster", value >= bound
+    elif kind == "rate":
+        value = ratio(method, ours, peer)
+        shown, ok = f"{value:.1f}× the torch loop", value >= bound
+    else:
+        value = ratio(method, ours, peer)
+        shown, ok = f"{value:.2f}× captum", value <= bound
+    if ok:
+        verdict = "met"
+    elif kind in ("speedup", "rate"):
+        verdict = f"**missed** by {(1 - value / bound) * 100:.0f}% ({value:.2g} < {bound:g})"
+    else:
+        verdict = f"**missed** by {(value / bound - 1) * 100:.0f}% ({value:.2g} > {bound:g})"
+    est = " (est.)" if ours.estimate or (peer is not None and peer.estimate) else ""
+    return shown, verdict, est
+
+
+def report(results: list[CellResult], args, wall: float, load: tuple, partial: bool = False) -> str:
+    from importlib.metadata import version
+
+    import captum
+    import onnx
+    import onnxruntime
+    import torch
+    import torchvision
+
+    by_key = {(r.model, r.batch): r for r in results}
+    stats = {(r.model, r.batch): cell_stats(r, by_key) for r in results}
+
+    lines = []
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    mem = next(
+        (
+            int(line.split()[1]) / 2**20
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        0.0,
+    )
+    command = "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "") + " python "
+    command += " ".join(
+        shlex.quote(a) for a in [f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:]
+    )
+    lines += [
+        "## cnnviz against its torch peers, one interleaved run (`benchmarks/bench_peers.py`)",
+        "",
+        (
+            f"**PARTIAL** ({len(results)} cells so far; the run did not finish)\n\n"
+            if partial
+            else ""
+        )
+        + f"**Command:** `{command}` — wall time {wall / 60:.1f} min"
+        + (" (`--quick`: tiny settings, indicative only)" if args.quick else ""),
+        "",
+        f"**Machine:** {os.cpu_count()} × {cpu}, {mem:.0f} GB, no GPU; load average "
+        f"{load[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.",
+        f"**Versions:** Python {platform.python_version()}, onnxruntime {onnxruntime.__version__} "
+        f"(CPUExecutionProvider), onnx {onnx.__version__}, numpy {np.__version__}, torch "
+        f"{torch.__version__} (CPU), torchvision {torchvision.__version__}, pytorch-grad-cam "
+        f"(`grad-cam`) {version('grad-cam')}, captum {captum.__version__}. "
+        f"**Date:** {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"**Threads:** {THREADS} each: `torch.set_num_threads({THREADS})` with "
+        f"`OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}`; ONNX Runtime "
+        f"`intra_op_num_threads={THREADS}`, `inter_op_num_threads=1`, "
+        "`session.intra_op.allow_spinning=0`.",
+        "",
+        "Models from `cnnviz.export.export_model` (EfficientNet-Lite0 pretrained; vgg16 and "
+        "resnet50 torchvision, `weights: random`), 224×224; inputs: scikit-image sample photos "
+        "(chelsea, coffee, astronaut, …, mirrored after the 11th) preprocessed as the model card "
+        "says, target = each image's top-1 class. Times in ms: median (min–max) ×repeats of one "
+        "interleaved run per model and batch (each repeat runs every contender once, rotating "
+        "the order). Activation maximization in filter-steps/s (higher is better). **est.** "
+        "marks estimates, not measurements (how: in the cell).",
+        "",
+    ]
+    # --- targets
+    if TARGET_CELL in stats:
+        s = stats[TARGET_CELL]
+        lines += [
+            "### Targets (EfficientNet-Lite0, batch 1)",
+            "",
+            "| comparison | target | measured | |",
+            "|---|---|---|---|",
+        ]
+        for method, (_kind, _bound, text) in TARGETS.items():
+            row = s.get(method)
+            verdict = judge(method, row, s.get("forward"))
+            if verdict is None:
+                lines.append(f"| {METHODS[method][0]} | {text} | not run | – |")
+                continue
+            shown, ok, est = verdict
+            label = METHODS[method][0] + (f" ({row.setting})" if row.setting else "")
+            lines.append(f"| {label} | {text} | {shown}{est} | {ok} |")
+        lines.append("")
+    # --- pairs
+    lines += [
+        "### Pairs: cnnviz (ONNX Runtime) against the torch peer",
+        "",
+        "Ratio: cnnviz median / peer median (activation maximization: cnnviz rate / torch rate). "
+        "r: Pearson correlation of the two results on the first image (same computation, "
+        "same inputs; logits for the forward). captum's GuidedBackprop / Deconvolution run on "
+        "a copy of EfficientNet-Lite0 whose ReLU6 modules are an nn.ReLU subclass computing "
+        "clamp(x, 0, 6) (unswapped they would return the plain gradient).",
+        "",
+        "| model | batch | method | setting | cnnviz | peer | peer ms | ratio | target | r |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        key = (r.model, r.batch)
+        for method, row in stats[key].items():
+            ours, peer = row.ours, row.peer
+            form = fmt_rate if method == "filters" else fmt_time
+            rat = ""
+            if ours is not None and peer is not None:
+                value = ratio(method, ours, peer)
+                rat = f"{value:.3g}" + (" est." if ours.estimate or peer.estimate else "")
+                if method == "scorecam":
+                    rat += f" ({1 / value:.1f}× faster)"
+            target = ""
+            if key == TARGET_CELL and method in TARGETS:
+                verdict = judge(method, row, stats[key].get("forward"))
+                if verdict is not None:
+                    target = f"{TARGETS[method][2]}: {verdict[1]}"
+                    if TARGETS[method][0] == "forward":
+                        target += f" ({verdict[0]})"
+            agree = r.agreement.get(method)
+            agree_text = "" if agree is None or math.isnan(agree) else f"{agree:.4f}"
+            lines.append(
+                f"| {r.model} | {r.batch} | {METHODS[method][0]} | {row.setting} | "
+                f"{form(ours)} | {METHODS[method][1]} | {form(peer)} | {rat} | {target} | "
+                f"{agree_text} |"
+            )
+    lines.append("")
+    # --- floors
+    lines += [
+        "### Floor ratios: each cnnviz method in ORT forwards of the same model and batch",
+        "",
+        "Floor ratio = method median / one ORT forward (same model, batch). Physical floor: "
+        "Grad-CAM ~1 forward (the backward stops at the last conv layer); saliency, guided, "
+        "deconvnet ~3 (forward + backward); IG steps × 3 (cnnviz adds the 2 end points for its "
+        "completeness check); occlusion patches + 1 (the unoccluded image); Score-CAM one "
+        "forward per channel (+1; cnnviz skips constant and duplicate maps, so it can go "
+        "below); a filter step ~3 (on the model cut at the layer, so below 3 is possible).",
+        "",
+        "| model | batch | method | setting | cnnviz ms | ORT forward ms | floor ratio "
+        "| physical floor | × floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        key = (r.model, r.batch)
+        fwd_row = stats[key].get("forward")
+        fwd = fwd_row.ours if fwd_row else None
+        for method, row in stats[key].items():
+            ours = row.ours
+            if method == "forward" or ours is None or fwd is None or row.floor is None:
+                continue
+            median = ours.median * (r.batch if method == "filters" else 1)
+            ratio_f = median / fwd.median
+            est = " est." if ours.estimate else ""
+            shown = f"~{_ms(median)}" if ours.estimate else _ms(median)
+            if method == "filters":
+                shown += f" a step of {r.batch}"
+            lines.append(
+                f"| {r.model} | {r.batch} | {METHODS[method][0]} | {row.setting} | {shown} | "
+                f"{_ms(fwd.median)} | {ratio_f:.3g}{est} | {row.floor:g} | "
+                f"{ratio_f / row.floor:.2f}{est} |"
+            )
+    lines.append("")
+    # --- plan
+    lines += [
+        "### The plan: what ran, what was reduced or estimated, and why",
+        "",
+        f"Reference settings: {FULL_SETTINGS}, activation maximization 8 steps × 3 rounds, "
+        "cheap pairs ≥ 5 repeats. Cells cost (wall, including untimed setup) as listed.",
+        "",
+        "| model | batch | repeats (cheap / IG / occlusion / filters) | Score-CAM | reductions "
+        "and reasons | setup s | cell wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        c = r.cell
+        reps = (
+            f"{c.repeats} / {c.ig_repeats if c.ig_steps else '–'} / "
+            f"{c.occlusion_repeats if c.occlusion else '–'} / "
+            f"{c.filter_rounds if c.filter_steps else '–'}"
+        )
+        score = {
+            "measure": "both measured (1 run)",
+            "estimate": "cnnviz measured, peer estimated",
+            "skip": "estimated from batch 1" if r.batch != 1 else "not run",
+        }[c.scorecam]
+        lines.append(
+            f"| {r.model} | {r.batch} | {reps} | {score} | {'; '.join(c.why)} | "
+            f"{r.setup:.0f} | {r.wall:.0f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="write the markdown section here (default: print only)")
+    parser.add_argument("--quick", action="store_true", help="tiny plan: a smoke check (~3 min)")
+    parser.add_argument("--models", help="comma-separated subset of the plan's models")
+    parser.add_argument("--batches", help="comma-separated subset of the plan's batches")
+    parser.add_argument("--repeats", type=int, help="override the cheap pairs' repeats")
+    parser.add_argument("--model-dir", default=str(Path.home() / ".cache" / "cnnviz-bench"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(THREADS)
+    started, load = time.perf_counter(), os.getloadavg()
+    plan = QUICK_PLAN if args.quick else PLAN
+    models = args.models.split(",") if args.models else None
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    results: list[CellResult] = []
+    for name in dict.fromkeys(m for m, _ in plan):
+        if models and name not in models:
+            continue
+        spec = SPECS[name]
+        model, card = bench_engine.exported(name, spec.source, spec.weights, Path(args.model_dir))
+        nets = torch_nets(spec)
+        for (m, batch), cell in plan.items():
+            if m != name or (batches and batch not in batches):
+                continue
+            if args.repeats:
+                cell = Cell(**{**cell.__dict__, "repeats": args.repeats})
+            print(f"== {name} batch {batch} ({time.perf_counter() - started:.0f} s)", flush=True)
+            res = run_cell(spec, model, card, nets, batch, cell)
+            gc.collect()
+            results.append(res)
+            rows = cell_stats(res, {(r.model, r.batch): r for r in results})
+            for method, row in rows.items():
+                form = fmt_rate if method == "filters" else fmt_time
+                print(f"   {method:10s} {form(row.ours):>36s} | {form(row.peer):>36s}", flush=True)
+            print(f"   cell {res.wall:.0f} s (setup {res.setup:.0f} s)", flush=True)
+            if args.out:  # a partial report after every cell: a late crash keeps the rest
+                elapsed = time.perf_counter() - started
+                partial = report(results, args, elapsed, load, partial=True)
+                Path(args.out).write_text(partial)
+        del model, nets
+        gc.collect()
+    text = report(results, args, time.perf_counter() - started, load)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
