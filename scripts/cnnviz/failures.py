@@ -48,7 +48,7 @@ def marker_path(output: Path, is_dir: bool) -> Path:
 def failure_of(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The failure record when `path` (a folder or file output) is a failure marker, else None."""
     path = Path(path)
-    marker = path / MARKER if path.is_dir() else path.with_name(path.name + SIDECAR_SUFFIX)
+    marker = marker_path(path, path.is_dir())
     if not marker.is_file():
         return None
     try:
