@@ -7,7 +7,7 @@ import onnx
 import pytest
 from cnnviz.errors import ConfigError
 from cnnviz.methods import backprop as bp
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy_conv import conv3x3, conv3x3_transpose
 from onnx import TensorProto, helper, numpy_helper
 
 C, H, W, K = 3, 6, 6, 4
@@ -67,32 +67,17 @@ def images(n: int) -> np.ndarray:
 
 
 # ---- numpy reference for the ReLU net ------------------------------------------------------------
-def conv(x, w, b):
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1)))
-    win = sliding_window_view(xp, (3, 3), axis=(1, 2))  # [C, H, W, 3, 3]
-    return np.einsum("chwij,ocij->ohw", win, w) + b[:, None, None]
-
-
-def conv_back(g, w):
-    gx = np.zeros((w.shape[1], g.shape[1] + 2, g.shape[2] + 2))
-    for i in range(3):
-        for j in range(3):
-            part = np.einsum("ohw,oc->chw", g, w[:, :, i, j])
-            gx[:, i : i + g.shape[1], j : j + g.shape[2]] += part
-    return gx[:, 1:-1, 1:-1]
-
-
 def relu_net_gradient(x, t, p, policy):
     x = x.astype(np.float64)
-    c1 = conv(x, p["w1"], p["b1"])
-    c2 = conv(np.maximum(c1, 0), p["w2"], p["b2"])
+    c1 = conv3x3(x, p["w1"], p["b1"])
+    c2 = conv3x3(np.maximum(c1, 0), p["w2"], p["b2"])
     g = np.broadcast_to(p["wf"][t][:, None, None] / (H * W), c2.shape)
 
     def act_back(g, pre):
         return np.maximum(g, 0) * (pre > 0) if policy == "guided" else g * (pre > 0)
 
-    g = conv_back(act_back(g, c2), p["w2"])
-    return conv_back(act_back(g, c1), p["w1"])
+    g = conv3x3_transpose(act_back(g, c2), p["w2"])
+    return conv3x3_transpose(act_back(g, c1), p["w1"])
 
 
 # ---- tests ---------------------------------------------------------------------------------------

@@ -15,11 +15,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import yaml
-from cluster.workflow_runs import dry_run_jobs
-from onnx import TensorProto, helper, numpy_helper
+from cluster.workflow_runs import dry_run_jobs, tiny_classifier
 from PIL import Image
 from test_workflow import run_snakemake
 
@@ -30,44 +28,8 @@ PAYLOAD_LABEL = "<script>alert('label')</script>"
 LABELS = ["tabby", "dog", PAYLOAD_LABEL, "bird"]
 MISSING_CLASS = "zebra"
 MISSING_LAYER = "no_such_layer"
-REAL_LAYERS = ["w1", "w2"]  # an onnx: model's layers are named after their conv weights
+REAL_LAYER = "conv1"  # tiny_classifier's first conv, as the export names it
 READABLE = 7  # of the 12 images: good, payload-named, 16-bit, CMYK, palette, RGBA, grey
-
-
-def small_cnn(extra_op: str | None = None) -> onnx.ModelProto:
-    """[N, 3, H, W] (all dynamic) -> Conv/Relu/MaxPool -> Conv/Relu -> GAP -> Gemm: 4 classes.
-
-    `extra_op` (e.g. Softplus, which has no backward rule) goes after the second Relu.
-    """
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32) / 4, "w2"),
-        numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "fc"),
-    ]
-    last = "r2"
-    nodes = [
-        helper.make_node("Conv", ["image", "w1"], ["c1"], name="block1/conv", pads=[1] * 4),
-        helper.make_node("Relu", ["c1"], ["r1"], name="block1/relu"),
-        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Conv", ["p1", "w2"], ["c2"], name="block2/conv", pads=[1] * 4),
-        helper.make_node("Relu", ["c2"], ["r2"], name="block2/relu"),
-    ]
-    if extra_op:
-        nodes.append(helper.make_node(extra_op, ["r2"], ["x2"], name=f"block2/{extra_op}"))
-        last = "x2"
-    nodes += [
-        helper.make_node("GlobalAveragePool", [last], ["gap"]),
-        helper.make_node("Flatten", ["gap"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1),
-    ]
-    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])
-    graph = helper.make_graph(nodes, "small_cnn", [image], [logits], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def write_bad_images(folder: Path) -> dict[str, str]:
@@ -101,8 +63,8 @@ def write_bad_images(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def bad_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("bad")
-    onnx.save(small_cnn(), str(workdir / "dynamic.onnx"))
-    onnx.save(small_cnn("Softplus"), str(workdir / "norule.onnx"))
+    tiny_classifier(workdir / "dynamic.onnx", classes=4, dynamic_size=True)
+    tiny_classifier(workdir / "norule.onnx", classes=4, extra_op="Softplus")
     (workdir / "broken.onnx").write_bytes(b"this is not an ONNX protobuf \x00\x01\x02" * 20)
     bad_images = write_bad_images(workdir / "photos")
     spec = {"preprocess": {"size": [32, 32], "resize": "stretch"}, "labels": LABELS}
@@ -116,7 +78,7 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         },
         shard_size=4,
     )
-    config["activations"]["layers"] = [REAL_LAYERS[0], MISSING_LAYER]
+    config["activations"]["layers"] = [REAL_LAYER, MISSING_LAYER]
     config["methods"].update(enabled=["gradcam", "saliency"], target=[0, MISSING_CLASS])
     config["filters"].update(count=2, steps=4, batch_size=2, layers="auto", modes=["seed"])
     config["atlas"].update(count=2, top_k=2)
@@ -196,7 +158,9 @@ def test_every_image_mode_is_converted_and_classified(bad_run) -> None:
 def test_a_missing_layer_fails_activations_listing_the_real_layers(bad_run) -> None:
     marker = bad_run["results"] / "dynamic" / "activations" / "s000" / "job-failed.json"
     error = json.loads(marker.read_text())["error"]
-    assert MISSING_LAYER in error and all(layer in error for layer in REAL_LAYERS)
+    card = json.loads((bad_run["results"] / "models" / "dynamic" / "model.json").read_text())
+    real = [layer["name"] for layer in card["layers"]]
+    assert REAL_LAYER in real and MISSING_LAYER in error and all(name in error for name in real)
     assert "sparsity" in text_of(bad_run["pages"]["dynamic"])  # its plot was skipped, listed
 
 
@@ -236,7 +200,7 @@ def test_a_second_run_has_nothing_to_do(bad_run) -> None:
 
 def test_replacing_the_broken_file_reruns_that_model_only(bad_run) -> None:
     workdir = bad_run["workdir"]
-    onnx.save(small_cnn(), str(workdir / "broken.onnx"))
+    tiny_classifier(workdir / "broken.onnx", classes=4)
     result = run_snakemake(workdir, workdir / "config.yaml", "-n")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = dry_run_jobs(result.stdout)

@@ -9,7 +9,8 @@ from cnnviz.errors import ConfigError
 from cnnviz.methods import cam
 from cnnviz.runtime import make_session
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+from onnx_build import finish_model
 
 C, H, W, K = 3, 8, 8, 4
 RNG = np.random.default_rng(3)
@@ -18,13 +19,7 @@ RNG = np.random.default_rng(3)
 def _model(nodes, inits, name="tiny") -> onnx.ModelProto:
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", C, H, W])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", None])
-    graph = helper.make_graph(
-        nodes, name, [x], [y], [numpy_helper.from_array(v, k) for k, v in inits.items()]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return finish_model(nodes, inits, [x], [y], name)
 
 
 def _card(layers: list[tuple[str, str, list[int]]], classes: int = K) -> dict:

@@ -14,16 +14,9 @@ from cnnviz.export import export_model
 from cnnviz.export.simplify import simplify
 from cnnviz.runtime import make_session
 from onnx import TensorProto, helper, numpy_helper
+from onnx_build import finish_model
 
 RNG = np.random.default_rng(1)
-
-
-def _finish(nodes, inits, inputs, outputs) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "tiny", inputs, outputs, initializer=inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def classifier(batch: int | str = "batch", softmax: bool = True, classes: int = 4):
@@ -45,7 +38,7 @@ def classifier(batch: int | str = "batch", softmax: bool = True, classes: int = 
         out = "probs"
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, 16, 16])
     y = helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch, classes])
-    return _finish(nodes, inits, [x], [y])
+    return finish_model(nodes, inits, [x], [y])
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:
@@ -106,14 +99,14 @@ def test_onnx_source_labels_and_fixed_batch(tmp_path):
 def test_onnx_source_without_image_input_is_a_model_error(tmp_path):
     x = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 10])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])
-    vector = _finish([helper.make_node("Relu", ["features"], ["y"])], [], [x], [y])
+    vector = finish_model([helper.make_node("Relu", ["features"], ["y"])], [], [x], [y])
     src = _save(vector, tmp_path / "vector.onnx")
     with pytest.raises(ModelError, match=r"vector\.onnx.*'features'.*\['batch', 10\]"):
         export_model("v", f"onnx:{src}", tmp_path / "out")
 
     x = helper.make_tensor_value_info("nhwc", TensorProto.FLOAT, [1, 16, 16, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 3])
-    nhwc = _finish([helper.make_node("Relu", ["nhwc"], ["y"])], [], [x], [y])
+    nhwc = finish_model([helper.make_node("Relu", ["nhwc"], ["y"])], [], [x], [y])
     with pytest.raises(ModelError, match=r"\[1, 16, 16, 3\].*NHWC"):
         export_model("n", f"onnx:{_save(nhwc, tmp_path / 'nhwc.onnx')}", tmp_path / "out")
 
@@ -146,7 +139,7 @@ def test_simplify_folds_constant_pads_into_the_conv():
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, 4, 4])
-    model = _finish(nodes, [w], [x], [y])
+    model = finish_model(nodes, [w], [x], [y])
 
     simple = simplify(model)
     assert [n.op_type for n in simple.graph.node] == ["Conv"]
@@ -174,7 +167,7 @@ def test_simplify_keeps_pads_it_cannot_merge():
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 6, 6])
-    simple = simplify(_finish(nodes, [w, pads], [x], [y]))
+    simple = simplify(finish_model(nodes, [w, pads], [x], [y]))
     assert [n.op_type for n in simple.graph.node] == ["Pad", "Conv"]
 
 

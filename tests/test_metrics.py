@@ -14,6 +14,7 @@ from cnnviz.metrics.randomization import cut_points, randomizable_layers, random
 from cnnviz.metrics.similarity import rankdata, spearman, ssim
 from cnnviz.runtime import make_session
 from onnx import TensorProto, helper, numpy_helper
+from onnx_build import finish_model
 
 RNG = np.random.default_rng(11)
 
@@ -21,13 +22,7 @@ RNG = np.random.default_rng(11)
 def _model(nodes, inits, side: int, classes: int, name: str) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, side, side])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])
-    graph = helper.make_graph(
-        nodes, name, [x], [y], [numpy_helper.from_array(v, k) for k, v in inits.items()]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return finish_model(nodes, inits, [x], [y], name)
 
 
 # ---- a model whose answer is known: logit 0 = 10 * mean(region of the image) - 5 ----------------

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from cnnviz.methods import projections as pj
-from numpy.lib.stride_tricks import sliding_window_view
-from onnx import TensorProto, helper, numpy_helper
+from numpy_conv import conv3x3, conv3x3_transpose
+from onnx import TensorProto, helper
+from onnx_build import finish_model
 
 S = 24  # input side; conv1 3x3 pad 1 -> maxpool 2x2 stride 2 -> conv2 3x3 pad 1: 12x12 maps
 RNG = np.random.default_rng(11)
@@ -41,36 +42,16 @@ def tiny_model() -> onnx.ModelProto:
     ]
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, S, S])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])
-    inits = [numpy_helper.from_array(v, k) for k, v in P.items()]
-    model = helper.make_model(
-        helper.make_graph(nodes, "tiny", [x], [y], inits),
-        opset_imports=[helper.make_opsetid("", 17)],
-    )
-    model.ir_version = 8
-    return model
-
-
-def conv(x, w, b):
-    win = sliding_window_view(np.pad(x, ((0, 0), (1, 1), (1, 1))), (3, 3), axis=(1, 2))
-    return np.einsum("chwij,ocij->ohw", win, w) + b[:, None, None]
-
-
-def conv_transpose(g, w):
-    gx = np.zeros((w.shape[1], g.shape[1] + 2, g.shape[2] + 2))
-    for i in range(3):
-        for j in range(3):
-            part = np.einsum("ohw,oc->chw", g, w[:, :, i, j])
-            gx[:, i : i + g.shape[1], j : j + g.shape[2]] += part
-    return gx[:, 1:-1, 1:-1]
+    return finish_model(nodes, P, [x], [y])
 
 
 def forward(x):
-    a1 = np.maximum(conv(x.astype(np.float64), P["w1"], P["b1"]), 0)
+    a1 = np.maximum(conv3x3(x.astype(np.float64), P["w1"], P["b1"]), 0)
     c, h, w = a1.shape
     blocks = a1.reshape(c, h // 2, 2, w // 2, 2).transpose(0, 1, 3, 2, 4)
     blocks = blocks.reshape(c, h // 2, w // 2, 4)
     switches = blocks.argmax(axis=-1)  # the Zeiler-Fergus switches
-    a2 = np.maximum(conv(blocks.max(axis=-1), P["w2"], P["b2"]), 0)
+    a2 = np.maximum(conv3x3(blocks.max(axis=-1), P["w2"], P["b2"]), 0)
     return a1, switches, a2
 
 
@@ -80,12 +61,12 @@ def deconvnet(x, channel):
     y, xx = np.unravel_index(np.argmax(a2[channel]), a2.shape[1:])
     seed = np.zeros_like(a2)
     seed[channel, y, xx] = a2[channel, y, xx]
-    g = conv_transpose(seed, P["w2"])  # [4, 12, 12] at the pooled map
+    g = conv3x3_transpose(seed, P["w2"])  # [4, 12, 12] at the pooled map
     unpooled = np.zeros((g.shape[0], g.shape[1], g.shape[2], 4))
     np.put_along_axis(unpooled, switches[..., None], g[..., None], axis=-1)
     c, h, w = g.shape
     up = unpooled.reshape(c, h, w, 2, 2).transpose(0, 1, 3, 2, 4).reshape(a1.shape)
-    return conv_transpose(np.maximum(up, 0), P["w1"]), (int(y), int(xx))
+    return conv3x3_transpose(np.maximum(up, 0), P["w1"]), (int(y), int(xx))
 
 
 def test_projection_equals_numpy_deconvnet_and_stays_in_receptive_field():

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import yaml
 from onnx import TensorProto, helper, numpy_helper
+from onnx_build import finish_model
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
@@ -77,8 +78,19 @@ finish(main(sys.argv[1:]))
 # --------------------------------------------------------------------------- models and configs
 
 
-def tiny_classifier(path: Path, seed: int = 0, classes: int = 10, side: int = 32) -> Path:
-    """A small CNN saved as ONNX: Conv-Relu-MaxPool-Conv-Relu-GAP-Gemm, [batch, 3, side, side]."""
+def tiny_classifier(
+    path: Path,
+    seed: int = 0,
+    classes: int = 10,
+    side: int = 32,
+    dynamic_size: bool = False,
+    extra_op: str | None = None,
+) -> Path:
+    """A small CNN saved as ONNX: Conv-Relu-MaxPool-Conv-Relu-GAP-Gemm, [batch, 3, side, side].
+
+    `dynamic_size`: height and width symbolic too; `extra_op`: a unary op (e.g. Softplus, which
+    has no backward rule) after the second Relu.
+    """
     rng = np.random.default_rng(seed)
 
     def weight(name: str, *shape: int) -> onnx.TensorProto:
@@ -98,16 +110,20 @@ def tiny_classifier(path: Path, seed: int = 0, classes: int = 10, side: int = 32
                          strides=[2, 2]),
         helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="/conv2/Conv", pads=[1] * 4),
         helper.make_node("Relu", ["c2"], ["r2"], name="/relu2/Relu"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="/gap/GlobalAveragePool"),
+    ]  # fmt: skip
+    features = "r2"
+    if extra_op:
+        nodes.append(helper.make_node(extra_op, ["r2"], ["x2"], name=f"/extra/{extra_op}"))
+        features = "x2"
+    nodes += [
+        helper.make_node("GlobalAveragePool", [features], ["gap"], name="/gap/GlobalAveragePool"),
         helper.make_node("Flatten", ["gap"], ["flat"], name="/flatten/Flatten"),
         helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="/fc/Gemm", transB=1),
     ]  # fmt: skip
-    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, side, side])
+    size = ["height", "width"] if dynamic_size else [side, side]
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, *size])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])
-    graph = helper.make_graph(nodes, "tiny", [image], [logits], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
+    model = finish_model(nodes, inits, [image], [logits])
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
     return path
