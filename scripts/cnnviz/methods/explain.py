@@ -26,8 +26,10 @@ from .common import known_classes, normalize_map, resolve_targets, save_explanat
 
 log = logging.getLogger("cnnviz.explain")
 
-# Each method yields (row index, raw map [H, W], picture uint8, extra info) for the job's rows.
-Result = tuple[int, np.ndarray, np.ndarray, dict[str, Any]]
+# Each method yields, per job row: (image index, raw map [H, W] float32, the signed input-space
+# signal [3, H, W] or None, extra info). The picture is drawn from these when the row is written:
+# a signed signal as RGB (grey = 0), else the raw map's positive part over the image.
+Result = tuple[int, np.ndarray, np.ndarray | None, dict[str, Any]]
 
 
 @dataclass
@@ -70,16 +72,15 @@ class Job:
         )
 
 
-def heat(job: Job, index: int, raw: np.ndarray) -> np.ndarray:
-    """The raw map overlaid on the image the model saw, at the image's own resolution."""
+def picture(job: Job, index: int, raw: np.ndarray, signed: np.ndarray | None) -> np.ndarray:
+    """What people see of one map: a signed [3, H, W] signal as RGB (grey = 0) at the model's
+    input size, else the raw map's positive part over the image the model saw, at the image's
+    own resolution."""
     from ..render import overlay
 
-    return overlay(job.views[index], normalize_map(raw))
-
-
-def signed(job: Job, index: int, grad: np.ndarray) -> np.ndarray:
-    """A signed [3, H, W] input-space signal as RGB (grey = 0), at the model's input size."""
-    return backprop.signed_rgb(grad)
+    if signed is not None:
+        return backprop.signed_rgb(signed)
+    return overlay(job.views[index], normalize_map(np.maximum(raw, 0)))
 
 
 # ---- the methods ---------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def _cam_variant(variant: str) -> Callable[[Job], Iterator[Result]]:
             session, job.card, job.row_inputs, job.row_targets, layer, (variant,)
         )[variant]
         for r, (i, _) in enumerate(job.rows):
-            yield i, maps[r], heat(job, i, maps[r]), {"layer": tensor}
+            yield i, maps[r], None, {"layer": tensor}
 
     return run
 
@@ -115,10 +116,7 @@ def _guided_gradcam(job: Job) -> Iterator[Result]:
     guided = backprop.guided_backprop(guided_session, job.row_inputs, job.row_targets)
     combined = guided_grad_cam(cams, guided)
     for r, (i, _) in enumerate(job.rows):
-        yield i, backprop.channel_max_abs(combined[r]), signed(job, i, combined[r]), {
-            "layer": tensor,
-            "picture": "signed",
-        }
+        yield i, backprop.channel_max_abs(combined[r]), combined[r], {"layer": tensor}
 
 
 def _scorecam(job: Job) -> Iterator[Result]:
@@ -137,14 +135,14 @@ def _scorecam(job: Job) -> Iterator[Result]:
         acts = forward.run([tensor], {input_name: x})[0][0]
         counts: dict[str, Any] = {}
         raw = score_cam(session, job.card, x, target, acts, batch_size, info=counts)
-        yield i, raw, heat(job, i, raw), {"layer": tensor, **counts}
+        yield i, raw, None, {"layer": tensor, **counts}
 
 
 def _saliency(job: Job) -> Iterator[Result]:
     session = job.session("gradient")
     maps = backprop.saliency(session, job.row_inputs, job.row_targets)
     for r, (i, _) in enumerate(job.rows):
-        yield i, maps[r], heat(job, i, maps[r]), {}
+        yield i, maps[r], None, {}
 
 
 def _signed_method(policy: str) -> Callable[[Job], Iterator[Result]]:
@@ -152,10 +150,7 @@ def _signed_method(policy: str) -> Callable[[Job], Iterator[Result]]:
         session = job.session(policy)
         grads = backprop.input_gradients(session, job.row_inputs, job.row_targets)
         for r, (i, _) in enumerate(job.rows):
-            yield i, backprop.channel_max_abs(grads[r]), signed(job, i, grads[r]), {
-                "policy": policy,
-                "picture": "signed",
-            }
+            yield i, backprop.channel_max_abs(grads[r]), grads[r], {"policy": policy}
 
     return run
 
@@ -173,7 +168,7 @@ def _smoothgrad(job: Job) -> Iterator[Result]:
             seed=int(job.options.get("seed", 0)),
             batch_size=job.batch_size,
         )
-        yield i, raw, heat(job, i, raw), {"samples": samples}
+        yield i, raw, None, {"samples": samples}
 
 
 def _integrated_gradients(job: Job) -> Iterator[Result]:
@@ -190,7 +185,7 @@ def _integrated_gradients(job: Job) -> Iterator[Result]:
             pre=job.card["preprocess"],
         )
         raw = np.abs(attributions).max(axis=0)
-        yield i, raw, heat(job, i, raw), {"steps": steps, "completeness_error": error}
+        yield i, raw, None, {"steps": steps, "completeness_error": error}
 
 
 def _occlusion(job: Job) -> Iterator[Result]:
@@ -201,8 +196,7 @@ def _occlusion(job: Job) -> Iterator[Result]:
     for i, target in job.rows:
         raw = occlusion(session, job.card, job.inputs[i], target, window, stride,
                         batch_size=max(job.batch_size, 16))
-        picture = heat(job, i, np.maximum(raw, 0))
-        yield i, raw, picture, {"window": window, "stride": stride}
+        yield i, raw, None, {"window": window, "stride": stride}
 
 
 METHODS: dict[str, Callable[[Job], Iterator[Result]]] = {
@@ -304,15 +298,17 @@ def _run_method(job: Job, method: str, out_dir: Path) -> tuple[list, list]:
         return [], [{"method": method, "images": job.ids, "error": str(error)}]
     seconds = (time.perf_counter() - started) / max(1, len(results))
     notes = approximation_notes(job, method)
-    for r, (i, raw, picture, extra) in enumerate(results):
+    for r, (i, raw, signed, extra) in enumerate(results):
         target = job.rows[r][1]
         info = {
+            **({"picture": "signed"} if signed is not None else {}),
             "label": labels[target] if target < len(labels) else str(target),
             "time_s": round(seconds, 4),
             **extra,
             **notes,
         }
-        paths = save_explanation(out_dir, method, job.ids[i], target, raw, picture, info)
+        shown = picture(job, i, raw, signed)
+        paths = save_explanation(out_dir, method, job.ids[i], target, raw, shown, info)
         done.append({"image": job.ids[i], "target": target, **paths})
     log.info("%s: %d maps, %.3f s per map", method, len(done), seconds)
     return done, failed
