@@ -97,11 +97,12 @@ def _explain(args: argparse.Namespace) -> None:
         Path(args.card).parent,
         Path(args.manifest),
         args.method,
-        Path(args.out_dir),
+        [Path(d) for d in args.out_dir],
         options=json.loads(args.options) if args.options else {},
         device=args.device,
         threads=args.threads,
         batch_size=args.batch_size,
+        predictions=Path(args.predictions) if args.predictions else None,
     )
 
 
@@ -233,6 +234,10 @@ def _out_folder(args: argparse.Namespace) -> list[tuple[Path, bool]]:
     return [(Path(args.out_dir), True)]
 
 
+def _out_folders(args: argparse.Namespace) -> list[tuple[Path, bool]]:
+    return [(Path(d), True) for d in args.out_dir]
+
+
 def _filter_files(args: argparse.Namespace) -> list[tuple[Path, bool]]:
     stem = Path(args.out_dir) / f"{args.layer}.{args.mode}"
     return [(stem.with_name(stem.name + ext), False) for ext in FILTER_FILES]
@@ -314,14 +319,17 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "explain",
         _explain,
-        "one explanation method (Grad-CAM, saliency, ...) for a shard",
-        _out_folder,
+        "explanation methods (Grad-CAM, saliency, ...) for a shard; a family's members "
+        "(the CAMs) named together come from one run",
+        _out_folders,
     )
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", required=True, nargs="+", help="one or more methods")
     p.add_argument("--card", required=True, help="model.json")
     p.add_argument("--manifest", required=True)
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--options", default="{}", help="the method's options as JSON")
+    p.add_argument("--out-dir", required=True, nargs="+", help="one folder per method")
+    p.add_argument("--predictions", default=None,
+                   help="the predict step's JSON for the shard (targets without a forward pass)")
+    p.add_argument("--options", default="{}", help="the methods' options as JSON")
     runtime_options(p)
 
     p = add(
@@ -453,17 +461,62 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cnnviz {args.command}: error: {error}", file=sys.stderr)
         if not (args.record_failures and outputs):
             return 2
-        from .failures import record_failure
+        return _record(args.command, error, outputs)
+    except Exception as error:  # noqa: BLE001 - every job's failure is data (see below)
+        if not (args.record_failures and outputs) or _environmental(error):
+            raise
+        # Not an error cnnviz foresaw (a bug, or an input no check knew): still the job's
+        # result, named in the report, so one model or shard never stops the run.
+        import traceback
 
-        record_failure(args.command, error, outputs)
-        print(f"cnnviz {args.command}: recorded the failure in its outputs", file=sys.stderr)
-        return 0
+        traceback.print_exc()
+        return _record(args.command, UnexpectedError(args.command, error), outputs)
     if outputs:
         from .failures import clear_failure
 
         clear_failure(outputs)
+        _stamp_folders(outputs)
     log.info("%s done in %.1f s", args.command, time.perf_counter() - started)
     return 0
+
+
+class UnexpectedError(CnnvizError):
+    """An exception no check in cnnviz foresaw, recorded as the job's failure."""
+
+    def __init__(self, step: str, error: BaseException) -> None:
+        super().__init__(
+            f"{type(error).__name__}: {error} (not an error cnnviz {step} expected: the "
+            "traceback is in the job's log; please report it with the input that caused it)"
+        )
+
+
+def _environmental(error: BaseException) -> bool:
+    """Errors of the machine, not of the input (memory, a full disk): the job fails so that
+    Snakemake retries it (with more memory), instead of recording a result."""
+    import errno
+
+    if isinstance(error, MemoryError):
+        return True
+    codes = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EIO, errno.EROFS)
+    return isinstance(error, OSError) and error.errno in codes
+
+
+def _record(step: str, error: CnnvizError, outputs: list[tuple[Path, bool]]) -> int:
+    from .failures import record_failure
+
+    record_failure(step, error, outputs)
+    _stamp_folders(outputs)
+    print(f"cnnviz {step}: recorded the failure in its outputs", file=sys.stderr)
+    return 0
+
+
+def _stamp_folders(outputs: list[tuple[Path, bool]]) -> None:
+    """A finished job's folder outputs record their files (resume.py: half-empty folders)."""
+    from .resume import write_stamp
+
+    for path, is_dir in outputs:
+        if is_dir:
+            write_stamp(path)
 
 
 if __name__ == "__main__":

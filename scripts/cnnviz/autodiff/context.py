@@ -20,7 +20,42 @@ class UnsupportedOpError(ModelError):
     """An op has no backward rule (or a rule cannot handle how the node is configured)."""
 
 
-class Context:
+class Emitter:
+    """Emits ONNX nodes and constants with fresh names under `scope` (collected, not placed)."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+        self.scope = "bwd"
+
+    def fresh(self, hint: str = "t") -> str:
+        self._count += 1
+        return f"{self.scope}/{hint}_{self._count}"
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs) -> str:
+        """Emit one node; returns its (first) output name (see `op_multi` for several)."""
+        return self.op_multi(op_type, inputs, n_out, **attrs)[0]
+
+    def op_multi(self, op_type: str, inputs: Sequence[str], n_out: int, **attrs) -> list[str]:
+        outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
+        node = helper.make_node(op_type, list(inputs), outputs, name=self.fresh(op_type), **attrs)
+        self.nodes.append(node)
+        return outputs
+
+    def const(self, array: np.ndarray, hint: str = "c") -> str:
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(np.array(list(values), dtype=np.int64), "i")
+
+    def reshape(self, x: str, shape: Sequence[int]) -> str:
+        return self.op("Reshape", [x, self.ints(shape)])
+
+
+class Context(Emitter):
     """Facts about the prepared forward graph plus an emitter for backward nodes."""
 
     def __init__(
@@ -32,16 +67,13 @@ class Context:
         opset: int,
         policy: str,
     ) -> None:
+        super().__init__()
         self.shapes = shapes
         self.dtypes = dtypes
         self.constants = constants
         self.active_tensors = active
         self.opset = opset
         self.policy = policy
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._count = 0
-        self.scope = "bwd"
 
     # ---- facts about forward tensors -------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:
@@ -71,36 +103,11 @@ class Context:
         return bool(name) and name in self.active_tensors
 
     # ---- emitting backward nodes -------------------------------------------------------------
-    def fresh(self, hint: str = "t") -> str:
-        self._count += 1
-        return f"{self.scope}/{hint}_{self._count}"
-
-    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, **attrs) -> str:
-        """Emit one node; returns its (first) output name (see `op_multi` for several)."""
-        return self.op_multi(op_type, inputs, n_out, **attrs)[0]
-
-    def op_multi(self, op_type: str, inputs: Sequence[str], n_out: int, **attrs) -> list[str]:
-        outputs = [self.fresh(op_type.lower()) for _ in range(n_out)]
-        node = helper.make_node(op_type, list(inputs), outputs, name=self.fresh(op_type), **attrs)
-        self.nodes.append(node)
-        return outputs
-
-    def const(self, array: np.ndarray, hint: str = "c") -> str:
-        name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
     def scalar(self, value: float, like: str) -> str:
         """A 0-d constant with the dtype of tensor `like`."""
         return self.const(np.array(value, dtype=self.np_dtype(like)), "k")
 
-    def ints(self, values: Sequence[int]) -> str:
-        return self.const(np.array(list(values), dtype=np.int64), "i")
-
     # ---- small building blocks shared by rules -----------------------------------------------
-    def reshape(self, x: str, shape: Sequence[int]) -> str:
-        return self.op("Reshape", [x, self.ints(shape)])
-
     def zeros(self, shape: Sequence[int], like: str) -> str:
         value = numpy_helper.from_array(np.zeros(1, dtype=self.np_dtype(like)))
         return self.op("ConstantOfShape", [self.ints(shape)], value=value)

@@ -331,18 +331,48 @@ def conv(ctx, node, gys):
     kernel = list(attrs_of(node).get("kernel_shape", ws[2:]))
     strides, dil, pads = window_geometry(node, xs, kernel)
     out = [None] * len(node.input)
-    flipped = _flipped_conv(ctx, node, gys[0], group, kernel, strides, dil, pads)
-    if flipped is not None:
-        out[0] = flipped
-        return out
     extra = transpose_padding(xs, ys, kernel, strides, dil, pads)
     if any(e < 0 or e >= max(s, d) for e, s, d in zip(extra, strides, dil, strict=True)):
         raise refuse(node, f"cannot invert its geometry (output_padding {extra})")
+    gy = gys[0]
+    if group > 1 and any(s > 1 for s in strides) and ctx.value(w) is not None:
+        # grouped dgrad (depthwise stride 2) is a slow kernel choice on cuDNN (research/
+        # ort-cuda.md §2): zero-insert the gradient and run a stride-1 flipped Conv instead
+        gy, pads = _zero_insert(ctx, gy, ys, kernel, strides, dil, pads, extra)
+        strides, extra = [1] * len(kernel), [0] * len(kernel)
+    flipped = _flipped_conv(ctx, node, gy, group, kernel, strides, dil, pads)
+    if flipped is not None:
+        out[0] = flipped
+        return out
     out[0] = ctx.op(
-        "ConvTranspose", [gys[0], w], kernel_shape=kernel, strides=strides, dilations=dil,
+        "ConvTranspose", [gy, w], kernel_shape=kernel, strides=strides, dilations=dil,
         group=group, pads=pads, output_padding=extra,
     )
     return out
+
+
+def _zero_insert(ctx, gy, ys, kernel, strides, dil, pads, extra):
+    """The stride-s ConvTranspose input as a stride-1 one (Dumoulin & Visin, relationship 14):
+    s - 1 zeros between the gradient's pixels, and the output padding moved into the end pads.
+    Returns (new gradient, pads for the stride-1 transposed conv)."""
+    nd = len(kernel)
+    n, c, spatial = ys[0], ys[1], list(ys[2:])
+    # [N, C, h, 1, w, 1] -> pad each unit axis to s -> [N, C, h*s, w*s] (s - 1 zeros after each)
+    split = [n, c] + [v for size in spatial for v in (size, 1)]
+    pad_end = [0, 0] + [v for s in strides for v in (0, s - 1)]
+    wide = ctx.op("Pad", [ctx.reshape(gy, split), ctx.ints([0] * len(split) + pad_end)])
+    spread = ctx.reshape(wide, [n, c] + [size * s for size, s in zip(spatial, strides,
+                                                                         strict=True)])
+    # the last s - 1 zeros are not part of the zero-inserted tensor: fold them into the end pads
+    ends = [pads[nd + i] - extra[i] + strides[i] - 1 for i in range(nd)]
+    if any(e > (k - 1) * d for e, k, d in zip(ends, kernel, dil, strict=True)):
+        crop = [max(0, e - (k - 1) * d) for e, k, d in zip(ends, kernel, dil, strict=True)]
+        full = [size * s for size, s in zip(spatial, strides, strict=True)]
+        spread = ctx.op("Slice", [spread, ctx.ints([0] * nd),
+                                  ctx.ints([f - k for f, k in zip(full, crop, strict=True)]),
+                                  ctx.ints(range(2, 2 + nd))])
+        ends = [e - k for e, k in zip(ends, crop, strict=True)]
+    return spread, list(pads[:nd]) + ends
 
 
 def _flipped_conv(ctx, node, gy, group, kernel, strides, dil, pads) -> str | None:
@@ -621,3 +651,5 @@ def _python_slice(start: int, end: int, step: int, dim: int) -> slice:
         return slice(min(max(start, 0), dim), min(max(end, 0), dim), step)
     start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
     return slice(start, end if end >= 0 else None, step)
+
+from . import rules_sampling  # noqa: E402, F401  (Gather, GatherElements: scatter-add)

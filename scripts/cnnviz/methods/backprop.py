@@ -215,10 +215,15 @@ def smoothgrad_gradient(
 
 def smoothgrad_inputs(x: np.ndarray, samples: int, noise_level: float, seed: int) -> np.ndarray:
     """The noisy points: x + N(0, sigma^2), sigma = noise_level * (max(x) - min(x)), seeded."""
-    sigma = noise_level * float(x.max() - x.min())
+    sigma = np.float32(noise_level * float(x.max() - x.min()))
+    return x[None] + sigma * unit_noise(samples, x.shape, seed)
+
+
+def unit_noise(samples: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """[samples, *shape] float32 standard normal noise: the same draws for every image of a job
+    (each image scales them by its own sigma), reproducible from `seed`."""
     rng = np.random.default_rng(seed)
-    noise = rng.normal(0.0, sigma, size=(samples, *x.shape)).astype(np.float32)
-    return x[None] + noise
+    return rng.standard_normal(size=(samples, *shape)).astype(np.float32)
 
 
 def smoothgrad(
@@ -345,3 +350,110 @@ def heat_picture(display: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> n
     from .common import normalize_map
 
     return overlay(display, normalize_map(heat), alpha=alpha)
+
+
+# ---- whole methods as one graph (cnnviz.methodgraph; run by cnnviz.runner.Runner) -------------
+def _inline_gradient(b, model: onnx.ModelProto, rows_x: str, targets: str, rows: int,
+                     policy: str, fallback: str, prefix: str = "model") -> dict[str, str]:
+    """Inline the vjp of `model` at batch `rows` (input := rows_x, seed := one-hot of the rows'
+    `targets`); returns the new names of its outputs, with "grad" and "value" (the seeded
+    tensor, e.g. the logits) added."""
+    from ..methodgraph import one_hot, seed_input, static_dims
+
+    core = gradient_model(model, policy, rows, fallback=fallback)
+    x = model_input_name(model)
+    seed = seed_input(core)
+    dims = static_dims(seed)[1:]
+    seeds = one_hot(b, targets, int(np.prod(dims)), dims)
+    names = b.inline(core, {x: rows_x, seed.name: seeds}, prefix)
+    names["grad"] = names[GRAD_PREFIX + x]
+    names["value"] = names[seed.name[len(SEED_PREFIX):]]
+    names["seeds"] = seeds
+    return names
+
+
+def _image_inputs(b, model: onnx.ModelProto, images: int) -> tuple[str, str, list[int]]:
+    from ..graph import fix_batch
+    from ..methodgraph import FLOAT, INT64
+
+    dims = [d.dim_value for d in
+            fix_batch(model, 1).graph.input[0].type.tensor_type.shape.dim][1:]
+    x = b.input("images", FLOAT, [images, *dims])
+    t = b.input("targets", INT64, [images])
+    return x, t, dims
+
+
+def gradient_graph(model: onnx.ModelProto, policy: str, images: int,
+                   fallback: str = "error"):  # noqa: ANN201 - MethodGraph
+    """Saliency / guided backprop / deconvnet as one graph: images [B, 3, H, W] and targets [B]
+    in; `signed` (the input gradient of each target logit under `policy`) and `map` (its max
+    |.| over the channels) out."""
+    from ..methodgraph import GraphBuilder, MethodGraph, channel_max_abs
+
+    b = GraphBuilder.for_model(model)
+    x, t, _ = _image_inputs(b, model, images)
+    names = _inline_gradient(b, model, x, t, images, policy, fallback)
+    b.output("signed", names["grad"])
+    b.output("map", channel_max_abs(b, names["grad"]))
+    return MethodGraph(b.build(f"{policy}_gradient"), images)
+
+
+def smoothgrad_graph(model: onnx.ModelProto, images: int, points: int, noise_level: float,
+                     fallback: str = "error"):  # noqa: ANN201 - MethodGraph
+    """SmoothGrad as one graph. Per image x: the rows x + sigma * noise_p (sigma = noise_level *
+    (max x - min x)) for the call's `points` noise samples; out: `signed` = sum_p weight_p *
+    gradient at row p (weight 1/samples; 0 for a padded point), summed by the runner over calls.
+    The unit noise [P, 3, H, W] is a per-point input, drawn once per job on the host (seeded)."""
+    from ..methodgraph import FLOAT, GraphBuilder, MethodGraph, repeat_rows
+
+    b = GraphBuilder.for_model(model)
+    x, t, dims = _image_inputs(b, model, images)
+    noise = b.input("noise", FLOAT, [points, *dims])
+    weights = b.input("weights", FLOAT, [points])
+    span = b.op("Sub", [b.reduce("ReduceMax", x, [1, 2, 3], True),
+                        b.reduce("ReduceMin", x, [1, 2, 3], True)])
+    sigma = b.op("Mul", [span, b.f(noise_level)])  # [B, 1, 1, 1]
+    one = [1] * len(dims)
+    noisy = b.op("Add", [b.reshape(x, [images, 1, *dims]),
+                         b.op("Mul", [b.reshape(sigma, [images, 1, *one]), noise])])
+    rows = images * points
+    names = _inline_gradient(b, model, b.reshape(noisy, [rows, *dims]),
+                             repeat_rows(b, t, [images], points), rows, "gradient", fallback)
+    grads = b.reshape(names["grad"], [images, points, *dims])
+    weighted = b.op("Mul", [grads, b.reshape(weights, [1, points, *one])])
+    b.output("signed", b.reduce("ReduceSum", weighted, [1]))
+    return MethodGraph(b.build("smoothgrad"), images, points, point_inputs=("noise", "weights"),
+                       summed=("signed",))
+
+
+def integrated_gradients_graph(model: onnx.ModelProto, images: int, points: int,
+                               fallback: str = "error"):  # noqa: ANN201 - MethodGraph
+    """Integrated gradients as one graph. Per image x and path point p: the row
+    x0 + alpha_p (x - x0); out: `signed` = (x - x0) * sum_p weight_p * gradient at row p (summed
+    by the runner over calls) and `values` [B, P], the target logit at each row (for the
+    completeness check: the end points are points with weight 0). The baseline x0 [1, 3, H, W]
+    is fixed for the job; alphas and weights [P] are per-point inputs."""
+    from ..methodgraph import FLOAT, GraphBuilder, MethodGraph, repeat_rows
+
+    b = GraphBuilder.for_model(model)
+    x, t, dims = _image_inputs(b, model, images)
+    x0 = b.input("baseline", FLOAT, [1, *dims])
+    alphas = b.input("alphas", FLOAT, [points])
+    weights = b.input("weights", FLOAT, [points])
+    one = [1] * len(dims)
+    delta = b.op("Sub", [x, x0])  # [B, 3, H, W]
+    path = b.op("Add", [x0, b.op("Mul", [b.reshape(delta, [images, 1, *dims]),
+                                         b.reshape(alphas, [1, points, *one])])])
+    rows = images * points
+    names = _inline_gradient(b, model, b.reshape(path, [rows, *dims]),
+                             repeat_rows(b, t, [images], points), rows, "gradient", fallback)
+    grads = b.reshape(names["grad"], [images, points, *dims])
+    total = b.reduce("ReduceSum", b.op("Mul", [grads, b.reshape(weights, [1, points, *one])]),
+                     [1])
+    b.output("signed", b.op("Mul", [total, delta]))
+    picked = b.reduce("ReduceSum", b.op("Mul", [b.reshape(names["value"], [rows, -1]),
+                                                b.reshape(names["seeds"], [rows, -1])]), [1])
+    b.output("values", b.reshape(picked, [images, points]))
+    return MethodGraph(b.build("integrated_gradients"), images, points,
+                       point_inputs=("alphas", "weights"), fixed_inputs=("baseline",),
+                       summed=("signed",), per_point=("values",))

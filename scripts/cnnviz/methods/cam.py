@@ -136,6 +136,86 @@ def cam_inputs(
     return joined[0], joined[1], (joined[2] if len(joined) > 2 else None)
 
 
+# ---- the CAM family as one graph (cnnviz.methodgraph; run by cnnviz.runner.Runner) ----------
+def cam_graph(
+    model: onnx.ModelProto,
+    card: dict[str, Any],
+    layer: str | None,
+    images: int,
+    variants: tuple[str, ...] | list[str] = VARIANTS,
+    guided: bool = False,
+    fallback: str = "error",
+):  # noqa: ANN201 - MethodGraph
+    """Every requested CAM variant from one (A, G) run, finished in the graph.
+
+    In: images [B, 3, H, W], targets [B]. Out: one map [B, H, W] per variant (ReLU, normalise,
+    bilinear upsample, normalise, as `finish_maps`); with `guided`, also `guided_gradcam`
+    ([B, H, W], max |.| over channels) and `guided_gradcam_signed` (Grad-CAM times the guided
+    backprop input gradient [B, 3, H, W]), from a second, inlined vjp under the guided policy.
+    """
+    from ..methodgraph import (
+        GraphBuilder,
+        MethodGraph,
+        channel_max_abs,
+        one_hot,
+        seed_input,
+        static_dims,
+    )
+    from .backprop import _image_inputs, _inline_gradient, model_input_name
+
+    for v in variants:
+        if v not in VARIANTS:
+            raise ConfigError(f"unknown CAM variant {v!r}; use one of {', '.join(VARIANTS)}")
+    wanted = list(dict.fromkeys([*variants, *(["gradcam"] if guided else [])]))
+    core, tensor = build_cam_model(model, card, layer, images, fallback)
+    b = GraphBuilder.for_model(model)
+    x, t, dims = _image_inputs(b, model, images)
+    seed = seed_input(core)
+    seed_dims = static_dims(seed)[1:]
+    seeds = one_hot(b, t, int(np.prod(seed_dims)), seed_dims)
+    names = b.inline(core, {model_input_name(model): x, seed.name: seeds}, "cam")
+    a, g = names[tensor], names[GRAD_PREFIX + tensor]
+    shape = next(static_dims(o) for o in core.graph.output if o.name == tensor)
+    maps = {v: _finish_in_graph(b, _raw_cam_in_graph(b, v, a, g), shape[2:], dims[-2:])
+            for v in wanted}
+    for v in variants:
+        b.output(v, maps[v])
+    if guided:
+        gg = _inline_gradient(b, model, x, t, images, "guided", fallback, prefix="guided")
+        signed = b.op("Mul", [b.reshape(maps["gradcam"], [images, 1, *dims[-2:]]), gg["grad"]])
+        b.output("guided_gradcam_signed", signed)
+        b.output("guided_gradcam", channel_max_abs(b, signed))
+    graph = MethodGraph(b.build("cam_family"), images)
+    graph.metadata["layer"] = tensor
+    return graph
+
+
+def _raw_cam_in_graph(b, variant: str, a: str, g: str) -> str:
+    """[N, h, w] before the ReLU (as `raw_cam`), from A and G [N, C, h, w]."""
+    if variant == "layercam":
+        return b.reduce("ReduceSum", b.op("Mul", [b.op("Relu", [g]), a]), [1])
+    if variant == "gradcam":
+        weights = b.reduce("ReduceMean", g, [2, 3], keepdims=True)
+    else:  # gradcampp; alpha is 0 where G == 0 without a mask (its numerator is G^2)
+        g2 = b.op("Mul", [g, g])
+        sum_a = b.reduce("ReduceSum", a, [2, 3], keepdims=True)
+        denominator = b.op("Add", [
+            b.op("Add", [b.op("Mul", [g2, b.f(2.0)]), b.op("Mul", [sum_a, b.op("Mul", [g2, g])])]),
+            b.f(GRADCAMPP_EPS),
+        ])
+        alpha = b.op("Div", [g2, denominator])
+        weights = b.reduce("ReduceSum", b.op("Mul", [b.op("Relu", [g]), alpha]), [2, 3], True)
+    return b.reduce("ReduceSum", b.op("Mul", [weights, a]), [1])
+
+
+def _finish_in_graph(b, raw: str, low: tuple[int, int] | list[int], size) -> str:
+    """`finish_maps` in the graph: ReLU, normalise, upsample to `size`, normalise."""
+    from ..methodgraph import normalize, resize
+
+    low_res = normalize(b, b.op("Relu", [raw]))
+    return normalize(b, resize(b, low_res, low, size))
+
+
 # ---- the weights and maps (pure numpy) ----------------------------------------------------------
 def cam_weights(variant: str, activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
     """Channel weights [N, C] of gradcam / gradcampp from A, G [N, C, h, w]."""

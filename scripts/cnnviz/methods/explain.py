@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from ..artifacts import write_json
-from ..errors import CnnvizError
+from ..errors import CnnvizError, ConfigError
 from . import backprop
 from .common import known_classes, normalize_map, resolve_targets, save_explanation
 
@@ -84,39 +84,56 @@ def picture(job: Job, index: int, raw: np.ndarray, signed: np.ndarray | None) ->
 
 
 # ---- the methods ---------------------------------------------------------------------------
-def _cam_variant(variant: str) -> Callable[[Job], Iterator[Result]]:
-    def run(job: Job) -> Iterator[Result]:
-        from ..runtime import make_session
-        from .cam import build_cam_model, grad_cam_family
+# Each method is one graph (cnnviz.methodgraph) run by the one runner (cnnviz.runner): the host
+# feeds the staged inputs and targets and gets finished maps back.
+def _runner(job: Job, graph: Any) -> Any:
+    from ..runner import Runner
 
-        layer = _cam_layer(job)
-        graph, tensor = build_cam_model(job.model, job.card, layer, job.batch_size, job.fallback)
-        session = make_session(graph, job.device, job.threads)
-        # The methods chunk and pad to the session's static batch themselves.
-        maps = grad_cam_family(
-            session, job.card, job.row_inputs, job.row_targets, layer, (variant,)
-        )[variant]
-        for r, (i, _) in enumerate(job.rows):
-            yield i, maps[r], None, {"layer": tensor}
+    return Runner(graph, job.device, job.threads)
+
+
+def _images_per_call(job: Job, points: int = 1) -> tuple[int, int]:
+    """(images, points) per call: `batch_size` rows, never more images than the job has."""
+    from ..runner import chunk_plan
+
+    images, points = chunk_plan(points, job.batch_size)
+    return max(1, min(images, len(job.rows))), points
+
+
+def _row_feeds(job: Job) -> dict[str, np.ndarray]:
+    return {"images": job.row_inputs, "targets": np.asarray(job.row_targets, np.int64)}
+
+
+CAM_FAMILY = ("gradcam", "gradcampp", "layercam", "guided_gradcam")
+
+
+def cam_family(job: Job, members: list[str] | tuple[str, ...]) -> dict[str, list[Result]]:
+    """The CAM family's members from one (activations, gradients) run per chunk: one graph
+    holds every requested variant (and guided Grad-CAM's guided backprop)."""
+    from .cam import VARIANTS, cam_graph
+
+    variants = [m for m in members if m in VARIANTS]
+    guided = "guided_gradcam" in members
+    images, _ = _images_per_call(job)
+    graph = cam_graph(job.model, job.card, _cam_layer(job), images, variants, guided,
+                      job.fallback)
+    out = _runner(job, graph).run(_row_feeds(job))
+    info = {"layer": graph.metadata["layer"]}
+    results = {v: [(i, out[v][r], None, info) for r, (i, _) in enumerate(job.rows)]
+               for v in variants}
+    if guided:
+        results["guided_gradcam"] = [
+            (i, out["guided_gradcam"][r], out["guided_gradcam_signed"][r], info)
+            for r, (i, _) in enumerate(job.rows)
+        ]
+    return results
+
+
+def _cam_member(method: str) -> Callable[[Job], Iterator[Result]]:
+    def run(job: Job) -> Iterator[Result]:
+        yield from cam_family(job, [method])[method]
 
     return run
-
-
-def _guided_gradcam(job: Job) -> Iterator[Result]:
-    from ..runtime import make_session
-    from .cam import build_cam_model, grad_cam_family, guided_grad_cam
-
-    layer = _cam_layer(job)
-    graph, tensor = build_cam_model(job.model, job.card, layer, job.batch_size, job.fallback)
-    cam_session = make_session(graph, job.device, job.threads)
-    cams = grad_cam_family(
-        cam_session, job.card, job.row_inputs, job.row_targets, layer, ("gradcam",)
-    )["gradcam"]
-    guided_session = job.session("guided")
-    guided = backprop.guided_backprop(guided_session, job.row_inputs, job.row_targets)
-    combined = guided_grad_cam(cams, guided)
-    for r, (i, _) in enumerate(job.rows):
-        yield i, backprop.channel_max_abs(combined[r]), combined[r], {"layer": tensor}
 
 
 def _scorecam(job: Job) -> Iterator[Result]:
@@ -138,53 +155,53 @@ def _scorecam(job: Job) -> Iterator[Result]:
         yield i, raw, None, {"layer": tensor, **counts}
 
 
-def _saliency(job: Job) -> Iterator[Result]:
-    session = job.session("gradient")
-    maps = backprop.saliency(session, job.row_inputs, job.row_targets)
-    for r, (i, _) in enumerate(job.rows):
-        yield i, maps[r], None, {}
+def _gradient_method(policy: str, signed: bool) -> Callable[[Job], Iterator[Result]]:
+    """Saliency (policy gradient, shown as a heat map), guided backprop and deconvnet (signed)."""
 
-
-def _signed_method(policy: str) -> Callable[[Job], Iterator[Result]]:
     def run(job: Job) -> Iterator[Result]:
-        session = job.session(policy)
-        grads = backprop.input_gradients(session, job.row_inputs, job.row_targets)
+        images, _ = _images_per_call(job)
+        graph = backprop.gradient_graph(job.model, policy, images, job.fallback)
+        out = _runner(job, graph).run(_row_feeds(job))
+        extra = {"policy": policy} if signed else {}
         for r, (i, _) in enumerate(job.rows):
-            yield i, backprop.channel_max_abs(grads[r]), grads[r], {"policy": policy}
+            yield i, out["map"][r], (out["signed"][r] if signed else None), extra
 
     return run
 
 
 def _smoothgrad(job: Job) -> Iterator[Result]:
     samples = int(job.options.get("samples", 25))
-    session = job.session("gradient", min(samples, job.batch_size))
-    for i, target in job.rows:
-        raw = backprop.smoothgrad(
-            session,
-            job.inputs[i],
-            target,
-            samples=samples,
-            noise_level=float(job.options.get("noise_level", 0.15)),
-            seed=int(job.options.get("seed", 0)),
-            batch_size=job.batch_size,
-        )
-        yield i, raw, None, {"samples": samples}
+    noise_level = float(job.options.get("noise_level", 0.15))
+    if samples < 1 or noise_level < 0:
+        raise ConfigError(f"smoothgrad needs samples >= 1 and noise_level >= 0, got "
+                          f"{samples}, {noise_level}")
+    images, points = _images_per_call(job, samples)
+    graph = backprop.smoothgrad_graph(job.model, images, points, noise_level, job.fallback)
+    noise = backprop.unit_noise(samples, job.inputs.shape[1:], int(job.options.get("seed", 0)))
+    weights = np.full(samples, 1.0 / samples, np.float32)
+    out = _runner(job, graph).run(_row_feeds(job), {"noise": noise, "weights": weights})
+    for r, (i, _) in enumerate(job.rows):
+        yield i, backprop.channel_max_abs(out["signed"][r]), None, {"samples": samples}
 
 
 def _integrated_gradients(job: Job) -> Iterator[Result]:
     steps = int(job.options.get("steps", 50))
-    session = job.session("gradient", min(steps + 2, max(job.batch_size, 8)))
-    for i, target in job.rows:
-        attributions, error = backprop.integrated_gradients(
-            session,
-            job.inputs[i],
-            target,
-            steps=steps,
-            baseline=job.options.get("baseline", "zero"),
-            batch_size=job.batch_size,
-            pre=job.card["preprocess"],
-        )
-        raw = np.abs(attributions).max(axis=0)
+    weights, alphas = backprop.ig_rule(str(job.options.get("method", "gausslegendre")), steps)
+    # the end points (weight 0) give f(x0) and f(x) for the completeness error
+    alphas = np.concatenate([alphas, [0.0, 1.0]]).astype(np.float32)
+    weights = np.concatenate([weights, [0.0, 0.0]]).astype(np.float32)
+    images, points = _images_per_call(job, len(alphas))
+    graph = backprop.integrated_gradients_graph(job.model, images, points, job.fallback)
+    baseline = backprop.make_baseline(job.options.get("baseline", "zero"), job.inputs[0],
+                                      job.card["preprocess"])
+    out = _runner(job, graph).run(
+        _row_feeds(job), {"alphas": alphas, "weights": weights}, {"baseline": baseline[None]}
+    )
+    for r, (i, _) in enumerate(job.rows):
+        attributions, values = out["signed"][r], out["values"][r].astype(np.float64)
+        delta = values[-1] - values[-2]
+        error = abs(float(attributions.astype(np.float64).sum()) - delta) / max(abs(delta), 1e-12)
+        raw = backprop.channel_max_abs(attributions)
         yield i, raw, None, {"steps": steps, "completeness_error": error}
 
 
@@ -200,17 +217,21 @@ def _occlusion(job: Job) -> Iterator[Result]:
 
 
 METHODS: dict[str, Callable[[Job], Iterator[Result]]] = {
-    "gradcam": _cam_variant("gradcam"),
-    "gradcampp": _cam_variant("gradcampp"),
-    "layercam": _cam_variant("layercam"),
-    "guided_gradcam": _guided_gradcam,
+    "gradcam": _cam_member("gradcam"),
+    "gradcampp": _cam_member("gradcampp"),
+    "layercam": _cam_member("layercam"),
+    "guided_gradcam": _cam_member("guided_gradcam"),
     "scorecam": _scorecam,
-    "saliency": _saliency,
+    "saliency": _gradient_method("gradient", signed=False),
     "smoothgrad": _smoothgrad,
     "integrated_gradients": _integrated_gradients,
-    "guided_backprop": _signed_method("guided"),
-    "deconvnet": _signed_method("deconvnet"),
+    "guided_backprop": _gradient_method("guided", signed=True),
+    "deconvnet": _gradient_method("deconvnet", signed=True),
     "occlusion": _occlusion,
+}
+# Methods computed together when a job asks for several: {member: (family, runner)}.
+FAMILIES: dict[str, tuple[str, Callable[[Job, list[str]], dict[str, list[Result]]]]] = {
+    m: ("cam", cam_family) for m in CAM_FAMILY
 }
 
 
@@ -222,9 +243,10 @@ def _cam_layer(job: Job) -> str | None:
 # ---- the job -------------------------------------------------------------------------------
 def load_job(
     model_dir: Path, manifest: Path, options: dict[str, Any], device: str, threads: int | None,
-    batch_size: int,
+    batch_size: int, predictions: Path | None = None,
 ) -> tuple[Job, list[dict[str, Any]]]:
-    """Read the model and the shard's images, predict, and pick each image's target classes."""
+    """Read the model and the shard's images and pick each image's target classes (from the
+    predict step's `predictions` JSON when it has what the target needs, else by predicting)."""
     from ..images import load_image, original_view, preprocess, read_manifest
     from ..modelcard import load_card, model_path
     from ..runtime import make_session
@@ -246,7 +268,9 @@ def load_job(
         return job, failed
     spec, unknown = known_classes(card, options.get("target", "top1"))
     failed += [{"image": f"all {len(ids)} images", "error": error} for error in unknown]
-    probs = predict(make_session(model, device, threads), card, list(batch), batch_size)
+    probs = _predicted(predictions, ids, card, spec)
+    if probs is None:
+        probs = predict(make_session(model, device, threads), card, list(batch), batch_size)
     for i, image_id in enumerate(ids):
         try:
             targets = resolve_targets(card, probs[i], spec)
@@ -257,46 +281,105 @@ def load_job(
     return job, failed
 
 
+def _predicted(
+    predictions: Path | None, ids: list[str], card: dict[str, Any], spec: Any
+) -> np.ndarray | None:
+    """Class scores [N, classes] holding each image's recorded top-k probabilities (zeros
+    elsewhere), or None when the file is missing or failed, lacks an image, or the target asks
+    for more classes than it ranked."""
+    from ..artifacts import read_json
+    from ..failures import failure_of
+
+    if predictions is None or not Path(predictions).is_file() or failure_of(Path(predictions)):
+        return None
+    ranked = {entry["id"]: entry["top"] for entry in read_json(predictions).get("images", [])}
+    need = int(spec["top_k"]) if isinstance(spec, dict) and "top_k" in spec else 1
+    if any(len(ranked.get(i, [])) < need for i in ids):
+        return None
+    probs = np.zeros((len(ids), int(card["output"]["num_classes"])), np.float32)
+    for row, image_id in enumerate(ids):
+        for entry in ranked[image_id]:
+            probs[row, int(entry["index"])] = float(entry["prob"])
+    return probs
+
+
 def explain_shard(
     model_dir: Path,
     manifest: Path,
-    method: str,
-    out_dir: Path,
+    method: str | list[str],
+    out_dir: Path | list[Path],
     options: dict[str, Any] | None = None,
     device: str = "auto",
     threads: int | None = None,
     batch_size: int = 8,
+    predictions: Path | None = None,
 ) -> dict[str, Any]:
-    """Compute `method` for every image of the shard; write maps, `summary.json`, `failed.json`."""
+    """Compute `method` (or several methods, each with its own `out_dir`; members of one family
+    such as the CAMs come from one run) for every image of the shard; write maps,
+    `summary.json` and `failed.json` per method. Targets come from `predictions` (the predict
+    step's JSON for the shard) when given, else from a forward pass."""
+    methods = [method] if isinstance(method, str) else list(method)
+    out_dirs = [Path(out_dir)] if isinstance(out_dir, (str, Path)) else [Path(d) for d in out_dir]
+    if len(methods) != len(out_dirs):
+        raise CnnvizError(f"{len(methods)} methods but {len(out_dirs)} output folders")
+    unknown = [m for m in methods if m not in METHODS and m != "projections"]
+    if unknown:
+        raise CnnvizError(f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}")
     options = options or {}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    job, failed = load_job(Path(model_dir), Path(manifest), options, device, threads, batch_size)
-    done: list[dict[str, Any]] = []
-    if method == "projections":
-        done, failures = _projections(job, out_dir)
-        failed.extend(failures)
-    elif job.rows:
-        if method not in METHODS:
-            raise CnnvizError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-        done, failures = _run_method(job, method, out_dir)
-        failed.extend(failures)
-    summary = {"method": method, "model": job.card.get("name"), "maps": done, "failed": failed}
-    write_json(out_dir / "summary.json", summary)
-    write_json(out_dir / "failed.json", failed)
-    return summary
+    for folder in out_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+    job, failed = load_job(Path(model_dir), Path(manifest), options, device, threads, batch_size,
+                           predictions)
+    outcome: dict[str, tuple[list, list]] = {m: ([], []) for m in methods}
+    if "projections" in methods:
+        outcome["projections"] = _projections(job, out_dirs[methods.index("projections")])
+    computed = [m for m in methods if m != "projections"]
+    if job.rows and computed:
+        outcome.update(_run_methods(job, computed, out_dirs))
+    summaries = {}
+    for m, folder in zip(methods, out_dirs, strict=True):
+        done, failures = outcome[m]
+        summary = {"method": m, "model": job.card.get("name"), "maps": done,
+                   "failed": failed + failures}
+        write_json(folder / "summary.json", summary)
+        write_json(folder / "failed.json", summary["failed"])
+        summaries[m] = summary
+    return summaries[methods[0]] if len(methods) == 1 else summaries
 
 
-def _run_method(job: Job, method: str, out_dir: Path) -> tuple[list, list]:
+def _run_methods(job: Job, methods: list[str], out_dirs: list[Path]) -> dict[str, tuple]:
+    """Compute the methods (a family's members together) and write each one's rows."""
+    folders = dict(zip(methods, out_dirs, strict=False)) if len(out_dirs) == len(methods) else {}
+    groups: dict[str, list[str]] = {}
+    for m in methods:
+        groups.setdefault(FAMILIES[m][0] if m in FAMILIES else m, []).append(m)
+    outcome = {}
+    for members in groups.values():
+        started = time.perf_counter()
+        try:
+            if members[0] in FAMILIES:
+                results = FAMILIES[members[0]][1](job, members)
+            else:
+                results = {members[0]: list(METHODS[members[0]](job))}
+        except CnnvizError as error:
+            log.error("%s failed: %s", ", ".join(members), error)
+            for m in members:
+                outcome[m] = ([], [{"method": m, "images": job.ids, "error": str(error)}])
+            continue
+        count = sum(len(r) for r in results.values())
+        seconds = (time.perf_counter() - started) / max(1, count)
+        for m in members:
+            outcome[m] = _write_rows(job, m, results[m], seconds, folders[m])
+    return outcome
+
+
+def _write_rows(
+    job: Job, method: str, results: list[Result], seconds: float, out_dir: Path
+) -> tuple[list, list]:
+    """Write one method's rows (picture, raw map, info); `seconds`: compute time per map."""
     labels = job.card.get("labels") or []
-    started = time.perf_counter()
-    done, failed = [], []
-    try:
-        results = list(METHODS[method](job))
-    except CnnvizError as error:
-        log.error("%s failed: %s", method, error)
-        return [], [{"method": method, "images": job.ids, "error": str(error)}]
-    seconds = (time.perf_counter() - started) / max(1, len(results))
+    done: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     notes = approximation_notes(job, method)
     for r, (i, raw, signed, extra) in enumerate(results):
         target = job.rows[r][1]
