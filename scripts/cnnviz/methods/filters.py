@@ -15,11 +15,19 @@ filter that is dead on its start image (Relu/Clip output zero everywhere) would 
 gradient: for the first 16 steps, and while it stays dead, the gradient of its pre-activation
 is added (lucid's redirected ReLU, at the objective's own activation only).
 
-The model's gradient is one ONNX graph built by `cnnviz.autodiff.vjp` on the model cut at the
-layer (nothing after the layer is computed). All filters of a chunk are one batch: item i's
-seed selects its own channel, so a chunk of 16 filters costs one batched forward + backward per
-step. Every filter draws its start and its transforms from its own stream, seeded by
-(seed, channel), so a filter's picture does not depend on the batch it ran in.
+A whole optimization step is one ONNX graph (`optvis_graph`, engine "graph", the default):
+parameterization, the step's random transforms (drawn on the host once for all steps, picked
+in-graph by the step index), resize and normalization, the model cut at the layer (nothing after
+the layer is computed), the objective, the backward of all of it (`cnnviz.autodiff.vjp`) and the
+Adam / normalized-step update. `GraphJob` runs it with ONNX Runtime I/O binding: the state
+(parameters, Adam's m and v, the step index, the curves) stays on the device between steps and
+is read back once, at the end. Engine "numpy" is the earlier host loop (the model's gradient from
+`LayerObjective`, the rest in numpy, `optvis`), kept as the reference the graph is tested
+against and for models below opset 16 (the resampling's adjoint needs ScatterND's add).
+All filters of a chunk are one batch: item i's seed selects its own channel, so a chunk of 16
+filters costs one batched forward + backward per step. Every filter draws its start and its
+transforms from its own stream, seeded by (seed, channel), so a filter's picture does not depend
+on the batch it ran in.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ MAX_TILE = 128  # grid tiles are at most this many pixels wide
 REDIRECTED = ("Relu", "Clip")  # activations whose zero-gradient region can trap a filter
 REDIRECT_STEPS = 16  # lucid redirects ReLU gradients for its first 16 steps
 OBJECTIVES = ("auto", "activation", "filter")
+ENGINES = ("graph", "numpy")
+GRAPH_OPSET = 16  # the step graph's resampling adjoint is a ScatterND(add), opset 16+
 
 
 @dataclass
@@ -220,6 +230,7 @@ def optimize_filters(
     norm_bound: float | None = None,
     device: str = "auto",
     threads: int | None = None,
+    engine: str = "graph",
 ) -> FilterResult:
     """Maximize the spatial mean of each channel in `channels` of `tensor`.
 
@@ -228,6 +239,8 @@ def optimize_filters(
     when None. `norm_bound` (seed mode): project each image onto the L2 ball of that radius
     after every step. Returns images in [0, 1]: lucent's parameterized image at param_size
     (capped at the input size), or the deprocessed input-size image in seed mode.
+    `engine`: "graph" (each step one ONNX Runtime run, state on the device) or "numpy" (the
+    host loop); "graph" falls back to "numpy" for models below opset 16 (info["engine"]).
     """
     if mode not in MODES:
         raise ConfigError(f"filter visualization mode {mode!r} is not one of {', '.join(MODES)}")
@@ -236,10 +249,20 @@ def optimize_filters(
     channels = [int(c) for c in channels]
     if not channels:
         raise ConfigError("filter visualization needs at least one filter")
+    if engine not in ENGINES:
+        raise ConfigError(f"filter engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "graph" and model_opset(model) < GRAPH_OPSET:
+        engine = "numpy"
     norm = ov.Normalization.from_preprocess(preprocess or {})
     groups = chunks(channels, batch_size)
+    step = lr if lr is not None else (LUCENT_LR if mode == "lucent" else SEED_STEP)
     started = time.perf_counter()
-    objective = LayerObjective(model, tensor, len(groups[0]), device, threads)
+    if engine == "graph":
+        objective = GraphJob(model, tensor, len(groups[0]), mode=mode, steps=steps, lr=step,
+                             norm=norm, param_size=param_size, norm_bound=norm_bound,
+                             device=device, threads=threads)
+    else:
+        objective = LayerObjective(model, tensor, len(groups[0]), device, threads)
     setup = time.perf_counter() - started
     n_channels = objective.layer_shape[0]
     bad = [c for c in channels if not 0 <= c < n_channels]
@@ -247,8 +270,7 @@ def optimize_filters(
         raise ConfigError(
             f"layer tensor {tensor!r} has {n_channels} channels; filters {bad} do not exist"
         )
-    run = _run_lucent if mode == "lucent" else _run_seed
-    step = lr if lr is not None else (LUCENT_LR if mode == "lucent" else SEED_STEP)
+    run = GraphJob.run if engine == "graph" else _run_lucent if mode == "lucent" else _run_seed
     parts = [
         run(objective, group, steps, step, seed, norm, param_size, norm_bound)
         for group in groups
@@ -264,7 +286,8 @@ def optimize_filters(
         final=final,
         seconds=time.perf_counter() - started,
         info={"providers": objective.providers, "batch": objective.batch, "lr": step,
-              "input_shape": list(objective.input_shape), "setup_seconds": setup},
+              "input_shape": list(objective.input_shape), "setup_seconds": setup,
+              "engine": engine},
     )
 
 
@@ -305,6 +328,161 @@ def _run_seed(objective, channels, steps, lr, seed, norm, param_size, norm_bound
             x = ov.project_ball(x, norm_bound)
     final, _ = objective(norm(x), channels, need_grad=False)
     return x.transpose(0, 2, 3, 1), curves, curves[:, 0].copy(), final
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def transform_table(rng: np.random.Generator, steps: int) -> np.ndarray:
+    """[steps, 6] float32: one filter's draws for every step, in the order `optvis.Transforms`
+    takes them from its stream: jitter 1 (y, x), cos / scale, sin / scale, jitter 2 (y, x).
+    cos and sin are computed as `optvis.affine_sampling` does (float64, then float32)."""
+    table = np.zeros((steps, 6), dtype=np.float32)
+    for k in range(steps):
+        d = ov.draw_transform(rng)
+        theta = np.deg2rad(np.float64(d.angle))
+        inv = 1.0 / np.float64(d.scale)
+        table[k] = (d.jitter1[0], d.jitter1[1], np.float32(inv * np.cos(theta)),
+                    np.float32(inv * np.sin(theta)), d.jitter2[0], d.jitter2[1])
+    return table
+
+
+def adam_bias(steps: int, betas: tuple[float, float] = (0.9, 0.999)) -> np.ndarray:
+    """[steps, 2] float32: Adam's bias corrections 1 - b1^t, 1 - b2^t for t = 1..steps."""
+    t = np.arange(1, steps + 1, dtype=np.float64)
+    return np.stack([1 - betas[0] ** t, 1 - betas[1] ** t], axis=1).astype(np.float32)
+
+
+class GraphJob:
+    """The step graph and the evaluation graph of one (model, layer, mode, batch) as sessions.
+
+    `run(channels, steps, ...)` optimizes one chunk: the state is bound once as device buffers
+    (ONNX Runtime I/O binding on the session's device), two bindings swap the input and output
+    buffers, so a step is one `run_with_iobinding`, and nothing crosses to the host until the
+    end (the curves are state too). The random draws of all steps are one [B, steps, 6] input.
+    """
+
+    def __init__(self, model: onnx.ModelProto, tensor: str, batch: int, *, mode: str,
+                 steps: int, lr: float, norm: ov.Normalization, param_size: int = PARAM_SIZE,
+                 norm_bound: float | None = None, device: str = "auto",
+                 threads: int | None = None):
+        from ..autodiff.prepare import prepare, static_shapes
+        from ..graph import input_name
+        from ..runtime import make_session
+        from . import optvis_graph as og
+
+        self.tensor, self.batch, self.mode, self.steps = tensor, batch, mode, steps
+        cut = cut_at(model, tensor)
+        shapes = static_shapes(prepare(cut, batch).graph)
+        self.input_shape = tuple(int(d) for d in shapes[input_name(cut)][1:])
+        self.layer_shape = tuple(int(d) for d in shapes[tensor][1:])
+        self.pre = pre_activation(model, tensor)
+        hw = tuple(self.input_shape[1:])
+        self.size = min(param_size, *hw)
+        if mode == "lucent":
+            self.spec = og.lucent_step(cut, tensor, self.pre, batch, steps, self.size, hw, norm,
+                                       lr, self.layer_shape)
+        else:
+            self.spec = og.seed_step(cut, tensor, self.pre, batch, steps, hw, norm, lr,
+                                     self.layer_shape, norm_bound, model_opset(model))
+        self.norm_bound = norm_bound
+        self.session = make_session(self.spec.model, device, threads)
+        self.eval_graph = og.evaluation(cut, tensor, batch, mode, self.size, hw, norm,
+                                        self.layer_shape[0])
+        self.eval_session = make_session(self.eval_graph, device, threads)
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def onehot(self, channels: Sequence[int]) -> np.ndarray:
+        out = np.zeros((self.batch, self.layer_shape[0], 1, 1), dtype=np.float32)
+        spatial = float(np.prod(self.layer_shape[1:]))
+        for i, c in enumerate(channels):
+            out[i, c] = 1.0 / spatial
+        return out
+
+    def _pad(self, a: np.ndarray) -> np.ndarray:
+        """Fill a chunk up to the graph's batch with copies of its first item."""
+        if len(a) == self.batch:
+            return np.ascontiguousarray(a)
+        extra = np.repeat(a[:1], self.batch - len(a), axis=0)
+        return np.ascontiguousarray(np.concatenate([a, extra]))
+
+    def evaluate(self, param: np.ndarray, onehot: np.ndarray) -> list[np.ndarray]:
+        """Untransformed forward: [values] or [values, image] (lucent)."""
+        name = "fv:spectrum" if self.mode == "lucent" else "fv:x"
+        return self.eval_session.run(None, {name: param, "fv:onehot": onehot})
+
+    def loop(self, state: dict[str, np.ndarray], constants: dict[str, np.ndarray],
+             steps: int) -> dict[str, np.ndarray]:
+        """`steps` runs of the step graph with its state on the device; the final state."""
+        import onnxruntime as ort
+
+        alive = []  # on the CPU an OrtValue wraps the numpy buffer: keep the arrays alive
+
+        def put(a: np.ndarray):
+            alive.append(np.array(a, order="C"))
+            return ort.OrtValue.ortvalue_from_numpy(alive[-1], self.device, 0)
+
+        buffers = {n: (put(a), put(np.zeros_like(a))) for n, a in state.items()}
+        fixed = {n: put(a) for n, a in constants.items()}
+        values = put(np.zeros(self.batch, dtype=np.float32))
+        bindings = []
+        for parity in (0, 1):
+            io = self.session.io_binding()
+            for n, v in fixed.items():
+                io.bind_ortvalue_input(n, v)
+            for n, pair in buffers.items():
+                io.bind_ortvalue_input(n, pair[parity])
+                io.bind_ortvalue_output(n + "_next", pair[1 - parity])
+            io.bind_ortvalue_output("fv:values", values)
+            bindings.append(io)
+        for k in range(steps):
+            self.session.run_with_iobinding(bindings[k % 2])
+        final = {n: pair[steps % 2].numpy().copy() for n, pair in buffers.items()}
+        del alive
+        return final
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {
+            "fv:step": np.array(0, dtype=np.int64),
+            "fv:prev": np.zeros(self.batch, dtype=np.float32),
+            "fv:curves": np.zeros((self.batch, self.steps), dtype=np.float32),
+        }
+
+    # ---- one chunk ------------------------------------------------------------------------
+    def run(self, channels, steps, lr, seed, norm, param_size, norm_bound):
+        """Optimize one chunk (<= batch filters): (images HWC, curves, start, final)."""
+        n = len(channels)
+        rngs = [filter_rng(seed, c) for c in channels]
+        onehot = self.onehot(list(channels) + [channels[0]] * (self.batch - n))
+        state = self._state()
+        if self.mode == "lucent":
+            param = ov.FourierImage(self.size, self.size)
+            spectrum = self._pad(np.stack([param.init(r) for r in rngs]))
+            draws = self._pad(np.stack([transform_table(r, steps) for r in rngs]))
+            start = self.evaluate(spectrum, onehot)[0]
+            state.update({"fv:spectrum": spectrum, "fv:m": np.zeros_like(spectrum),
+                          "fv:v": np.zeros_like(spectrum)})
+            consts = {"fv:draws": draws, "fv:bias": adam_bias(steps), "fv:onehot": onehot}
+            out = self.loop(state, consts, steps)
+            final, image = self.evaluate(out["fv:spectrum"], onehot)
+            curves = out["fv:curves"].astype(np.float64)
+            return (image[:n].transpose(0, 2, 3, 1), curves[:n], start[:n].astype(np.float64),
+                    final[:n].astype(np.float64))
+        shape = self.input_shape
+        x = np.stack([0.5 + (r.random(shape) - 0.5) * 2 * SEED_NOISE for r in rngs]).astype(
+            np.float32
+        )
+        if norm_bound is not None:
+            x = ov.project_ball(x, norm_bound)
+        state["fv:x"] = self._pad(x)
+        out = self.loop(state, {"fv:onehot": onehot}, steps)
+        final = self.evaluate(out["fv:x"], onehot)[0]
+        curves = out["fv:curves"].astype(np.float64)
+        return (out["fv:x"][:n].transpose(0, 2, 3, 1), curves[:n], curves[:n, 0].copy(),
+                final[:n].astype(np.float64))
 
 
 def _redirect(curves: np.ndarray, k: int) -> list[bool]:
