@@ -18,6 +18,16 @@ from onnx import helper, numpy_helper, shape_inference
 from .errors import ConfigError, ModelError
 
 CONV_OPS = ("Conv", "ConvTranspose")
+# Quantized convolutions (onnxruntime's QOperator format): the weight is input 3 (QLinearConv) or
+# 1 (ConvInteger); the layer's picture is the output dequantized (`dequantized_views`).
+QUANTIZED_CONV_OPS = {"QLinearConv": 3, "ConvInteger": 1}
+# Ops of a quantized graph (integer tensors): no gradient through them.
+QUANTIZED_OPS = (
+    "QuantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm",
+    "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
+    "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
+    "DynamicQuantizeLinear",
+)  # fmt: skip
 # Elementwise activations whose output is the layer's picture when a conv feeds only it.
 ACTIVATIONS = (
     "Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "HardSwish", "HardSigmoid",
@@ -156,7 +166,8 @@ def expose(model: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:
 
 
 def conv_layers(model: onnx.ModelProto) -> list[dict]:
-    """One row per Conv/ConvTranspose in topological order: the layer table of model.json."""
+    """One row per Conv/ConvTranspose (or quantized conv) in topological order: the layer
+    table of model.json."""
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
@@ -167,16 +178,17 @@ def conv_layers(model: onnx.ModelProto) -> list[dict]:
     inits = {t.name: t for t in graph.initializer}
     rows: list[dict] = []
     for node in graph.node:
-        if node.op_type not in CONV_OPS:
+        if node.op_type not in CONV_OPS and node.op_type not in QUANTIZED_CONV_OPS:
             continue
+        weight_at = QUANTIZED_CONV_OPS.get(node.op_type, 1)
         tensor, activation = _layer_output(node.output[0], consumers, graph_outputs)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         kernel = list(attrs.get("kernel_shape", []))
-        if not kernel and len(node.input) > 1 and node.input[1] in inits:
-            kernel = list(inits[node.input[1]].dims[2:])
+        if not kernel and len(node.input) > weight_at and node.input[weight_at] in inits:
+            kernel = list(inits[node.input[weight_at]].dims[2:])
         rows.append(
             {
-                "name": _friendly_name(node, inits),
+                "name": _friendly_name(node, inits, weight_at),
                 "tensor": tensor,
                 "conv_node": node.name,
                 "conv_output": node.output[0],
@@ -193,6 +205,62 @@ def conv_layers(model: onnx.ModelProto) -> list[dict]:
     return rows
 
 
+def quantized_ops(model: onnx.ModelProto) -> list[str]:
+    """The integer (quantized) ops of the graph, by name, once each in order of appearance."""
+    return list(dict.fromkeys(n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS))
+
+
+def dequantized_views(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where each QLinearConv's uint8/int8 output also feeds a DequantizeLinear (with the
+    conv's own output scale and zero point): the float tensor the layer table shows. The
+    graph's outputs are unchanged."""
+    graph = model.graph
+    if not any(n.op_type == "QLinearConv" for n in graph.node):
+        return model
+    out = copy.deepcopy(model)
+    nodes = []
+    for node in out.graph.node:
+        nodes.append(node)
+        if node.op_type == "QLinearConv" and len(node.input) >= 8:
+            y = node.output[0]
+            nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [y, node.input[6], node.input[7]],
+                    [f"{y}_float"],
+                    name=f"{node.name or y}/cnnviz_dequantize",
+                )
+            )
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def record_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose value_info gives every tensor's shape (batch dim symbolic): from shape
+    inference, and for what inference cannot type (e.g. com.microsoft quantized ops) from one
+    ONNX Runtime run at batch 1. Later steps then see static shapes everywhere."""
+    typed = _value_infos(infer_shapes(_skeleton(model, batch=1)))
+    produced = [name for node in model.graph.node for name in node.output if name]
+    unknown = [n for n in produced if _static_shape(typed.get(n)) is None]
+    if not unknown:
+        return model
+    arrays = dict(zip(unknown, _run_untyped(model, unknown), strict=True))
+    out = copy.deepcopy(model)
+    declared = {v.name for v in out.graph.output}
+    for name, array in arrays.items():
+        if name in declared:
+            continue
+        elem = helper.np_dtype_to_tensor_dtype(array.dtype)
+        shape = ["batch", *array.shape[1:]] if array.ndim else []
+        info = helper.make_tensor_value_info(name, elem, shape)
+        existing = [v for v in out.graph.value_info if v.name == name]
+        for value in existing:
+            out.graph.value_info.remove(value)
+        out.graph.value_info.append(info)
+    return out
+
+
 # --------------------------------------------------------------------------- layer table parts
 
 
@@ -202,6 +270,10 @@ def _layer_output(
     """(tensor to show, activation op) for a conv output, looking through one BatchNorm."""
     tensor = conv_out
     users = consumers.get(tensor, [])
+    dequantize = [u for u in users if u.op_type == "DequantizeLinear" and u.input[0] == tensor]
+    if dequantize:  # a quantized conv's output, as float (dequantized_views)
+        tensor = dequantize[0].output[0]
+        users = consumers.get(tensor, [])
     if tensor not in graph_outputs and len(users) == 1 and users[0].op_type == "BatchNormalization":
         tensor = users[0].output[0]
         users = consumers.get(tensor, [])
@@ -222,15 +294,17 @@ def _layer_output(
     return tensor, None
 
 
-def _friendly_name(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> str:
+def _friendly_name(
+    node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], weight_at: int = 1
+) -> str:
     """Module path from a TorchScript scope name or the weight's name; '' when neither helps."""
     path = ""
     if node.name.startswith("/"):
         path = _scope_path(node.name)
-    if not path and len(node.input) > 1 and node.input[1] in inits:
-        weight = node.input[1]
+    if not path and len(node.input) > weight_at and node.input[weight_at] in inits:
+        weight = node.input[weight_at]
         if not weight.startswith("onnx::"):
-            path = re.sub(r"\.weight$", "", weight)
+            path = re.sub(r"(_quantized)?$", "", re.sub(r"\.weight(_quantized)?$", "", weight))
     parts = [p.lstrip("_") for p in path.split(".")]
     return _UNSAFE.sub("_", ".".join(p for p in parts if p)).strip("._-")
 
@@ -290,6 +364,21 @@ def _run_once(model: onnx.ModelProto, names: list[str]) -> list[np.ndarray]:
             f"cannot size the layers of graph {model.graph.name!r}: input shape {dims}"
         )
     session = make_session(fix_batch(expose(model, names), 1), device="cpu")
+    return session.run(names, {value.name: np.zeros([1, *dims[1:]], dtype=np.float32)})
+
+
+def _run_untyped(model: onnx.ModelProto, names: list[str]) -> list[np.ndarray]:
+    """`names` from one ONNX Runtime run at batch 1, declared as outputs without a type (ONNX
+    Runtime finds it: an integer tensor must not be declared float)."""
+    from .runtime import make_session
+
+    trial = copy.deepcopy(model)
+    declared = {v.name for v in trial.graph.output}
+    trial.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in declared)
+    del trial.graph.value_info[:]
+    value = next(v for v in trial.graph.input if v.name == input_name(trial))
+    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim]
+    session = make_session(trial, device="cpu")
     return session.run(names, {value.name: np.zeros([1, *dims[1:]], dtype=np.float32)})
 
 

@@ -11,11 +11,16 @@ picture. Conversions, chosen once here:
   its maximum is <= 1, else clipped to [0, 255];
 - CMYK, YCbCr, LAB, HSV, 1-bit and palette images use Pillow's own conversion to RGB;
 - the EXIF orientation tag is applied, so a phone photo is upright;
-- images above `PIL.Image.MAX_IMAGE_PIXELS` are refused (ImageError), not merely warned about.
+- images above `PIL.Image.MAX_IMAGE_PIXELS` are refused (ImageError), not merely warned about;
+- an animated GIF, a multi-page TIFF, ...: the first frame (staging says so in its record);
+- staging keeps an image larger than STAGE_MAX_SIDE pixels on its longer side at that size (for
+  display and memory: every later job reads the staged copy), and records the original size.
 """
 
 from __future__ import annotations
 
+import glob
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,7 +31,13 @@ from PIL import Image, ImageOps
 
 from .artifacts import read_json, write_json, write_with
 from .errors import ConfigError, ImageError
-from .plan import IMAGE_SUFFIXES, assign_ids, discover_images, image_id  # noqa: F401
+from .plan import (  # noqa: F401
+    IMAGE_SUFFIXES,
+    STAGE_MAX_SIDE,
+    assign_ids,
+    discover_images,
+    image_id,
+)
 
 # skimage.data photos usable as sample inputs: name -> how to get the array.
 SAMPLE_IMAGES: dict[str, str] = {
@@ -51,18 +62,52 @@ _FIX = "check that it is a complete image file (PNG, JPEG, ...) or remove it fro
 
 def load_image(path: str | Path) -> Image.Image:
     """Read `path` as an upright 8-bit RGB image (see the module docstring for conversions)."""
+    return read_image(path)[0]
+
+
+# Formats Pillow reads only with a plugin installed.
+_PLUGIN_HINTS = {
+    ".heic": "HEIC needs the pillow-heif package (pip install pillow-heif) or a conversion to JPEG",
+    ".heif": "HEIF needs the pillow-heif package (pip install pillow-heif) or a conversion to JPEG",
+    ".avif": "AVIF needs a Pillow built with AVIF support (Pillow >= 11.2) or a conversion to PNG",
+}
+
+
+def read_image(path: str | Path, max_side: int | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """`load_image`, and what staging records: the frame count of an animated or multi-page
+    file (the first frame is used) and, with `max_side`, the original size of an image that was
+    reduced to `max_side` pixels on its longer side."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise ImageError(
+                f"image {path}: a symbolic link to {os.readlink(path)}, which does not exist; "
+                "fix the link or remove it"
+            )
+        if glob.has_magic(str(path)):
+            raise ImageError(
+                f"images: the pattern {path} matches no file; check the folder and the pattern"
+            )
         raise ImageError(f"image {path}: file not found; check the path in the images config")
     if path.is_dir():
         raise ImageError(f"image {path}: is a folder, not an image file")
     if path.stat().st_size == 0:
         raise ImageError(f"image {path}: file is empty (0 bytes); {_FIX}")
+    info: dict[str, Any] = {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 _check_size(path, opened.size)
+                frames = int(getattr(opened, "n_frames", 1) or 1)
+                if frames > 1:
+                    info["frames"] = frames
+                    info["note"] = f"the first of {frames} frames (or pages) is used"
+                if max_side and max(opened.size) > max_side:
+                    info["original_size"] = list(opened.size)
+                    if opened.format == "JPEG":  # decode at 1/2, 1/4, 1/8 when that suffices
+                        scale = max_side / max(opened.size)
+                        opened.draft("RGB", (int(opened.width * scale), int(opened.height * scale)))
                 opened.load()
                 image = ImageOps.exif_transpose(opened) or opened
                 rgb = to_rgb(image)
@@ -74,10 +119,20 @@ def load_image(path: str | Path) -> Image.Image:
             "PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
         ) from exc
     except Image.UnidentifiedImageError as exc:
-        raise ImageError(f"image {path}: not an image format Pillow can read; {_FIX}") from exc
+        hint = _PLUGIN_HINTS.get(path.suffix.lower(), _FIX)
+        raise ImageError(f"image {path}: not an image format Pillow can read; {hint}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"image {path}: cannot be decoded ({exc}); {_FIX}") from exc
-    return rgb
+    if max_side and max(rgb.size) > max_side:
+        scale = max_side / max(rgb.size)
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if "original_size" in info:
+        width, height = info["original_size"]
+        info["note"] = "; ".join(
+            filter(None, [info.get("note"), f"reduced from {width}x{height} for display"])
+        )
+    return rgb, info
 
 
 def _check_size(path: Path, size: tuple[int, int]) -> None:
@@ -142,13 +197,14 @@ def model_view(image: Image.Image, pre: dict[str, Any]) -> Image.Image:
         return image.resize((width, height), Image.Resampling.BILINEAR)
     if mode != "center_crop":
         raise ConfigError(
-            f"preprocess.resize {mode!r} is not one of center_crop, stretch; fix model.json"
+            f"preprocess.resize {mode!r} is not one of center_crop, stretch; fix the model's "
+            "preprocess in the config (models.<name>.preprocess.resize)"
         )
     short_to = int(pre.get("resize_to", max(height, width)))
     if short_to < max(height, width):
         raise ConfigError(
             f"preprocess.resize_to {short_to} is smaller than the crop size {height}x{width}; "
-            "set resize_to >= the larger crop side in model.json"
+            "set models.<name>.preprocess.resize_to >= the larger crop side in the config"
         )
     w, h = image.size
     if w <= h:
@@ -203,7 +259,10 @@ def preprocess(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
     if order == "BGR":
         pixels = pixels[..., ::-1]
     elif order != "RGB":
-        raise ConfigError(f"preprocess.channel_order {order!r} is not RGB or BGR; fix model.json")
+        raise ConfigError(
+            f"preprocess.channel_order {order!r} is not RGB or BGR; fix the model's preprocess "
+            "in the config (models.<name>.preprocess.channel_order)"
+        )
     scale = np.float32(pre.get("scale", 255.0))
     mean = np.asarray(pre.get("mean", [0.0, 0.0, 0.0]), dtype=np.float32)
     std = np.asarray(pre.get("std", [1.0, 1.0, 1.0]), dtype=np.float32)
@@ -260,7 +319,9 @@ def stage_shard(
     `sources` are paths, or (id, path) pairs. Ids given by the caller (pairs, or `ids` from
     `assign_ids` over *all* inputs) keep ids unique across shards that share one staged folder;
     without them ids are made unique within this shard only. A source that cannot be read is
-    listed under "failed" with the reason and never stops the others. Returns the manifest.
+    listed under "failed" with the reason and never stops the others. An entry says when the
+    image was reduced for display (`original_size`) or had more frames (`frames`, `note`).
+    Returns the manifest.
     """
     if sources and all(isinstance(s, tuple) for s in sources):
         ids = [str(pair[0]) for pair in sources]
@@ -272,7 +333,7 @@ def stage_shard(
     images, failed = [], []
     for source, image_name in zip(sources, ids, strict=True):
         try:
-            rgb = load_image(source)
+            rgb, info = read_image(source, max_side=STAGE_MAX_SIDE)
         except ImageError as exc:
             failed.append({"source": str(source), "error": str(exc)})
             continue
@@ -284,6 +345,7 @@ def stage_shard(
             "path": str(target),
             "width": rgb.width,
             "height": rgb.height,
+            **info,
         }
         truth = (labels or {}).get(Path(source).name, (labels or {}).get(Path(source).stem))
         if truth is not None:
@@ -300,9 +362,13 @@ def read_labels(path: str | Path) -> dict[str, str]:
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark
     except OSError as error:
         raise ConfigError(f"images.labels: cannot read {path} ({error}); fix the path") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"images.labels: {path} is not UTF-8 text ({error}); save it as UTF-8 CSV"
+        ) from None
     first = text.splitlines()[0] if text else ""
     dialect = "excel-tab" if "\t" in first else "excel"
     labels = {}

@@ -82,7 +82,9 @@ def find_layer(card: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def resolve_class(card: dict[str, Any], index_or_label: int | str) -> int:
-    """A class index from an index (int or digits) or a label (case-insensitive)."""
+    """A class index from an index (int or digits) or a label (case-insensitive). A label that
+    several classes share (ImageNet's "crane": 134, the bird, and 517, the machine) is refused,
+    naming the indices, rather than one of them chosen silently."""
     labels: list[str] = card["labels"]
     model = card.get("name", "?")
     value = index_or_label
@@ -96,9 +98,14 @@ def resolve_class(card: dict[str, Any], index_or_label: int | str) -> int:
             f"(0..{len(labels) - 1}); give an index in range or a label"
         )
     wanted = str(value).strip().casefold()
-    for i, label in enumerate(labels):
-        if label.casefold() == wanted:
-            return i
+    matches = [i for i, label in enumerate(labels) if label.casefold() == wanted]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(
+            f"class {index_or_label!r} names {len(matches)} classes of model {model!r} "
+            f"(indices {', '.join(map(str, matches))}); give the index of the one you mean"
+        )
     lowered = {label.casefold(): label for label in labels}
     close = [lowered[c] for c in difflib.get_close_matches(wanted, list(lowered), n=5, cutoff=0.6)]
     close += [label for label in labels if wanted and wanted in label.casefold()][:5]

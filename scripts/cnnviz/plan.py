@@ -7,6 +7,9 @@ stay cheap. Reading the images happens later, in the staging step, which names b
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +18,7 @@ from .errors import ConfigError
 
 IMAGE_SUFFIXES = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-    ".ppm", ".pgm", ".pbm", ".pnm",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".heic", ".heif", ".avif",
 )  # fmt: skip
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -25,8 +28,9 @@ def discover_images(spec: str | Path | Sequence[str | Path]) -> list[Path]:
 
     A folder yields its image files (by suffix, not recursive, hidden files skipped) and a glob its
     matching files, each sorted by name. A list keeps its own order, expanding entries the same
-    way and dropping repeats; a listed file that does not exist is kept, so that staging reports
-    it as failed instead of it vanishing silently.
+    way and dropping repeats. Nothing named vanishes silently: a listed file that does not exist,
+    a dangling symlink (listed or in a folder) and a pattern that matches nothing are kept as
+    entries, so that staging lists each under the failed images with the reason.
     """
     if isinstance(spec, (str, Path)):
         found = _expand(spec, strict=True)
@@ -48,11 +52,17 @@ def _expand(entry: str | Path, strict: bool) -> list[Path]:
         return sorted(
             p
             for p in path.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+            if (p.is_file() or p.is_symlink())  # a dangling link is listed, then reported
+            and not p.name.startswith(".")
+            and p.suffix.lower() in IMAGE_SUFFIXES
         )
     text = str(entry)
     if glob.has_magic(text):
-        return sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        matches = glob.glob(text, recursive=True)
+        found = sorted(Path(p) for p in matches if Path(p).is_file() or Path(p).is_symlink())
+        if not found and not strict:
+            return [path]  # staging reports that the pattern matches no file
+        return found
     if strict and not path.exists():
         raise ConfigError(f"images: {text} is not a folder, glob pattern or existing file")
     return [path]
@@ -83,3 +93,170 @@ def assign_ids(paths: Sequence[str | Path], taken: set[str] | None = None) -> li
 def shards(items: list, size: int) -> dict[str, list]:
     """Split `items` into consecutive shards of `size`, named s000, s001, ..."""
     return {f"s{i // size:03d}": items[i : i + size] for i in range(0, len(items), size)}
+
+
+def existing(paths: Sequence[str | Path]) -> list[str]:
+    """The paths that exist (a symlink: its target). Snakemake's inputs: a path that does not
+    exist is not one (it would stop the whole run at DAG build), staging reports it instead."""
+    return [str(p) for p in paths if Path(p).exists()]
+
+
+# --------------------------------------------------------------------------- memory per job
+
+# Peak RSS of one ONNX Runtime job (benchmarks/bench_memory.py; MEMORY.md): a base for the
+# interpreter, ONNX Runtime and the model, and per megapixel of the largest image in the shard
+# (the staged image is decoded, converted, and drawn over at its own resolution, a few float
+# copies at once). Staged images are at most STAGE_MAX_SIDE pixels on their longer side.
+STAGE_MAX_SIDE = 2048
+MEM_BASE_MB = 1000
+MEM_PER_MEGAPIXEL_MB = 120
+MEM_MODEL_FACTOR = 4  # times the model file's size: graphs built from it, sessions
+
+
+def job_memory_mb(
+    image_sizes: Sequence[tuple[int, int] | None], model_bytes: int = 0, attempt: int = 1
+) -> int:
+    """mem_mb for a job over images of these (width, height) sizes: an estimate from the largest
+    image (as staged: at most STAGE_MAX_SIDE a side), growing with each retry."""
+    largest = 0.0
+    for size in image_sizes:
+        if size:
+            width, height = size
+            scale = min(1.0, STAGE_MAX_SIDE / max(width, height, 1))
+            largest = max(largest, width * height * scale * scale / 1e6)
+    need = MEM_BASE_MB + MEM_PER_MEGAPIXEL_MB * largest + MEM_MODEL_FACTOR * model_bytes / 1e6
+    return int(-(-need // 100) * 100) * attempt
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header (PNG, JPEG, GIF, BMP, WebP; stdlib only, reads a few
+    kilobytes); None when the format is another or the file cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+            if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+                return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+            if head[:6] in (b"GIF87a", b"GIF89a"):
+                return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+            if head[:2] == b"BM":
+                width = int.from_bytes(head[18:22], "little", signed=True)
+                height = int.from_bytes(head[22:26], "little", signed=True)
+                return abs(width), abs(height)
+            if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+                return _webp_size(head + fh.read(32))
+            if head[:2] == b"\xff\xd8":
+                fh.seek(2)
+                return _jpeg_size(fh)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    kind = head[12:16]
+    if kind == b"VP8X":
+        return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+    if kind == b"VP8 ":
+        return (
+            int.from_bytes(head[26:28], "little") & 0x3FFF,
+            int.from_bytes(head[28:30], "little") & 0x3FFF,
+        )
+    if kind == b"VP8L":
+        bits = int.from_bytes(head[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    return None
+
+
+def _jpeg_size(fh) -> tuple[int, int] | None:  # noqa: ANN001 - a binary file
+    for _ in range(10000):
+        marker = fh.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        kind = marker[1]
+        if kind in (0xD8, 0x01) or 0xD0 <= kind <= 0xD7:
+            continue
+        length = int.from_bytes(fh.read(2), "big")
+        if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):
+            data = fh.read(5)
+            return int.from_bytes(data[3:5], "big"), int.from_bytes(data[1:3], "big")
+        fh.seek(length - 2, 1)
+    return None
+
+
+# --------------------------------------------------------------------------- what an export reads
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def _load_cache(cache: Path) -> dict:
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(cache: Path, data: dict) -> None:
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a cache only
+
+
+_EXTERNAL_CACHE: dict[str, list[str]] = {}
+
+
+def external_data_files(model_path: str | Path) -> list[Path]:
+    """The external data files an ONNX model's tensors name (beside the model), parsed once per
+    version of the file. Empty when the file does not parse: export reports that."""
+    path = Path(model_path)
+    key = _stat_key(path)
+    if key not in _EXTERNAL_CACHE:
+        names: set[str] = set()
+        try:
+            import onnx
+            from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+            model = onnx.load(str(path), load_external_data=False)
+            for tensor in _get_all_tensors(model):
+                if uses_external_data(tensor):
+                    entry = {e.key: e.value for e in tensor.external_data}
+                    if entry.get("location"):
+                        names.add(entry["location"])
+        except Exception:  # noqa: BLE001 - not our error to raise here
+            names = set()
+        _EXTERNAL_CACHE[key] = sorted(names)
+    return [path.parent / name for name in _EXTERNAL_CACHE[key]]
+
+
+def files_digest(paths: Sequence[str | Path], cache: str | Path | None = None) -> str:
+    """sha256 over the files' contents (names and checksums), each file hashed once per version
+    (size, modification time, inode) with `cache` (a JSON file) remembering the checksums."""
+    cache_path = Path(cache) if cache else None
+    known = _load_cache(cache_path) if cache_path else {}
+    total = hashlib.sha256()
+    changed = False
+    for name in paths:
+        path = Path(name)
+        try:
+            key = _stat_key(path)
+        except OSError:
+            total.update(f"{path.name}:missing\n".encode())
+            continue
+        if key not in known:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            known[key] = digest.hexdigest()
+            changed = True
+        total.update(f"{path.name}:{known[key]}\n".encode())
+    if cache_path and changed:
+        _save_cache(cache_path, known)
+    return total.hexdigest()

@@ -4,6 +4,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 from cnnviz import plan  # noqa: E402  (stdlib-only module)
 from cnnviz import audit  # noqa: E402  (its DAG-time helpers are stdlib-only)
 from cnnviz import failures  # noqa: E402  (stdlib-only at import)
+from cnnviz import resume  # noqa: E402  (stdlib only)
 from cnnviz.config import config_errors  # noqa: E402
 
 DEFAULT_CONFIG = Path(workflow.basedir).parent / "config" / "config.yaml"
@@ -61,6 +63,36 @@ GPU_JOBS = int(
 )
 
 
+def _main_process():
+    """The snakemake process the user started (not a cluster job re-reading the workflow)."""
+    from snakemake_interface_executor_plugins.settings import ExecMode
+
+    return workflow.exec_mode == ExecMode.DEFAULT
+
+
+def _folder_outputs():
+    """Every folder output a job of this run writes (resume.py: their records)."""
+    kinds = ["activations", *METHODS]
+    per_model = [f"{OUT}/{m}/{kind}" for m in MODELS for kind in kinds]
+    return [f"{OUT}/images/{shard}" for shard in SHARDS] + [
+        f"{folder}/{shard}" for folder in per_model for shard in SHARDS
+    ] + [f"{OUT}/{m}/atlas/layers" for m in MODELS]
+
+
+# After a kill: a lock whose run is gone is removed (resume.py); then a folder output that a
+# failed cleanup or a kill left half-empty is moved aside, so that its job reruns. Not while a
+# live run holds the lock, and not in cluster jobs (they re-read this file).
+if _main_process():
+    _stale = resume.clear_stale_lock()
+    if _stale:
+        print(_stale, file=sys.stderr)
+    if not resume.lock_held():
+        if not resume.dry_run(sys.argv):
+            resume.claim_lock()
+        for _line in resume.set_aside(_folder_outputs(), f"{OUT}/.trash"):
+            print(f"cnnviz: {_line}", file=sys.stderr)
+
+
 wildcard_constraints:
     layer=r"[A-Za-z0-9_.-]+",
     mode="lucent|seed",
@@ -71,7 +103,18 @@ wildcard_constraints:
 
 
 def shard_files(wildcards):
-    return [path for _, path in SHARDS[wildcards.shard]]
+    """The shard's images that exist: a path that does not (a typo, a dangling symlink, a
+    pattern that matches nothing) is no input, or it would stop the run at DAG build; staging
+    lists it under the failed images. When it appears, the input set changes and the shard
+    is staged again. The sample photos are made by a rule: always inputs."""
+    samples = set(SAMPLE_FILES)
+    paths = [path for _, path in SHARDS[wildcards.shard]]
+    return [p for p in paths if p in samples or p in plan.existing([p])]
+
+
+def shard_paths(wildcards):
+    """Every image path of the shard, quoted, as staging gets them (missing ones included)."""
+    return " ".join(shlex.quote(str(path)) for _, path in SHARDS[wildcards.shard])
 
 
 def labels_file(wildcards):
@@ -80,7 +123,7 @@ def labels_file(wildcards):
 
 
 def labels_option(wildcards, input):
-    return f"--labels {shlex.quote(input.labels)}" if input.labels else ""
+    return f"--labels {shlex.quote(input.labels[0])}" if input.labels else ""
 
 
 def shard_ids(wildcards):
@@ -92,12 +135,25 @@ def model_spec(wildcards):
     return json.dumps(config["models"][wildcards.model], sort_keys=True)
 
 
+def _onnx_source(model):
+    source = config["models"][model]["source"]
+    return Path(source[len("onnx:") :]).expanduser() if source.startswith("onnx:") else None
+
+
 def model_source_file(wildcards):
-    """An onnx:<path> source's file, so that replacing it re-exports that model. Only when it
-    exists: a missing file is the export job's error to record, not a reason to stop the run."""
-    source = config["models"][wildcards.model]["source"]
-    path = Path(source[len("onnx:") :]).expanduser() if source.startswith("onnx:") else None
-    return [str(path)] if path is not None and path.is_file() else []
+    """What an onnx:<path> export reads: the file and its external data files, so that replacing
+    either re-exports that model. Only what exists: a missing file is the export job's error to
+    record, not a reason to stop the run."""
+    path = _onnx_source(wildcards.model)
+    if path is None or not path.is_file():
+        return []
+    return [str(path)] + [str(p) for p in plan.external_data_files(path) if p.is_file()]
+
+
+def model_digest(wildcards):
+    """The checksums of what model_source_file lists (a param: a rewritten file re-exports the
+    model, in a dry run too, even when its time stamp is older than the export's)."""
+    return plan.files_digest(model_source_file(wildcards), ".snakemake/cnnviz-digests.json")
 
 
 def model_files(wildcards):
@@ -132,9 +188,28 @@ def method_options(wildcards):
     return json.dumps(options, sort_keys=True)
 
 
+_SHARD_SIZES = {}
+
+
+def shard_image_sizes(shard):
+    """(width, height) of each image of a shard, from the file headers (cached per parse)."""
+    if shard not in _SHARD_SIZES:
+        _SHARD_SIZES[shard] = [plan.image_size(path) for _, path in SHARDS[shard]]
+    return _SHARD_SIZES[shard]
+
+
 def mem_mb(wildcards, attempt):
-    """Memory per ONNX Runtime job, growing with each retry."""
-    return 3000 * attempt
+    """Memory per ONNX Runtime job, estimated from the largest image of its shard (all shards
+    for a per-model job) and the model file's size, growing with each retry (plan.job_memory_mb;
+    benchmarks/bench_memory.py measured it)."""
+    shards = [wildcards.shard] if "shard" in wildcards.keys() else sorted(SHARDS)
+    sizes = [size for shard in shards for size in shard_image_sizes(shard)]
+    model_bytes = 0
+    if "model" in wildcards.keys():
+        exported = Path(f"{OUT}/models/{wildcards.model}/model.onnx")
+        source = exported if exported.is_file() else _onnx_source(wildcards.model)
+        model_bytes = source.stat().st_size if source is not None and source.is_file() else 0
+    return plan.job_memory_mb(sizes, model_bytes, attempt)
 
 
 def parent_folder(wildcards, output):
@@ -238,3 +313,23 @@ def metrics_inputs(wildcards):
         shard=sorted(SHARDS),
         method=METRIC_METHODS + [METRIC_REFERENCE],
     )
+
+
+def run_artifacts(wildcards):
+    """Every artifact of the run, not only the report. Snakemake (>= 8) redoes a missing file only
+    when a target asks for it, or a job that needs it reruns anyway: listing them all here makes
+    a deleted output (an export, a shard's predictions, a map folder) be redone, and then what
+    depends on it, in a dry run as in the run."""
+    files = expand(f"{OUT}/models/{{model}}/model.{{ext}}", model=MODELS, ext=["onnx", "json"])
+    files += per_shard(f"{OUT}/images/{{shard}}.json") + per_shard(f"{OUT}/images/{{shard}}")
+    for model in MODELS:
+        files += per_shard(f"{OUT}/{model}/predictions/{{shard}}.json")
+        files += per_shard(f"{OUT}/{model}/activations/{{shard}}")
+        files += expand(
+            per_shard(f"{OUT}/{model}/{{{{method}}}}/{{shard}}"), method=METHODS
+        )
+        if config["atlas"]["enabled"]:
+            files += per_shard(f"{OUT}/{model}/atlas/shards/{{shard}}.json")
+        if METRICS["enabled"]:
+            files += metrics_inputs(SimpleNamespace(model=model))
+    return files + filter_pictures(wildcards)

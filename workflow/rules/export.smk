@@ -1,4 +1,6 @@
 # A checkpoint: layer names (for filters) are known once the model is exported.
+# What an export reads is its input: an onnx: file and its external data files, checksummed
+# (params.digest), and the model's config entry (params.spec).
 checkpoint export:
     input:
         model_source_file,
@@ -14,6 +16,7 @@ checkpoint export:
     threads: config["threads"]
     params:
         spec=model_spec,
+        digest=model_digest,
     shell:
         "cnnviz --record-failures export --name {wildcards.model} --spec {params.spec:q}"
         " --card {output.card:q} --threads {threads} 2> {log:q}"

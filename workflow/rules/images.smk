@@ -22,9 +22,14 @@ rule stage_shard:
         f"{OUT}/logs/stage_shard/{{shard}}.log",
     conda:
         "../../envs/core.yaml"
+    # Memory: the largest image of the shard is decoded whole (common.smk, mem_mb).
+    resources:
+        mem_mb=mem_mb,
     params:
         ids=shard_ids,
+        # every path, the missing ones too: staging lists those under the failed images
+        images=shard_paths,
         labels=labels_option,
     shell:
         "cnnviz --record-failures stage --manifest {output.manifest:q} --staged-dir {output.staged:q}"
-        " --ids {params.ids} --images {input.images:q} {params.labels} 2> {log:q}"
+        " --ids {params.ids} --images {params.images} {params.labels} 2> {log:q}"

@@ -18,8 +18,15 @@ import numpy as np
 import onnx
 
 from ..artifacts import write_with
-from ..errors import ModelError
-from ..graph import conv_layers, input_name, strip_softmax
+from ..errors import ConfigError, ModelError
+from ..graph import (
+    conv_layers,
+    dequantized_views,
+    input_name,
+    quantized_ops,
+    record_shapes,
+    strip_softmax,
+)
 from ..modelcard import save_card
 from .labels import check_count, default_labels, read_labels
 from .sources import (
@@ -136,6 +143,7 @@ def _from_torch(
     if src.note:
         log.info("%s: %s", where, src.note)
     pre = _merge_preprocess(src.preprocess, preprocess)
+    check_preprocess(pre, where)
     size = (int(pre["size"][0]), int(pre["size"][1]))
     model = export_onnx(src.module, size, exporter, where)
     data = _serialize_checked(model, where)
@@ -181,6 +189,7 @@ def _from_onnx(
     dims = check_image_input(model, path)
     _ort_session(model, threads, f"ONNX model {path}")  # loads at all?
     model, stripped = strip_softmax(model)
+    model = dequantized_views(model)  # a quantized conv's layer picture, as float
     pre = _merge_preprocess(DEFAULT_PREPROCESS, preprocess)
     if isinstance(dims[2], int) and isinstance(dims[3], int):
         if preprocess is None or "size" not in preprocess:
@@ -192,8 +201,13 @@ def _from_onnx(
             )
     if pre.get("resize") == "center_crop" and "resize_to" not in (preprocess or {}):
         pre["resize_to"] = int(round(max(pre["size"]) * 256 / 224))  # torchvision's 224/256
+    check_preprocess(pre, where)
     model = _fixed_image_size(model, dims, pre["size"])
     model = _symbolic_batch_if_possible(model, dims, pre, threads)
+    try:
+        model = record_shapes(model)  # static shapes where inference stops (com.microsoft ops)
+    except Exception as exc:  # noqa: BLE001 - shapes are a help, not a requirement
+        log.warning("%s: could not record every tensor's shape: %s", where, exc)
     data = _serialize_checked(model, where, strict=False)
     batch = _photo_batch(image, pre)
     out = _ort_logits(data, batch, threads)
@@ -219,8 +233,16 @@ def _from_onnx(
         "tolerance": None,
         "top1": _top1(out[0], class_names, probabilities=output_kind == "probabilities"),
     }
-    if stripped:
-        verification["note"] = "final Softmax removed: the output is the logits"
+    notes = ["final Softmax removed: the output is the logits"] if stripped else []
+    quantized = quantized_ops(model)
+    if quantized:
+        notes.append(
+            f"quantized (integer) graph: {', '.join(quantized)}; the gradient methods need a "
+            "float model (no gradient through integer ops): export the float model for them"
+        )
+        verification["quantized_ops"] = quantized
+    if notes:
+        verification["note"] = "; ".join(notes)
     return model, data, pre, class_names, output_kind, verification
 
 
@@ -280,6 +302,30 @@ def _name_batch(model: onnx.ModelProto, clear_fixed: bool = False) -> onnx.Model
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+
+def check_preprocess(pre: dict, where: str) -> None:
+    """The preprocessing a model's images get, checked at export (so the export job names the
+    config key to fix, instead of every image job failing later)."""
+    name = where.split("'")[1] if where.count("'") >= 2 else "<name>"
+    key = f"models.{name}.preprocess"
+    size = [int(v) for v in pre["size"]]
+    if pre.get("resize", "center_crop") not in ("center_crop", "stretch"):
+        raise ConfigError(
+            f"{where}: {key}.resize {pre.get('resize')!r} is not one of center_crop, stretch; "
+            "fix it in the config"
+        )
+    if pre.get("resize", "center_crop") == "center_crop" and "resize_to" in pre:
+        if int(pre["resize_to"]) < max(size):
+            raise ConfigError(
+                f"{where}: {key}.resize_to {pre['resize_to']} is smaller than the crop size "
+                f"{size[0]}x{size[1]}; set resize_to >= {max(size)} in the config"
+            )
+    if str(pre.get("channel_order", "RGB")).upper() not in ("RGB", "BGR"):
+        raise ConfigError(
+            f"{where}: {key}.channel_order {pre.get('channel_order')!r} is not RGB or BGR; "
+            "fix it in the config"
+        )
 
 
 def _merge_preprocess(base: dict, override: dict | None) -> dict:

@@ -208,6 +208,11 @@ def _preprocess_of(weights: Any) -> dict:
 def load_onnx_file(path_text: str) -> tuple[onnx.ModelProto, Path]:
     """Load a user's ONNX file (external data included); ModelError naming it when unreadable."""
     path = Path(path_text).expanduser().resolve()
+    if path.is_dir():
+        raise ModelError(
+            f"ONNX model {path} is a folder, not an ONNX file; name the .onnx file in it "
+            "(source: onnx:<folder>/<file>.onnx)"
+        )
     if not path.is_file():
         raise ModelError(f"ONNX model file {path} does not exist; fix the model's source")
     try:
@@ -225,6 +230,14 @@ def check_image_input(model: onnx.ModelProto, path: Path) -> list[int | str]:
     from ..graph import input_name
 
     name = input_name(model)
+    inits = {t.name for t in model.graph.initializer}
+    others = [v.name for v in model.graph.input if v.name not in inits and v.name != name]
+    if others:
+        raise ModelError(
+            f"ONNX model {path}: it has {len(others) + 1} inputs ({name!r} and "
+            f"{', '.join(map(repr, others))}); cnnviz feeds one image input. Export the model "
+            "with the other inputs fixed (constants or initializers), or wrap it in one that is"
+        )
     value = next(v for v in model.graph.input if v.name == name)
     tensor = value.type.tensor_type
     dims: list[int | str] = [
