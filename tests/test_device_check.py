@@ -1,0 +1,330 @@
+"""Every node on the device (issue 14, item 3): the graphs the engine and the methods emit have a
+CUDA kernel for every node (checked here, on any machine, against onnxruntime 1.31's CUDA kernel
+table), and on a machine with CUDA no float-compute node runs outside CUDAExecutionProvider
+(checked from the session's profile).
+
+The graphs are cnnviz.device_check.GRAPHS (input gradients and graphs cut at a layer under each
+policy, every whole-method graph whose builder exists): add a method's graph there. For any
+other graph, call `assert_on_cuda(model)`: the static check always, the real CUDA run where CUDA
+is usable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cluster.workflow_runs import tiny_classifier
+from cnnviz.device_check import (
+    GRAPHS,
+    build_graph,
+    card_for,
+    check_on_cuda,
+    cuda_kernel_gaps,
+    cuda_placement,
+    kernel_table,
+    placement_problems,
+    placement_session,
+    run_once,
+)
+from cnnviz.runtime import cuda_usable
+from onnx import TensorProto, helper
+from onnx_build import finish_model
+
+BATCH = 2
+CUDA_REASON = ("CUDA is not usable here (cnnviz.runtime.cuda_usable() is False: no GPU or no "
+               "CUDA libraries)")
+
+
+def assert_on_cuda(model: onnx.ModelProto, run: bool | None = None) -> None:
+    """Fail with every node that keeps `model` off the device: a missing or type-restricted CUDA
+    kernel, a host-memory input computed in the graph, and (where CUDA is usable, or `run`) a
+    float node or float copy that a real CUDA run placed on the host."""
+    problems = check_on_cuda(model, run=run)
+    assert problems == [], f"{model.graph.name}: {len(problems)} problems:\n" + "\n".join(problems)
+
+
+# ---- models --------------------------------------------------------------------------------------
+def _weight(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+
+def resnet_like(classes: int = 10, side: int = 32) -> onnx.ModelProto:
+    """Stem Conv(s2)-BN-Relu-MaxPool(3x3 s2, overlapping) - a residual block (Conv-BN-Relu-
+    Conv-BN, Add, Relu) - Conv(s2)-BN-Clip(0, 6) - AveragePool - GAP - Flatten - Gemm."""
+    rng = np.random.default_rng(1)
+    inits: dict[str, np.ndarray] = {}
+    nodes: list[onnx.NodeProto] = []
+
+    def conv_bn(x: str, name: str, cin: int, cout: int, stride: int) -> str:
+        inits[f"{name}.w"] = _weight(rng, cout, cin, 3, 3)
+        inits[f"{name}.scale"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
+        inits[f"{name}.bias"] = rng.normal(0, 0.1, cout).astype(np.float32)
+        inits[f"{name}.mean"] = rng.normal(0, 0.1, cout).astype(np.float32)
+        inits[f"{name}.var"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w"], [f"{name}.c"], name=f"/{name}/Conv",
+                                      pads=[1] * 4, strides=[stride] * 2))
+        nodes.append(helper.make_node(
+            "BatchNormalization",
+            [f"{name}.c", f"{name}.scale", f"{name}.bias", f"{name}.mean", f"{name}.var"],
+            [f"{name}.bn"], name=f"/{name}/BatchNormalization"))
+        return f"{name}.bn"
+
+    def relu(x: str, name: str) -> str:
+        nodes.append(helper.make_node("Relu", [x], [name], name=f"/{name}/Relu"))
+        return name
+
+    x = relu(conv_bn("image", "stem", 3, 8, 2), "stem_relu")
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], name="/pool/MaxPool",
+                                  kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
+    y = relu(conv_bn("pool", "block1", 8, 8, 1), "block1_relu")
+    y = conv_bn(y, "block2", 8, 8, 1)
+    nodes.append(helper.make_node("Add", [y, "pool"], ["res"], name="/res/Add"))
+    x = relu("res", "res_relu")
+    x = conv_bn(x, "down", 8, 16, 2)
+    inits["lo"], inits["hi"] = np.array(0, np.float32), np.array(6, np.float32)
+    nodes.append(helper.make_node("Clip", [x, "lo", "hi"], ["r6"], name="/down/Clip"))
+    nodes.append(helper.make_node("AveragePool", ["r6"], ["avg"], name="/avg/AveragePool",
+                                  kernel_shape=[3, 3], strides=[1, 1], pads=[1] * 4))
+    nodes.append(helper.make_node("GlobalAveragePool", ["avg"], ["gap"], name="/gap/GAP"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="/flatten/Flatten"))
+    inits["fc.w"] = _weight(rng, classes, 16)
+    inits["fc.b"] = np.zeros(classes, np.float32)
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="/fc/Gemm",
+                                  transB=1))
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, side, side])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])
+    return finish_model(nodes, inits, [image], [logits], name="resnet_like")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    vgg = onnx.load(str(tiny_classifier(tmp_path_factory.mktemp("vgg") / "vgg_like.onnx")))
+    vgg.graph.name = "vgg_like"
+    resnet = resnet_like()
+    return {"vgg_like": (vgg, card_for(vgg)), "resnet_like": (resnet, card_for(resnet))}
+
+
+@pytest.fixture(scope="module")
+def effnet(effnet_dir: Path) -> tuple:
+    from cnnviz.modelcard import load_card, model_path
+
+    card = load_card(effnet_dir)
+    return onnx.load(str(model_path(effnet_dir, card))), card
+
+
+# ---- the graphs (cnnviz.device_check.GRAPHS: engine graphs and whole-method graphs) --------------
+ENGINE_GRAPHS = sorted(g for g in GRAPHS if g.startswith(("input/", "cut/")))
+METHOD_GRAPHS = sorted(g for g in GRAPHS if g not in ENGINE_GRAPHS)
+
+
+def built(name: str, model: onnx.ModelProto, card: dict) -> onnx.ModelProto:
+    graph = build_graph(name, model, card, BATCH)
+    if graph is None:
+        pytest.skip(f"{name}: its builder does not exist (yet)")
+    return graph
+
+
+# ---- the static check on real graphs -------------------------------------------------------------
+@pytest.mark.parametrize("graph", ENGINE_GRAPHS)
+@pytest.mark.parametrize("name", ["vgg_like", "resnet_like"])
+def test_engine_graphs_have_cuda_kernels(tiny_models, name, graph):
+    model, card = tiny_models[name]
+    assert cuda_kernel_gaps(built(graph, model, card)) == []
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("graph", ENGINE_GRAPHS)
+def test_efficientnet_lite0_engine_graphs_have_cuda_kernels(effnet, graph):
+    model, card = effnet
+    assert cuda_kernel_gaps(built(graph, model, card)) == []
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("graph", METHOD_GRAPHS)
+def test_efficientnet_lite0_method_graphs_have_cuda_kernels(effnet, graph):
+    model, card = effnet
+    assert cuda_kernel_gaps(built(graph, model, card)) == []
+
+
+@pytest.mark.parametrize("graph", METHOD_GRAPHS)
+@pytest.mark.parametrize("name", ["vgg_like", "resnet_like"])
+def test_method_graphs_have_cuda_kernels(tiny_models, name, graph):
+    model, card = tiny_models[name]
+    assert cuda_kernel_gaps(built(graph, model, card)) == []
+
+
+def test_the_engine_emits_scatter_and_maxpool_indices(tiny_models):
+    """The type-sensitive nodes the backward graphs hold are really in what was checked."""
+    model, card = tiny_models["resnet_like"]
+    graph = built("input/guided", model, card)
+    ops = {(n.op_type, len(n.output)) for n in graph.graph.node}
+    assert ("MaxPool", 2) in ops and ("ScatterND", 1) in ops and ("Greater", 1) in ops
+
+
+# ---- the check can fail --------------------------------------------------------------------------
+def _one_node(op: str, inputs: list[tuple[str, int, list]], outputs: list[tuple[str, int, list]],
+              inits: dict[str, np.ndarray] | None = None, opset: int = 17, **attrs):
+    node = helper.make_node(op, [i[0] for i in inputs] + list(inits or {}),
+                            [o[0] for o in outputs], name=f"/deliberate/{op}", **attrs)
+    graph = helper.make_graph(
+        [node], f"one_{op}",
+        [helper.make_tensor_value_info(*i) for i in inputs],
+        [helper.make_tensor_value_info(*o) for o in outputs],
+        [onnx.numpy_helper.from_array(v, k) for k, v in (inits or {}).items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+F, I64, I32, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (_one_node("MaxUnpool", [("x", F, [1, 1, 2, 2]), ("i", I64, [1, 1, 2, 2])],
+                   [("y", F, [1, 1, 4, 4])], kernel_shape=[2, 2], strides=[2, 2]),
+         r"MaxUnpool /deliberate/MaxUnpool \[ai.onnx opset 17\]: no CUDA kernel"),
+        (_one_node("Col2Im", [("x", F, [1, 4, 4])], [("y", F, [1, 1, 3, 3])],
+                   {"image_shape": np.array([3, 3], np.int64),
+                    "block_shape": np.array([2, 2], np.int64)}, opset=18),
+         r"Col2Im .*: no CUDA kernel"),
+        (_one_node("Where", [("c", BOOL, [4]), ("a", BOOL, [4]), ("b", BOOL, [4])],
+                   [("y", BOOL, [4])]),
+         r"Where .*opset 17\]: T = bool has no CUDA kernel"),
+        (_one_node("Where", [("c", BOOL, [4]), ("a", TensorProto.INT8, [4]),
+                             ("b", TensorProto.INT8, [4])], [("y", TensorProto.INT8, [4])]),
+         r"T = int8 has no CUDA kernel"),
+        (_one_node("Clip", [("x", I32, [4])], [("y", I32, [4])],
+                   {"lo": np.array(0, np.int32), "hi": np.array(6, np.int32)}),
+         r"Clip .*: T = int32 has no CUDA kernel"),
+        (_one_node("Pad", [("x", I64, [4])], [("y", I64, [6])], {"pads": np.array([1, 1])}),
+         r"Pad .*: T = int64 has no CUDA kernel"),
+        (_one_node("OneHot", [("i", I32, [4])], [("y", F, [4, 3])],
+                   {"depth": np.array(3, np.int64), "values": np.array([0, 1], np.float32)}),
+         r"OneHot .*\(indices, values, depth\) = \('int32', 'float', 'int64'\)"),
+        (_one_node("ScatterND", [("x", F, [4]), ("i", I64, [2, 1]), ("u", F, [2])],
+                   [("y", F, [4])], reduction="mul"),
+         r"ScatterND .*: reduction='mul' is not supported"),
+        (_one_node("Reshape", [("x", F, ["n", 4]), ("s", I64, [2])], [("y", F, ["m", 2])]),
+         r"Reshape .*: its shape input 's' is read from host memory and is computed"),
+        (_one_node("Upsample", [("x", F, [1, 1, 2, 2])], [("y", F, [1, 1, 4, 4])],
+                   {"scales": np.array([1, 1, 2, 2], np.float32)}, opset=9),
+         None),
+    ],
+    ids=["maxunpool", "col2im", "where-bool", "where-int8", "clip-int32", "pad-int64",
+         "onehot-triple", "scatternd-mul", "reshape-computed-shape", "upsample-9-ok"],
+)
+def test_gaps_are_reported(model, expected):
+    gaps = cuda_kernel_gaps(model)
+    if expected is None:
+        assert gaps == []
+    else:
+        assert any(re.search(expected, g) for g in gaps), gaps
+
+
+def test_other_domains_and_opsets_are_reported():
+    model = _one_node("Softplus", [("x", F, [4])], [("y", F, [4])])
+    model.graph.node[0].domain = "com.example"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    assert cuda_kernel_gaps(model) == [
+        "Softplus /deliberate/Softplus [com.example opset 1]: no CUDA kernel"]
+    # Conv at opset 22 takes bfloat16; at 17 it does not.
+    bf = TensorProto.BFLOAT16
+    conv = _one_node("Conv", [("x", bf, [1, 1, 3, 3]), ("w", bf, [1, 1, 1, 1])],
+                     [("y", bf, [1, 1, 3, 3])])
+    assert any("T = bfloat16 has no CUDA kernel" in g for g in cuda_kernel_gaps(conv))
+
+
+def test_constant_host_inputs_are_fine():
+    shape = np.array([2, 2], np.int64)
+    model = _one_node("Reshape", [("x", F, [4])], [("y", F, [2, 2])], {"shape": shape})
+    assert cuda_kernel_gaps(model) == []
+
+
+# ---- the kernel table ----------------------------------------------------------------------------
+def test_kernel_table_records_its_source():
+    table = kernel_table()
+    assert table["provider"] == "CUDAExecutionProvider"
+    assert table["onnxruntime"] == "1.31"
+    assert re.fullmatch(r"[0-9a-f]{40}", table["source"]["commit"])
+    ops = table["kernels"]["ai.onnx"]
+    assert "MaxUnpool" not in ops and "Col2Im" not in ops
+    where = next(r for r in ops["Where"] if r["until"] is None)
+    assert "bool" not in where["types"]["T"] and where["types"]["B"] == ["bool"]
+
+
+def _tool():
+    path = Path(__file__).parents[1] / "scripts" / "tools" / "cuda_kernel_table.py"
+    spec = importlib.util.spec_from_file_location("cuda_kernel_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXCERPT = """
+## Operators implemented by CUDAExecutionProvider
+
+| Op Name | Parameters | OpSet Version | Types Supported |
+|---------|------------|---------------|-----------------|
+|**Operator Domain:** *ai.onnx*||||
+|Where|*in* condition:**B**<br> *in* X:**T**<br> *in* Y:**T**<br> *out* output:**T**|16+|**B** = tensor(bool)<br/> **T** = tensor(bfloat16), tensor(double), tensor(float), tensor(float16), tensor(int32), tensor(int64), tensor(uint8)|
+|||[9, 15]|**B** = tensor(bool)<br/> **T** = tensor(double), tensor(float), tensor(float16), tensor(int32), tensor(int64), tensor(uint8)|
+| |
+|**Operator Domain:** *com.microsoft*||||
+|BiasGelu|*in* A:**T**<br> *in* B:**T**<br> *out* C:**T**|1+|**T** = tensor(bfloat16), tensor(double), tensor(float), tensor(float16)|
+
+
+<a name="dmlexecutionprovider"/>
+
+## Operators implemented by DmlExecutionProvider
+|**Operator Domain:** *ai.onnx*||||
+|Abs|*in* X:**T**<br> *out* Y:**T**|13+|**T** = tensor(float)|
+"""  # noqa: E501 - two rows of onnxruntime's docs/OperatorKernels.md, as written there
+
+
+def test_the_table_tool_parses_operator_kernels_md():
+    tool = _tool()
+    kernels = tool.parse_doc(EXCERPT)
+    assert set(kernels) == {"ai.onnx", "com.microsoft"}
+    assert kernels["ai.onnx"]["Where"] == kernel_table()["kernels"]["ai.onnx"]["Where"]
+    assert "Abs" not in kernels["ai.onnx"]  # another provider's section
+    assert tool.parse_version("[6, 12]") == (6, 12) and tool.parse_version("13") == (13, 13)
+
+
+# ---- the run-time check --------------------------------------------------------------------------
+def test_placement_report_reads_the_profile_on_cpu(tiny_models, tmp_path):
+    """On a CPU session every node is off CUDA: the report must say so (the CUDA test's
+    assertion can fail)."""
+    model, _ = tiny_models["vgg_like"]
+    session = placement_session(built("input/gradient", model, None), "cpu",
+                                profile_dir=str(tmp_path))
+    run_once(session)
+    report = cuda_placement(session)
+    assert report["providers"] and set(report["providers"]) == {"CPUExecutionProvider"}
+    assert {n["op"] for n in report["float_off_cuda"]} >= {"Conv", "Gemm"}
+    assert any("ran on CPUExecutionProvider" in p for p in placement_problems(report))
+    assert "CPUExecutionProvider" in report["assignment"] or report["assignment"] == {}
+
+
+@pytest.mark.skipif(not cuda_usable(), reason=CUDA_REASON)
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+@pytest.mark.parametrize("name", ["vgg_like", "resnet_like"])
+def test_every_node_runs_on_cuda(tiny_models, name, graph):
+    model, card = tiny_models[name]
+    assert_on_cuda(built(graph, model, card), run=True)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(not cuda_usable(), reason=CUDA_REASON)
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+def test_efficientnet_lite0_runs_on_cuda(effnet, graph):
+    model, card = effnet
+    assert_on_cuda(built(graph, model, card), run=True)
