@@ -16,6 +16,15 @@ Only the step loops are timed (after one warm-up step); cnnviz's one-off setup (
 
     python benchmarks/bench_filters.py [--model-dir results/models/efficientnet-lite0]
         [--layer blocks.8.expand_conv] [--filters 16] [--steps 6] [--rounds 3]
+
+Engines (no torch needed when the model dir exists): the whole job, `optimize_filters` as
+`cnnviz filters` runs it (setup + steps + the untransformed start/final evaluations), for the
+step-graph engine ("graph": one ONNX Runtime run per step, state on the device) and the host
+loop ("numpy"), 16 filters x 96 steps by default:
+
+    python benchmarks/bench_filters.py --engines [--device cpu] [--steps 96] [--mode lucent]
+    python3 benchmarks/bench_filters.py --device cuda --quick-gpu   # graph engine on the GPU,
+        # seed mode too, and where each node of the step graph ran (ORT profile)
 """
 
 from __future__ import annotations
@@ -174,6 +183,97 @@ def ort_filter_rate(
     return len(channels) * steps / (loops[1] - loops[0]), res.info["setup_seconds"]
 
 
+def load_model(model_dir: Path):
+    """The ONNX model and its preprocess: model_dir/model.onnx (+ model.json), else exported."""
+    import json
+
+    onnx_path = model_dir / "model.onnx"
+    if onnx_path.is_file():
+        card = model_dir / "model.json"
+        pre = json.loads(card.read_text()).get("preprocess", PRE) if card.is_file() else PRE
+        return onnx.load(str(onnx_path)), pre
+    with tempfile.TemporaryDirectory() as tmp:
+        return onnx.load(str(export(torch_model(), Path(tmp)))), PRE
+
+
+def engine_seconds(model, tensor: str, channels: list[int], steps: int, engine: str,
+                   device: str, mode: str, pre: dict, batch: int) -> dict:
+    """One whole optimize_filters job: total, setup and per-step seconds."""
+    started = time.perf_counter()
+    res = optimize_filters(model, tensor, channels, mode=mode, steps=steps, batch_size=batch,
+                           preprocess=pre, device=device, threads=THREADS, engine=engine)
+    total = time.perf_counter() - started
+    return {"total": total, "setup": res.info["setup_seconds"],
+            "providers": res.info["providers"][0], "engine": res.info["engine"],
+            "final_median": float(np.median(res.final))}
+
+
+def placement(model, tensor: str, channels: list[int], device: str, mode: str, pre: dict,
+              runs: int = 4) -> None:
+    """Run the step graph a few times with ORT's profiler: time per (op, provider), and the
+    nodes that did not run on the first provider (CPU fallbacks around a CUDA graph)."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+    from cnnviz.methods import filters as fv
+    from cnnviz.runtime import providers_for, session_options
+
+    job = fv.GraphJob(model, tensor, len(channels), mode=mode, steps=runs, lr=0.05,
+                      norm=ov.Normalization.from_preprocess(pre), device=device,
+                      threads=THREADS)
+    options = session_options(THREADS)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "cnnviz_filters")
+    job.session = ort.InferenceSession(job.spec.model.SerializeToString(), options,
+                                       providers=providers_for(device))
+    job.run(channels, runs, 0.05, 0, None, 128, None)
+    path = job.session.end_profiling()
+    per_op: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for event in json.load(open(path)):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            key = (event["args"]["op_name"], event["args"]["provider"])
+            per_op[key] += event["dur"]
+            count[key] += 1
+    print(f"\n# step graph ({mode}), {runs} runs profiled: ms per run by (op, provider)")
+    for (op, provider), us in per_op.most_common():
+        nodes = count[op, provider] // runs
+        print(f"  {op:18s} {provider:24s} {us / 1e3 / runs:9.3f} ms  ({nodes} nodes)")
+    others = sorted({op for (op, p) in per_op if p != job.providers[0]})
+    print(f"  ops not on {job.providers[0]}: {others or 'none'}")
+
+
+def engines_main(args) -> None:
+    """Old (numpy host loop) vs new (step graph) on one device, whole jobs."""
+    from cnnviz.runtime import providers_for
+
+    model, pre = load_model(args.model_dir)
+    rows = {r["name"]: r for r in conv_layers(model)}
+    from cnnviz.methods.filters import objective_tensor
+
+    tensor = objective_tensor(model, rows[args.layer]["tensor"])
+    channels = list(range(args.filters))
+    engines = ["graph"] if args.quick_gpu and not args.with_numpy else ["graph", "numpy"]
+    modes = ["lucent", "seed"] if args.quick_gpu else [args.mode]
+    print(f"# filters: {args.layer} (objective {tensor}), {args.filters} filters x {args.steps} "
+          f"steps, batch {args.filters}, device {args.device} -> {providers_for(args.device)[0]}, "
+          f"{THREADS} threads, load {os.getloadavg()[0]:.1f}")
+    print("| mode | engine | provider | seconds (whole job) | setup s | s per step "
+          "| median final |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for mode in modes:
+        for engine in engines:
+            r = engine_seconds(model, tensor, channels, args.steps, engine, args.device, mode,
+                               pre, args.filters)
+            per_step = (r["total"] - r["setup"]) / args.steps
+            print(f"| {mode} | {r['engine']} | {r['providers']} | {r['total']:.2f} | "
+                  f"{r['setup']:.2f} | {per_step:.4f} | {r['final_median']:.3f} |", flush=True)
+    if args.quick_gpu or args.profile:
+        for mode in modes:
+            placement(model, tensor, channels, args.device, mode, pre)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path("results/models/efficientnet-lite0"))
@@ -191,7 +291,21 @@ def main() -> None:
         action="store_true",
         help="leave torch's OpenMP threads spinning (its default)",
     )
+    parser.add_argument("--engines", action="store_true",
+                        help="time whole jobs of the graph and the numpy engine (no torch)")
+    parser.add_argument("--quick-gpu", action="store_true",
+                        help="--engines on --device (cuda): graph engine, 96 steps, lucent and "
+                        "seed, plus the step graph's node placement")
+    parser.add_argument("--with-numpy", action="store_true", help="--quick-gpu: the old too")
+    parser.add_argument("--profile", action="store_true", help="--engines: node placement")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--mode", default="lucent", choices=["lucent", "seed"])
     args = parser.parse_args()
+    if args.engines or args.quick_gpu:
+        if args.quick_gpu and "--steps" not in sys.argv:
+            args.steps = 96
+        engines_main(args)
+        return
     if not args.torch_spin:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch loads its OpenMP runtime
 

@@ -422,6 +422,9 @@ def evaluation(cut: onnx.ModelProto, tensor: str, batch: int, mode: str, size: i
     m.graph.node.extend(e2.nodes)
     m.graph.initializer.extend(e2.inits)
     m.graph.input.append(_value(onehot, TensorProto.FLOAT, (batch, channels, 1, 1)))
+    from ..autodiff.prepare import eliminate_dead_nodes
+
+    eliminate_dead_nodes(m.graph, set(outputs))  # nothing after the layer
     return m
 
 
