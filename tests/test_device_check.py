@@ -299,6 +299,40 @@ def test_the_table_tool_parses_operator_kernels_md():
     assert tool.parse_version("[6, 12]") == (6, 12) and tool.parse_version("13") == (13, 13)
 
 
+@pytest.mark.skipif(not cuda_usable(), reason=CUDA_REASON)
+def test_kernel_table_agrees_with_the_installed_wheel(tmp_path):
+    """Every kernel the shipped table promises is registered by the installed onnxruntime-gpu
+    (its get_all_opkernel_def, read where the CUDA provider loads). Where this fails, the wheel's
+    table is written to the failure message's path: ship it (scripts/tools/cuda_kernel_table.py
+    ort)."""
+    import json
+    import subprocess
+    import sys
+
+    tool = Path(__file__).parents[1] / "scripts" / "tools" / "cuda_kernel_table.py"
+    out = tmp_path / "cuda_kernels_ort.json"
+    done = subprocess.run([sys.executable, str(tool), "ort"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out.write_text(done.stdout)
+    wheel = json.loads(done.stdout)["kernels"]["ai.onnx"]
+    missing = []
+    for op, rows in kernel_table()["kernels"]["ai.onnx"].items():
+        for row in rows:
+            for opset in range(row["since"], min(row["until"] or 25, 25) + 1):
+                have = next((r for r in wheel.get(op, []) if r["since"] <= opset
+                             and (r["until"] is None or opset <= r["until"])), None)
+                if have is None:
+                    missing.append(f"{op} opset {opset}: no kernel in the wheel")
+                    continue
+                for name, types in row["types"].items():
+                    extra = set(types) - set(have["types"].get(name, types))
+                    if extra:
+                        missing.append(f"{op} opset {opset} {name}: {sorted(extra)} not in wheel")
+    assert missing == [], f"{len(missing)} rows (the wheel's table: {out}):\n" + "\n".join(
+        sorted(set(missing))[:80])
+
+
 # ---- the run-time check --------------------------------------------------------------------------
 def test_placement_report_reads_the_profile_on_cpu(tiny_models, tmp_path):
     """On a CPU session every node is off CUDA: the report must say so (the CUDA test's

@@ -13,7 +13,8 @@ kernel for and which element types each type constraint (T, T1, Tind, ...) admit
       for that wheel.
 
   python scripts/tools/cuda_kernel_table.py compare A.json B.json
-      list the (domain, op, opset range, constraint) rows in which two tables differ.
+      list the (domain, op, opset range, constraint) rows in which two tables differ, for the
+      ops of the first.
 
 Nothing reads the network; cnnviz.device_check reads the table at run time (package data).
 """
@@ -101,7 +102,7 @@ def from_ort() -> dict[str, dict[str, list[dict]]]:
         since, end = k.version_range
         types = {name: sorted(set(_TENSOR.findall(", ".join(allowed))))
                  for name, allowed in k.type_constraints.items()}
-        row = {"since": since, "until": None if end >= 2**31 - 1 else end, "types": types}
+        row = {"since": since, "until": None if end >= 10000 else end, "types": types}
         rows = kernels.setdefault(domain, {}).setdefault(k.op_name, [])
         same = next((r for r in rows if (r["since"], r["until"]) == (row["since"], row["until"])),
                     None)
@@ -154,8 +155,9 @@ def compare(a: dict, b: dict) -> list[str]:
         return out
 
     ra, rb = rows(a), rows(b)
+    ops = {(d, op) for d, o in a["kernels"].items() for op in o}  # the first table's ops only
     diffs = []
-    for key in sorted(set(ra) | set(rb), key=str):
+    for key in sorted({k for k in set(ra) | set(rb) if k[:2] in ops}, key=str):
         if ra.get(key) != rb.get(key):
             diffs.append(f"{key}: {ra.get(key, 'absent')} != {rb.get(key, 'absent')}")
     return diffs
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--commit", required=True, help="the onnxruntime commit the file is from")
     d.add_argument("--onnxruntime", default="1.31", help="the release the commit stands for")
     sub.add_parser("ort", help="read the installed onnxruntime's registered kernels")
-    c = sub.add_parser("compare", help="rows in which two tables differ")
+    c = sub.add_parser("compare", help="rows in which two tables differ (the first's ops)")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     args = p.parse_args(argv)
