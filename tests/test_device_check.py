@@ -37,16 +37,41 @@ from onnx import TensorProto, helper
 from onnx_build import finish_model
 
 BATCH = 2
+MODELS = ["vgg_like", "resnet_like", "tf_same_like"]
 CUDA_REASON = ("CUDA is not usable here (cnnviz.runtime.cuda_usable() is False: no GPU or no "
                "CUDA libraries)")
+
+
+# Gaps the engine emits today, reported to its owner (issue 14, item 3): the backward of a dense
+# strided Conv with asymmetric ("TF same") pads, e.g. EfficientNet-Lite0's stem (3x3, stride 2,
+# pads [0, 0, 1, 1]), is a ConvTranspose with the same asymmetric pads, which the CUDA provider
+# runs on the CPU (with the copies around it). A test that meets only these xfails, naming them;
+# any other problem fails it; once the engine is fixed, it passes.
+KNOWN_GAPS = [re.compile(r"^ConvTranspose .*: asymmetric pads")]
+KNOWN_CONSEQUENCES = [re.compile(r"^ConvTranspose .* ran on CPUExecutionProvider"),
+                      re.compile(r"^Memcpy(ToHost|FromHost) .* copies float data")]
+
+
+def _fail_on_new(problems: list[str], what: str) -> None:
+    known = [p for p in problems if any(k.search(p) for k in KNOWN_GAPS)]
+    if known:
+        known += [p for p in problems if any(k.search(p) for k in KNOWN_CONSEQUENCES)]
+    new = [p for p in problems if p not in known]
+    assert new == [], f"{what}: {len(new)} problems:\n" + "\n".join(new)
+    if problems:
+        pytest.xfail("known CUDA gap, reported to the engine's owner: " + "; ".join(problems))
+
+
+def assert_no_new_gaps(graph: onnx.ModelProto) -> None:
+    """The static check: no node lacks a CUDA kernel (known gaps xfail)."""
+    _fail_on_new(cuda_kernel_gaps(graph), graph.graph.name)
 
 
 def assert_on_cuda(model: onnx.ModelProto, run: bool | None = None) -> None:
     """Fail with every node that keeps `model` off the device: a missing or type-restricted CUDA
     kernel, a host-memory input computed in the graph, and (where CUDA is usable, or `run`) a
-    float node or float copy that a real CUDA run placed on the host."""
-    problems = check_on_cuda(model, run=run)
-    assert problems == [], f"{model.graph.name}: {len(problems)} problems:\n" + "\n".join(problems)
+    float node or float copy that a real CUDA run placed on the host (known gaps xfail)."""
+    _fail_on_new(check_on_cuda(model, run=run), model.graph.name)
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -54,21 +79,23 @@ def _weight(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
 
 
-def resnet_like(classes: int = 10, side: int = 32) -> onnx.ModelProto:
+def resnet_like(classes: int = 10, side: int = 32, stem_pads: tuple = (1, 1, 1, 1)
+                ) -> onnx.ModelProto:
     """Stem Conv(s2)-BN-Relu-MaxPool(3x3 s2, overlapping) - a residual block (Conv-BN-Relu-
-    Conv-BN, Add, Relu) - Conv(s2)-BN-Clip(0, 6) - AveragePool - GAP - Flatten - Gemm."""
+    Conv-BN, Add, Relu) - Conv(s2)-BN-Clip(0, 6) - AveragePool - GAP - Flatten - Gemm.
+    `stem_pads` (0, 0, 1, 1): TensorFlow's "same" padding at stride 2, as EfficientNet's stem."""
     rng = np.random.default_rng(1)
     inits: dict[str, np.ndarray] = {}
     nodes: list[onnx.NodeProto] = []
 
-    def conv_bn(x: str, name: str, cin: int, cout: int, stride: int) -> str:
+    def conv_bn(x: str, name: str, cin: int, cout: int, stride: int, pads=(1, 1, 1, 1)) -> str:
         inits[f"{name}.w"] = _weight(rng, cout, cin, 3, 3)
         inits[f"{name}.scale"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
         inits[f"{name}.bias"] = rng.normal(0, 0.1, cout).astype(np.float32)
         inits[f"{name}.mean"] = rng.normal(0, 0.1, cout).astype(np.float32)
         inits[f"{name}.var"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
         nodes.append(helper.make_node("Conv", [x, f"{name}.w"], [f"{name}.c"], name=f"/{name}/Conv",
-                                      pads=[1] * 4, strides=[stride] * 2))
+                                      pads=list(pads), strides=[stride] * 2))
         nodes.append(helper.make_node(
             "BatchNormalization",
             [f"{name}.c", f"{name}.scale", f"{name}.bias", f"{name}.mean", f"{name}.var"],
@@ -79,7 +106,7 @@ def resnet_like(classes: int = 10, side: int = 32) -> onnx.ModelProto:
         nodes.append(helper.make_node("Relu", [x], [name], name=f"/{name}/Relu"))
         return name
 
-    x = relu(conv_bn("image", "stem", 3, 8, 2), "stem_relu")
+    x = relu(conv_bn("image", "stem", 3, 8, 2, stem_pads), "stem_relu")
     nodes.append(helper.make_node("MaxPool", [x], ["pool"], name="/pool/MaxPool",
                                   kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
     y = relu(conv_bn("pool", "block1", 8, 8, 1), "block1_relu")
@@ -107,7 +134,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
     vgg = onnx.load(str(tiny_classifier(tmp_path_factory.mktemp("vgg") / "vgg_like.onnx")))
     vgg.graph.name = "vgg_like"
     resnet = resnet_like()
-    return {"vgg_like": (vgg, card_for(vgg)), "resnet_like": (resnet, card_for(resnet))}
+    tf_same = resnet_like(stem_pads=(0, 0, 1, 1))
+    tf_same.graph.name = "tf_same_like"
+    return {"vgg_like": (vgg, card_for(vgg)), "resnet_like": (resnet, card_for(resnet)),
+            "tf_same_like": (tf_same, card_for(tf_same))}
 
 
 @pytest.fixture(scope="module")
@@ -132,31 +162,31 @@ def built(name: str, model: onnx.ModelProto, card: dict) -> onnx.ModelProto:
 
 # ---- the static check on real graphs -------------------------------------------------------------
 @pytest.mark.parametrize("graph", ENGINE_GRAPHS)
-@pytest.mark.parametrize("name", ["vgg_like", "resnet_like"])
+@pytest.mark.parametrize("name", MODELS)
 def test_engine_graphs_have_cuda_kernels(tiny_models, name, graph):
     model, card = tiny_models[name]
-    assert cuda_kernel_gaps(built(graph, model, card)) == []
+    assert_no_new_gaps(built(graph, model, card))
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("graph", ENGINE_GRAPHS)
 def test_efficientnet_lite0_engine_graphs_have_cuda_kernels(effnet, graph):
     model, card = effnet
-    assert cuda_kernel_gaps(built(graph, model, card)) == []
+    assert_no_new_gaps(built(graph, model, card))
 
 
 @pytest.mark.torch
 @pytest.mark.parametrize("graph", METHOD_GRAPHS)
 def test_efficientnet_lite0_method_graphs_have_cuda_kernels(effnet, graph):
     model, card = effnet
-    assert cuda_kernel_gaps(built(graph, model, card)) == []
+    assert_no_new_gaps(built(graph, model, card))
 
 
 @pytest.mark.parametrize("graph", METHOD_GRAPHS)
-@pytest.mark.parametrize("name", ["vgg_like", "resnet_like"])
+@pytest.mark.parametrize("name", MODELS)
 def test_method_graphs_have_cuda_kernels(tiny_models, name, graph):
     model, card = tiny_models[name]
-    assert cuda_kernel_gaps(built(graph, model, card)) == []
+    assert_no_new_gaps(built(graph, model, card))
 
 
 def test_the_engine_emits_scatter_and_maxpool_indices(tiny_models):
@@ -215,12 +245,25 @@ F, I64, I32, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, Ten
          r"ScatterND .*: reduction='mul' is not supported"),
         (_one_node("Reshape", [("x", F, ["n", 4]), ("s", I64, [2])], [("y", F, ["m", 2])]),
          r"Reshape .*: its shape input 's' is read from host memory and is computed"),
+        (_one_node("ConvTranspose", [("x", F, [1, 1, 2, 2])], [("y", F, [1, 1, 4, 4])],
+                   {"w": np.ones((1, 1, 3, 3), np.float32)}, kernel_shape=[3, 3], strides=[2, 2],
+                   pads=[0, 0, 1, 1]),
+         r"ConvTranspose .*: asymmetric pads \[0, 0, 1, 1\]: the CUDA provider drops"),
+        (_one_node("ConvTranspose", [("x", F, [1, 1, 2, 2])], [("y", F, [1, 1, 4, 4])],
+                   {"w": np.ones((1, 1, 3, 3), np.float32)}, kernel_shape=[3, 3], strides=[2, 2],
+                   auto_pad="SAME_UPPER"),
+         r"ConvTranspose .*: auto_pad=SAME_UPPER"),
+        (_one_node("ConvTranspose", [("x", F, [1, 1, 2, 2])], [("y", F, [1, 1, 4, 4])],
+                   {"w": np.ones((1, 1, 3, 3), np.float32)}, kernel_shape=[3, 3], strides=[2, 2],
+                   pads=[1, 1, 1, 1], output_padding=[1, 1]),
+         None),
         (_one_node("Upsample", [("x", F, [1, 1, 2, 2])], [("y", F, [1, 1, 4, 4])],
                    {"scales": np.array([1, 1, 2, 2], np.float32)}, opset=9),
          None),
     ],
     ids=["maxunpool", "col2im", "where-bool", "where-int8", "clip-int32", "pad-int64",
-         "onehot-triple", "scatternd-mul", "reshape-computed-shape", "upsample-9-ok"],
+         "onehot-triple", "scatternd-mul", "reshape-computed-shape", "convtranspose-asymmetric",
+         "convtranspose-same-upper", "convtranspose-symmetric-ok", "upsample-9-ok"],
 )
 def test_gaps_are_reported(model, expected):
     gaps = cuda_kernel_gaps(model)
@@ -350,7 +393,7 @@ def test_placement_report_reads_the_profile_on_cpu(tiny_models, tmp_path):
 
 @pytest.mark.skipif(not cuda_usable(), reason=CUDA_REASON)
 @pytest.mark.parametrize("graph", sorted(GRAPHS))
-@pytest.mark.parametrize("name", ["vgg_like", "resnet_like"])
+@pytest.mark.parametrize("name", MODELS)
 def test_every_node_runs_on_cuda(tiny_models, name, graph):
     model, card = tiny_models[name]
     assert_on_cuda(built(graph, model, card), run=True)

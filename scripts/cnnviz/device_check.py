@@ -6,7 +6,9 @@ Two checks of one idea:
   onnxruntime 1.31 has no kernel for, by op type, domain, the opset in force and the element
   types of its inputs and outputs where the kernel is type-restricted (Where on bool data, Pad on
   int64, Clip on int32, OneHot's type triples, ScatterND reductions other than add, MaxUnpool and
-  Col2Im, which have none), read from a table shipped with the package
+  Col2Im, which have none), and the nodes the provider refuses although it has a kernel
+  (ConvTranspose with asymmetric pads or auto_pad SAME_*, Cast to string), read from a table
+  shipped with the package
   (`data/cuda_kernels_1_31.json`, written by scripts/tools/cuda_kernel_table.py from onnxruntime's
   docs/OperatorKernels.md). It also names nodes whose kernel reads an input from host memory
   (Reshape's shape, Slice's starts, Pad's pads, Clip's bounds, a reduction's axes, ...) when that
@@ -134,6 +136,7 @@ def cuda_kernel_gaps(model: onnx.ModelProto) -> list[str]:
             continue
         gaps += [f"{where}: {why}" for why in _type_problems(node, domain, opset, row, types)]
         gaps += [f"{where}: {why}" for why in _attribute_problems(node)]
+        gaps += [f"{where}: {why}" for why in _capability_problems(node)]
         for position, name in HOST_INPUTS.get(node.op_type, {}).items():
             tensor = node.input[position] if position < len(node.input) else ""
             if tensor and tensor not in constant:
@@ -213,6 +216,28 @@ def _attribute_problems(node) -> list[str]:
                     problems.append(f"{name}={value!r} is not supported by the CUDA kernel "
                                     f"({', '.join(sorted(values))} are)")
     return problems
+
+
+def _capability_problems(node) -> list[str]:
+    """Nodes the CUDA provider has a kernel for but refuses in GetCapability (onnxruntime's
+    cuda_execution_provider.cc: ConvTransposeNeedFallbackToCPU, CastNeedFallbackToCPU), which
+    ORT then runs on the CPU provider with copies around them."""
+    a = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+    if node.op_type == "ConvTranspose":
+        pads = list(a.get("pads", []))
+        rank = len(pads) // 2
+        if any(pads[i] != pads[i + rank] for i in range(rank)):
+            return [f"asymmetric pads {pads}: the CUDA provider drops ConvTranspose to the CPU "
+                    "(cuDNN takes symmetric padding only; pad the input or crop the output "
+                    "instead)"]
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            return [f"auto_pad={auto}: the CUDA provider drops ConvTranspose to the CPU (the "
+                    "padding may be asymmetric); give explicit symmetric pads"]
+    if node.op_type == "Cast" and a.get("to") == TensorProto.STRING:
+        return ["Cast to string: the CUDA provider drops it to the CPU"]
+    return []
 
 
 def element_types(model: onnx.ModelProto) -> dict[str, str]:
