@@ -391,6 +391,42 @@ def test_placement_report_reads_the_profile_on_cpu(tiny_models, tmp_path):
     assert "CPUExecutionProvider" in report["assignment"] or report["assignment"] == {}
 
 
+def test_placement_report_classifies_a_cuda_profile(tmp_path):
+    """A CUDA run's profile (the events ORT writes, abridged): float work off CUDA and float
+    copies are problems; ORT's host-side shape nodes on integers are not."""
+    import json
+
+    def node(name, op, provider, inputs, outputs):
+        args = {"op_name": op, "provider": provider,
+                "input_type_shape": [{t: [2, 3]} for t in inputs],
+                "output_type_shape": [{t: [2, 3]} for t in outputs]}
+        return {"cat": "Node", "name": f"{name}_kernel_time", "dur": 5, "args": args}
+
+    events = [
+        {"cat": "Session", "name": "model_run", "dur": 100},
+        node("conv", "Conv", "CUDAExecutionProvider", ["float"] * 3, ["float"]),
+        node("conv", "Conv", "CUDAExecutionProvider", ["float"] * 3, ["float"]),  # 2nd run
+        node("shape_add", "Add", "CPUExecutionProvider", ["int64", "int64"], ["int64"]),
+        node("Memcpy_token_1", "MemcpyToHost", "CUDAExecutionProvider", ["float"], ["float"]),
+        node("Memcpy_token_2", "MemcpyFromHost", "CUDAExecutionProvider", ["int64"], ["int64"]),
+        node("bwd/ConvTranspose_7", "ConvTranspose", "CPUExecutionProvider",
+             ["float", "float"], ["float"]),
+    ]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(events))
+    report = cuda_placement(object(), profile=path)
+    assert report["providers"] == {"CUDAExecutionProvider": 3, "CPUExecutionProvider": 2}
+    assert [n["node"] for n in report["off_cuda"]] == ["shape_add", "bwd/ConvTranspose_7"]
+    assert [n["node"] for n in report["float_off_cuda"]] == ["bwd/ConvTranspose_7"]
+    assert [n["op"] for n in report["memcpy"]] == ["MemcpyToHost", "MemcpyFromHost"]
+    assert [n["node"] for n in report["float_memcpy"]] == ["Memcpy_token_1"]
+    assert report["assignment"] == {}
+    problems = placement_problems(report)
+    assert len(problems) == 2
+    assert problems[0].startswith("ConvTranspose bwd/ConvTranspose_7 ran on CPUExecutionProvider")
+    assert problems[1].startswith("MemcpyToHost Memcpy_token_1 copies float data")
+
+
 @pytest.mark.skipif(not cuda_usable(), reason=CUDA_REASON)
 @pytest.mark.parametrize("graph", sorted(GRAPHS))
 @pytest.mark.parametrize("name", MODELS)

@@ -344,7 +344,7 @@ def cuda_placement(session, profile: str | os.PathLike[str] | None = None) -> di
     """Where each node of a profiled session ran (run it at least once first).
 
     Ends the session's profiling unless `profile` (a profile JSON file) is given. Returns
-      providers:      {provider: number of node runs} from the profile
+      providers:      {provider: number of nodes} from the profile
       nodes:          [{node, op, provider, inputs, outputs}] one per profiled node (first run)
       off_cuda:       nodes not on CUDAExecutionProvider, Memcpy nodes excepted
       float_off_cuda: those of them with a floating-point input or output (the fallbacks that
@@ -377,8 +377,9 @@ def cuda_placement(session, profile: str | os.PathLike[str] | None = None) -> di
     memcpy = [n for n in nodes if n["op"].startswith("Memcpy")]
     off = [n for n in nodes if n["provider"] != CUDA_EP and not n["op"].startswith("Memcpy")]
 
-    def floating(n: dict) -> bool:
-        return bool(FLOATS & set(n["inputs"] + n["outputs"]))
+    def floating(n: dict) -> bool:  # no types recorded: assume the worst
+        kinds = set(n["inputs"] + n["outputs"])
+        return not kinds or bool(FLOATS & kinds)
 
     return {
         "profile": path,
