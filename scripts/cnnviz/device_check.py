@@ -7,13 +7,13 @@ Two checks of one idea:
   types of its inputs and outputs where the kernel is type-restricted (Where on bool data, Pad on
   int64, Clip on int32, OneHot's type triples, ScatterND reductions other than add, MaxUnpool and
   Col2Im, which have none), and the nodes the provider refuses although it has a kernel
-  (ConvTranspose with asymmetric pads or auto_pad SAME_*, Cast to string), read from a table
-  shipped with the package
-  (`data/cuda_kernels_1_31.json`, written by scripts/tools/cuda_kernel_table.py from onnxruntime's
-  docs/OperatorKernels.md). It also names nodes whose kernel reads an input from host memory
-  (Reshape's shape, Slice's starts, Pad's pads, Clip's bounds, a reduction's axes, ...) when that
-  input is computed in the graph from run-time data, which costs a device-to-host copy and a sync
-  each run; such inputs are fine when they are constants (initializers, or folded by ONNX Runtime).
+  (ConvTranspose with asymmetric pads or auto_pad SAME_*, Cast to string). The kernels are a
+  table shipped with the package (`data/cuda_kernels_1_31.json`, written by
+  scripts/tools/cuda_kernel_table.py from onnxruntime's docs/OperatorKernels.md). It also names
+  nodes whose kernel reads an input from host memory (Reshape's shape, Slice's starts, Pad's
+  pads, Clip's bounds, a reduction's axes, ...) when that input is computed in the graph from
+  run-time data, which costs a device-to-host copy and a sync each run; such inputs are fine
+  when they are constants (initializers, or folded by ONNX Runtime).
 - `cuda_placement(session)`, on a real CUDA session: which provider ran each node, from ONNX
   Runtime's profile (Node events' `args.provider`, with their input/output types) and, where
   the session recorded it, `get_provider_graph_assignment_info()`. Nodes off the CUDA provider
