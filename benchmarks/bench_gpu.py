@@ -1,30 +1,31 @@
-"""Grad-CAM and guided backprop throughput on a GPU (ONNX Runtime, CUDA provider).
+"""Every per-image method on an NVIDIA GPU (ONNX Runtime CUDA provider), against the torch peers.
 
-EfficientNet-Lite0 (an exported model.json folder, or exported here with the package's own
-export code), 224x224 inputs (the sample photos, preprocessed, repeated to fill the batch),
-target = each image's top-1 class. Per method and batch size: one session with the batch fixed
-to B (as the pipeline builds them), `--warmup` calls not timed, then `--repeats` timed calls;
-the median is reported. Two rates per row:
+EfficientNet-Lite0 (an exported model.json folder), 224x224 inputs (sample photos repeated),
+target = each image's top-1 class. For each method:
 
-  method   images/s of the whole call as `cnnviz explain` makes it (session.run plus the numpy
-           work on the CPU: one-hot seeds, padding, Grad-CAM weighting and 224x224 upsampling)
-  ORT run  images/s of `session.run` alone, inputs already in host memory
+  job       images/s of `cnnviz explain`'s method function over N images (METHODS[m](job)):
+            graph build, session creation, feeding, the device work and the results on the host
+  steady    images/s of the method's runner once built (`Runner.run` over N images), i.e. what a
+            job of many images approaches
+  floor     the plain forward's images/s (one `session.run` with I/O binding, batch B)
+  vs CPU    min Pearson r of the CUDA maps against the same graph on the CPU (first images)
+  nodes     nodes of the method graph that ran outside the CUDA provider (ORT profile)
 
-`--device cuda` (default) fails with exit code 2 unless ONNX Runtime really runs on CUDA;
-`--device cpu` runs the same code path on the CPU (to test the script; use a tiny batch).
+With `--peers`: pytorch-grad-cam and captum on the same GPU (torch, CUDA) and images, and the
+ratio ours / peer (time). Results go to `--out` (markdown) as they come, so a machine taken back
+mid-run still leaves the rows done so far.
 
-    python benchmarks/bench_gpu.py [--model-dir DIR] [--device cuda|cpu] [--batches 1,16,64]
+    python3 benchmarks/bench_gpu.py --model-dir DIR [--device cuda|cpu] [--images 64]
+        [--batch 64] [--peers] [--out gpu.md]
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
+import json
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,24 +34,21 @@ from typing import Any
 import numpy as np
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+METHODS = ("gradcam", "gradcampp", "layercam", "guided_gradcam", "saliency", "guided_backprop",
+           "deconvnet", "smoothgrad", "integrated_gradients", "occlusion", "scorecam")
 
 
-def load_model(model_dir: Path | None) -> tuple[Any, dict[str, Any], Path]:
-    import onnx
-    from cnnviz.modelcard import load_card, model_path
+class Out:
+    """Markdown lines printed and written to `path` as they come."""
 
-    if model_dir is None:
-        from cnnviz.export import export_model
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.lines = path, []
 
-        model_dir = Path(tempfile.mkdtemp(prefix="cnnviz-gpu-"))
-        atexit.register(shutil.rmtree, model_dir, True)
-        started = time.perf_counter()
-        export_model("efficientnet-lite0", "efficientnet-lite0", model_dir)
-        print(
-            f"exported EfficientNet-Lite0 to {model_dir} in {time.perf_counter() - started:.0f} s"
-        )
-    card = load_card(model_dir)
-    return onnx.load(str(model_path(model_dir))), card, model_dir
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+        if self.path:
+            self.path.write_text("\n".join(self.lines) + "\n")
 
 
 def photos(card: dict[str, Any], count: int) -> np.ndarray:
@@ -62,15 +60,7 @@ def photos(card: dict[str, Any], count: int) -> np.ndarray:
     return np.stack([base[i % len(base)] for i in range(count)]).astype(np.float32)
 
 
-def check_device(device: str, session: Any) -> None:
-    """Exit 2 unless the session really runs on the asked-for provider."""
-    active = session.get_providers()
-    if device == "cuda" and active[0] != "CUDAExecutionProvider":
-        print(f"error: asked for CUDA but the session runs on {active}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def timed(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+def timed(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -78,99 +68,236 @@ def timed(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
-    return times
+    return statistics.median(times)
 
 
-def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from cnnviz.methods import backprop, cam
+def make_job(model, card, x, targets, device, batch, options=None):  # noqa: ANN001, ANN201
+    from cnnviz.methods.explain import Job
+
+    views = [np.zeros((1, 1, 3), np.uint8)] * len(x)
+    return Job(model, card, [f"i{i}" for i in range(len(x))], x, views,
+               [(i, int(t)) for i, t in enumerate(targets)], options or DEFAULTS, device,
+               None, batch)
+
+
+DEFAULTS = {"samples": 25, "noise_level": 0.15, "steps": 50, "window": 32, "stride": 16,
+            "batch_size": 64, "target": "top1"}
+
+
+def method_maps(job, method: str) -> np.ndarray:  # noqa: ANN001
+    from cnnviz.methods.explain import METHODS as RUN
+
+    return np.stack([raw for _, raw, _, _ in RUN[method](job)])
+
+
+def placement(model, device: str) -> dict[str, int]:  # noqa: ANN001
+    """{provider: node count} from one profiled run of `model` (an onnx.ModelProto)."""
+    import onnxruntime as ort
+    from cnnviz.runtime import providers_for
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=providers_for(device))
+    feeds = {}
+    for value in session.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in value.shape]
+        dtype = np.int64 if "int64" in value.type else np.float32
+        feeds[value.name] = np.zeros(shape, dtype)
+    session.run(None, feeds)
+    path = session.end_profiling()
+    counts: dict[str, int] = {}
+    seen = set()
+    for event in json.loads(Path(path).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            args = event["args"]
+            key = (event["name"], args.get("provider"))
+            if key in seen:
+                continue
+            seen.add(key)
+            provider = args.get("provider", "?")
+            counts[provider] = counts.get(provider, 0) + 1
+            if provider != "CUDAExecutionProvider":
+                counts[f"{args.get('op_name')}@{provider}"] = counts.get(
+                    f"{args.get('op_name')}@{provider}", 0) + 1
+    Path(path).unlink(missing_ok=True)
+    return counts
+
+
+def ours(args, out: Out) -> dict[str, float]:  # noqa: ANN001
+    import onnx
+    from cnnviz.modelcard import load_card, model_path
     from cnnviz.runtime import make_session
 
-    model, card, model_dir = load_model(args.model_dir)
-    threads = args.threads if args.device == "cpu" else None
-    forward = make_session(model, args.device, threads)
-    check_device(args.device, forward)
-    x_all = photos(card, max(args.batches))
-    input_name = forward.get_inputs()[0].name
-    logits = forward.run(None, {input_name: x_all[: len(PHOTOS)]})[0]
-    top1 = [int(logits[i % len(PHOTOS)].argmax()) for i in range(len(x_all))]
-    classes = int(card["output"]["num_classes"])
-    rows = []
-    for batch in args.batches:
-        x, targets = x_all[:batch], top1[:batch]
-        seeds = np.zeros((batch, classes), np.float32)
-        seeds[np.arange(batch), targets] = 1.0
+    card = load_card(args.model_dir)
+    model = onnx.load(str(model_path(args.model_dir)))
+    x = photos(card, args.images)
+    forward = make_session(model, args.device)
+    if args.device == "cuda" and forward.get_providers()[0] != "CUDAExecutionProvider":
+        print(f"error: asked for CUDA, the session runs on {forward.get_providers()}")
+        raise SystemExit(2)
+    in_name, out_name = card["input"]["name"], card["output"]["name"]
+    targets = forward.run([out_name], {in_name: x})[0].argmax(axis=1)
+    binding = forward.io_binding()
+    xb = x[: args.batch]
 
-        # Grad-CAM: the cut vjp graph (backward stops at the last conv layer), batch fixed to B.
-        started = time.perf_counter()
-        graph, _ = cam.build_cam_model(model, card, None, batch=batch)
-        session = make_session(graph, args.device, threads)
-        build_s = time.perf_counter() - started
-        check_device(args.device, session)
-        names = cam._CamSession(session, card, None)
-        feeds = {names.input: x, names.seed: seeds}
-        rows.append(
-            row(
-                "Grad-CAM",
-                batch,
-                build_s,
-                timed(
-                    lambda s=session, x=x, t=targets: cam.grad_cam_family(
-                        s, card, x, t, None, ("gradcam",)
-                    ),
-                    args.warmup,
-                    args.repeats,
-                ),
-                timed(
-                    lambda s=session, f=feeds, o=names.outputs: s.run(o, f),
-                    args.warmup,
-                    args.repeats,
-                ),
-            )
-        )
-        del session
+    def plain() -> None:
+        binding.bind_cpu_input(in_name, xb)
+        binding.bind_output(out_name, args.device)
+        forward.run_with_iobinding(binding)
+        binding.copy_outputs_to_cpu()
 
-        # Guided backprop: the whole-model input-gradient graph under the guided ReLU rule.
-        started = time.perf_counter()
-        session = backprop.gradient_session(model, "guided", batch, args.device, threads)
-        build_s = time.perf_counter() - started
-        check_device(args.device, session)
-        gnames = backprop._Names(session)
-        feeds = {gnames.input: x, gnames.seed: seeds}
-        rows.append(
-            row(
-                "guided backprop",
-                batch,
-                build_s,
-                timed(
-                    lambda s=session, x=x, t=targets: backprop.guided_backprop(s, x, t),
-                    args.warmup,
-                    args.repeats,
-                ),
-                timed(
-                    lambda s=session, f=feeds, o=[gnames.grad]: s.run(o, f),
-                    args.warmup,
-                    args.repeats,
-                ),
-            )
-        )
-        del session
-    print(f"model: {model_dir} ({card.get('name')})")
-    return rows
+    floor = len(xb) / timed(plain, 3, 10)
+    out(f"forward (session.run, I/O binding, batch {len(xb)}): **{floor:.0f} images/s**")
+    out()
+    out("| method | images | job images/s | steady images/s | x floor time | vs CPU r (min) "
+        "| nodes off CUDA |")
+    out("|---|---|---|---|---|---|---|")
+    rates = {}
+    cpu_job = make_job(model, card, x[:4], targets[:4], "cpu", args.batch)
+    for method in args.methods:
+        try:
+            n = args.images if method not in ("scorecam",) else min(args.images, 16)
+            job = make_job(model, card, x[:n], targets[:n], args.device, args.batch)
+            started = time.perf_counter()
+            maps = method_maps(job, method)
+            job_s = time.perf_counter() - started
+            steady_s = timed(lambda j=job, m=method: method_maps(j, m), 0, args.repeats)
+            ref = method_maps(cpu_job, method) if args.device == "cuda" else maps[:4]
+            r = min(_pearson(a, b) for a, b in zip(maps[:4], ref, strict=True))
+            rates[method] = n / steady_s
+            off = _off_cuda(model, card, method, args) if args.device == "cuda" else "-"
+            out(f"| {method} | {n} | {n / job_s:.1f} | {n / steady_s:.1f} "
+                f"| {floor / (n / steady_s):.1f} | {r:.6f} | {off} |")
+        except Exception as error:  # noqa: BLE001 - one method's failure is a row, not the end
+            out(f"| {method} | – | failed: {type(error).__name__}: {str(error)[:200]} | | | | |")
+    return rates
 
 
-def row(
-    method: str, batch: int, build_s: float, calls: list[float], runs: list[float]
-) -> dict[str, Any]:
-    call, run = statistics.median(calls), statistics.median(runs)
-    return {
-        "method": method,
-        "batch": batch,
-        "method_ips": batch / call,
-        "run_ips": batch / run,
-        "call_ms": 1000 * call,
-        "spread_ms": (1000 * min(calls), 1000 * max(calls)),
-        "build_s": build_s,
+def _off_cuda(model, card, method: str, args) -> str:  # noqa: ANN001
+    """Nodes of the method's graph (the CAM family's, the gradient's...) run outside CUDA."""
+    from cnnviz.methods import backprop, cam
+    from cnnviz.methods.occlusion import occlusion_graph
+
+    builders = {
+        "gradcam": lambda: cam.cam_graph(model, card, None, 2, guided=True).model,
+        "saliency": lambda: backprop.gradient_graph(model, "gradient", 2).model,
+        "guided_backprop": lambda: backprop.gradient_graph(model, "guided", 2).model,
+        "smoothgrad": lambda: backprop.smoothgrad_graph(model, 1, 2, 0.15).model,
+        "integrated_gradients": lambda: backprop.integrated_gradients_graph(model, 1, 2).model,
+        "occlusion": lambda: occlusion_graph(model, card, 1, 2, 32).model,
     }
+    if method not in builders:
+        return "-"
+    counts = placement(builders[method](), "cuda")
+    off = {k: v for k, v in counts.items() if k != "CUDAExecutionProvider"}
+    return ", ".join(f"{k} {v}" for k, v in off.items()) or "0"
+
+
+def peers(args, out: Out, rates: dict[str, float]) -> None:  # noqa: ANN001
+    """pytorch-grad-cam and captum on the same device and images."""
+    import contextlib
+    import io
+
+    import torch
+    from captum.attr import (
+        Deconvolution,
+        GuidedBackprop,
+        IntegratedGradients,
+        NoiseTunnel,
+        Occlusion,
+        Saliency,
+    )
+    from cnnviz.modelcard import load_card
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import torch_oracle
+
+    card = load_card(args.model_dir)
+    dev = torch.device("cuda" if args.device == "cuda" else "cpu")
+    net = torch_oracle.pretrained_effnet(own_head_relu6=True).to(dev)
+    relu_net = torch_oracle.swap_relu6(net).to(dev)
+    x = torch.from_numpy(photos(card, args.images)).to(dev)
+    with torch.no_grad():
+        targets = net(x).argmax(1).tolist()
+    layer = net.head_act
+    tg = [ClassifierOutputTarget(t) for t in targets]
+
+    def sync(fn):  # noqa: ANN001, ANN202
+        def run():  # noqa: ANN202
+            result = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return result
+        return run
+
+    def pgc(cls, n=None, batch=None):  # noqa: ANN001, ANN202
+        def run():  # noqa: ANN202
+            cam = cls(model=net, target_layers=[layer])
+            if batch:
+                cam.batch_size = batch
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    return cam(input_tensor=x[:n], targets=tg[:n])
+            finally:
+                cam.activations_and_grads.release()
+        return run
+
+    t = torch.tensor(targets, device=dev)
+    cases = {
+        "gradcam": ("pytorch-grad-cam GradCAM", pgc(GradCAM), args.images),
+        "gradcampp": ("pytorch-grad-cam GradCAM++", pgc(GradCAMPlusPlus), args.images),
+        "layercam": ("pytorch-grad-cam LayerCAM", pgc(LayerCAM), args.images),
+        "scorecam": ("pytorch-grad-cam ScoreCAM (batch 64)", pgc(ScoreCAM, 4, 64), 4),
+        "saliency": ("captum Saliency", lambda: Saliency(net).attribute(x, target=t, abs=True),
+                     args.images),
+        "guided_backprop": ("captum GuidedBackprop (ReLU6 swapped)",
+                            lambda: GuidedBackprop(relu_net).attribute(x, target=t),
+                            args.images),
+        "deconvnet": ("captum Deconvolution (ReLU6 swapped)",
+                      lambda: Deconvolution(relu_net).attribute(x, target=t), args.images),
+        "smoothgrad": ("captum NoiseTunnel(Saliency) smoothgrad, 25 samples",
+                       lambda: NoiseTunnel(Saliency(net)).attribute(
+                           x[:16], target=t[:16], nt_type="smoothgrad", nt_samples=25,
+                           nt_samples_batch_size=64, stdevs=0.15 * 4.6), 16),
+        "integrated_gradients": ("captum IntegratedGradients, 50 steps",
+                                 lambda: IntegratedGradients(net).attribute(
+                                     x[:16], target=t[:16], n_steps=50,
+                                     internal_batch_size=64), 16),
+        "occlusion": ("captum Occlusion 32/16 (169 patches)",
+                      lambda: Occlusion(net).attribute(
+                          x[:16], target=t[:16], sliding_window_shapes=(3, 32, 32),
+                          strides=(3, 16, 16), baselines=0, perturbations_per_eval=64), 16),
+    }
+    out()
+    out(f"Peers on {dev} (torch {torch.__version__}), same images; ratio = our steady time per "
+        "image / the peer's (≤ 1.0: we are faster)")
+    out()
+    out("| method | peer | images | peer images/s | ours images/s | ours / peer time |")
+    out("|---|---|---|---|---|---|")
+    for method in args.methods:
+        if method not in cases:
+            continue
+        name, fn, n = cases[method]
+        try:
+            seconds = timed(sync(fn), 1, max(1, args.repeats // 2))
+            peer = n / seconds
+            mine = rates.get(method)
+            ratio = f"{peer / mine:.2f}" if mine else "–"
+            out(f"| {method} | {name} | {n} | {peer:.1f} | {mine or 0:.1f} | {ratio} |")
+        except Exception as error:  # noqa: BLE001
+            out(f"| {method} | {name} | – | failed: {type(error).__name__}: {str(error)[:160]} "
+                "| | |")
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.std() == 0 or b.std() == 0:
+        return 1.0 if np.allclose(a, b) else float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def device_line(device: str) -> str:
@@ -190,47 +317,30 @@ def device_line(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model-dir", type=Path, default=None, help="exported model.json dir")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", type=Path, required=True, help="exported model.json dir")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument(
-        "--batches",
-        type=lambda s: [int(b) for b in s.split(",")],
-        default=[1, 16, 64],
-        help="comma-separated batch sizes (default 1,16,64)",
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
-    parser.add_argument("--threads", type=int, default=2, help="ORT threads (--device cpu)")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="rows per ORT call (batch_size)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    parser.add_argument("--peers", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-
+    out = Out(args.out)
+    out(f"# cnnviz on {device_line(args.device)}")
+    out(f"{time.strftime('%Y-%m-%d %H:%M')} · EfficientNet-Lite0 · {args.images} images · "
+        f"batch {args.batch} · median of {args.repeats}")
+    out()
     from cnnviz.errors import CnnvizError
 
-    print(device_line(args.device))
     try:
-        rows = bench(args)
-    except CnnvizError as error:  # DeviceError: no usable CUDA provider here
+        rates = ours(args, out)
+    except CnnvizError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(
-        f"\nimages/s, median of {args.repeats} after {args.warmup} warm-up calls"
-        f" (range: fastest-slowest call)\n"
-    )
-    print(
-        "| method | batch | images/s (method) | images/s (ORT run) | ms per call | range ms"
-        " | session build s |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        low, high = r["spread_ms"]
-        print(
-            f"| {r['method']} | {r['batch']} | {r['method_ips']:.1f} | {r['run_ips']:.1f} "
-            f"| {r['call_ms']:.1f} | {low:.1f}-{high:.1f} | {r['build_s']:.2f} |"
-        )
+    if args.peers:
+        peers(args, out, rates)
     return 0
 
 

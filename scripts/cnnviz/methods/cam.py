@@ -362,6 +362,90 @@ def score_cam_masks(activations: np.ndarray, size: tuple[int, int]) -> np.ndarra
     return ((up - low) / (high - low + SCORECAM_EPS)).astype(np.float32)
 
 
+def score_plan(maps: np.ndarray, dedupe: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(constant [C] bool, owner [C], unique channels) for the layer maps [C, h, w] of one image.
+
+    A constant channel's mask is zero (the blank input); channels with identical normalised
+    maps share one forward pass: `owner[c]` is the channel whose pass scores channel c, and
+    `unique` the varying channels that own their pass.
+    """
+    flat = np.asarray(maps).reshape(len(maps), -1).astype(np.float64)
+    channels = len(flat)
+    low, high = flat.min(axis=1), flat.max(axis=1)
+    constant = high == low if dedupe else np.zeros(channels, bool)
+    owner = np.arange(channels)
+    if dedupe and (~constant).any():
+        varying = np.flatnonzero(~constant)
+        normed = (flat[varying] - low[varying, None]) / (high - low)[varying, None]
+        _, first, inverse = np.unique(normed, axis=0, return_index=True, return_inverse=True)
+        owner[varying] = varying[first[inverse.reshape(-1)]]
+    unique = np.flatnonzero(~constant & (owner == np.arange(channels)))
+    return constant, owner, unique
+
+
+def score_weights(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the channels' target scores [C] (float64)."""
+    weights = np.exp(scores - scores.max())
+    return weights / weights.sum()
+
+
+def scorecam_graphs(model: onnx.ModelProto, card: dict[str, Any], layer: str | None,
+                    images: int, points: int):  # noqa: ANN201 - three MethodGraphs
+    """Score-CAM as three graphs around a per-image choice of channels (`score_plan`):
+
+    - `acts`: images [B, 3, H, W] -> `acts` [B, C, h, w], the layer's maps;
+    - `scores`: one image and target, the call's `points` low-res channel maps (`lowres`
+      [P, h, w], a per-point input) -> upsampled (corners aligned), min-max normalised (+1e-8),
+      each masking the image, scored by the model -> `scores` [1, P], the target logits;
+    - `finish`: `acts` [B, C, h, w] and softmax `weights` [B, C] -> `map` [B, H, W].
+    """
+    from ..autodiff.prepare import prepare
+    from ..methodgraph import FLOAT, GraphBuilder, MethodGraph, one_hot, resize, static_dims
+    from .backprop import _image_inputs, model_input_name
+    from .projections import cut_at
+
+    tensor = layer_tensor(card, layer)
+    x_name = model_input_name(model)
+    b = GraphBuilder.for_model(model)
+    x, _, dims = _image_inputs(b, model, images)
+    cut = prepare(cut_at(model, [tensor]), images)
+    names = b.inline(cut, {x_name: x}, "model")
+    b.output("acts", names[tensor])
+    b.inputs = [i for i in b.inputs if i.name != "targets"]
+    acts = MethodGraph(b.build("scorecam_acts"), images, image_inputs=("images",))
+    shape = next(static_dims(o) for o in cut.graph.output if o.name == tensor)
+    if len(shape) != 4 or not all(shape):
+        raise ConfigError(f"Score-CAM needs a [N, C, h, w] layer; {tensor!r} is {shape}")
+    channels, low = shape[1], shape[2:]
+
+    b = GraphBuilder.for_model(model)
+    x, t, dims = _image_inputs(b, model, 1)
+    lowres = b.input("lowres", FLOAT, [points, *low])
+    up = resize(b, lowres, low, dims[-2:], align_corners=True)
+    lo = b.reduce("ReduceMin", up, [1, 2], keepdims=True)
+    span = b.op("Sub", [b.reduce("ReduceMax", up, [1, 2], keepdims=True), lo])
+    masks = b.op("Div", [b.op("Sub", [up, lo]), b.op("Add", [span, b.f(SCORECAM_EPS)])])
+    masked = b.op("Mul", [x, b.reshape(masks, [points, 1, *dims[-2:]])])  # [P, 3, H, W]
+    forward = prepare(model, points)
+    names = b.inline(forward, {x_name: masked}, "model")
+    out_name = card.get("output", {}).get("name")
+    outputs = [o.name for o in forward.graph.output]
+    logits = b.reshape(names[out_name if out_name in outputs else outputs[0]], [points, -1])
+    classes = int(card["output"]["num_classes"])
+    picked = b.op("Mul", [logits, one_hot(b, t, classes, [classes])])
+    b.output("scores", b.reshape(b.reduce("ReduceSum", picked, [1]), [1, points]))
+    scores = MethodGraph(b.build("scorecam_scores"), 1, points, point_inputs=("lowres",),
+                         per_point=("scores",))
+
+    b = GraphBuilder.for_model(model)
+    a = b.input("acts", FLOAT, [images, channels, *low])
+    w = b.input("weights", FLOAT, [images, channels])
+    raw = b.reduce("ReduceSum", b.op("Mul", [a, b.reshape(w, [images, channels, 1, 1])]), [1])
+    b.output("map", _finish_in_graph(b, raw, low, dims[-2:]))
+    finish = MethodGraph(b.build("scorecam_finish"), images, image_inputs=("acts", "weights"))
+    return acts, scores, finish, tensor
+
+
 def score_cam(
     session: ort.InferenceSession,
     card: dict[str, Any],
@@ -382,16 +466,7 @@ def score_cam(
     x = np.asarray(batch1, dtype=np.float32).reshape(1, *np.shape(batch1)[-3:])
     maps = np.asarray(activations, dtype=np.float32)
     channels, size = len(maps), x.shape[-2:]
-    flat = maps.reshape(channels, -1).astype(np.float64)
-    low, high = flat.min(axis=1), flat.max(axis=1)
-    constant = high == low if dedupe else np.zeros(channels, bool)
-    owner = np.arange(channels)  # the channel whose forward pass scores this channel
-    if dedupe and (~constant).any():
-        varying = np.flatnonzero(~constant)
-        normed = (flat[varying] - low[varying, None]) / (high - low)[varying, None]
-        _, first, inverse = np.unique(normed, axis=0, return_index=True, return_inverse=True)
-        owner[varying] = varying[first[inverse.reshape(-1)]]
-    unique = np.flatnonzero(~constant & (owner == np.arange(channels)))
+    constant, owner, unique = score_plan(maps, dedupe)
     scores = np.zeros(channels)
     # Masks in slices of `batch_size` so that only one batch of masked inputs is in memory.
     step = max(1, batch_size)
@@ -403,8 +478,7 @@ def score_cam(
     if constant.any():
         blank = _target_scores(session, card, np.zeros_like(x), target, 1)[0]
         scores[constant] = blank
-    weights = np.exp(scores - scores.max())
-    weights /= weights.sum()
+    weights = score_weights(scores)
     if info is not None:
         info.update(
             channels=channels,

@@ -9,6 +9,7 @@ its reason; the job still succeeds so that the other methods and the report fini
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -137,22 +138,37 @@ def _cam_member(method: str) -> Callable[[Job], Iterator[Result]]:
 
 
 def _scorecam(job: Job) -> Iterator[Result]:
-    from ..graph import expose
-    from ..runtime import make_session
-    from .cam import layer_tensor, score_cam
+    """Score-CAM: the layer's maps of every image in one graph, each image's channels scored in
+    another (blank and duplicate channels once: `cam.score_plan`), the weighted maps finished
+    in a third."""
+    from .cam import score_plan, score_weights, scorecam_graphs
 
-    tensor = layer_tensor(job.card, _cam_layer(job))
-    session = job.session()
-    # Score-CAM needs the layer's maps once per image: a forward that also returns them.
-    forward = make_session(expose(job.model, [tensor]), job.device, job.threads)
-    input_name = forward.get_inputs()[0].name
-    batch_size = int(job.options.get("batch_size", 64))
+    rows = int(job.options.get("batch_size", 64))  # masked inputs per call
+    images, _ = _images_per_call(job)
+    acts_graph, scores_graph, finish_graph, tensor = scorecam_graphs(
+        job.model, job.card, _cam_layer(job), images, rows
+    )
+    acts = _runner(job, acts_graph).run({"images": job.inputs})["acts"]
+    scorer = _runner(job, scores_graph)
+    weights, infos = [], []
     for i, target in job.rows:
-        x = job.inputs[i : i + 1]
-        acts = forward.run([tensor], {input_name: x})[0][0]
-        counts: dict[str, Any] = {}
-        raw = score_cam(session, job.card, x, target, acts, batch_size, info=counts)
-        yield i, raw, None, {"layer": tensor, **counts}
+        constant, owner, unique = score_plan(acts[i])
+        # one constant channel stands for all of them: its mask is zero, the blank input
+        scored = np.concatenate([unique, np.flatnonzero(constant)[:1]])
+        out = scorer.run({"images": job.inputs[i : i + 1], "targets": np.array([target])},
+                         {"lowres": acts[i][scored]})
+        scores = np.zeros(len(owner))
+        scores[scored] = out["scores"][0]
+        scores = scores[owner]
+        if constant.any():
+            scores[constant] = scores[scored[-1]]
+        weights.append(score_weights(scores).astype(np.float32))
+        infos.append({"layer": tensor, "channels": len(owner), "constant": int(constant.sum()),
+                      "forward_passes": len(scored)})
+    index = [i for i, _ in job.rows]
+    maps = _runner(job, finish_graph).run({"acts": acts[index], "weights": np.stack(weights)})
+    for r, i in enumerate(index):
+        yield i, maps["map"][r], None, infos[r]
 
 
 def _gradient_method(policy: str, signed: bool) -> Callable[[Job], Iterator[Result]]:
@@ -206,13 +222,19 @@ def _integrated_gradients(job: Job) -> Iterator[Result]:
 
 
 def _occlusion(job: Job) -> Iterator[Result]:
-    from .occlusion import occlusion
+    from .occlusion import occlusion_graph, patch_counts, patch_origins
 
-    session = job.session()
     window, stride = int(job.options.get("window", 32)), int(job.options.get("stride", 16))
-    for i, target in job.rows:
-        raw = occlusion(session, job.card, job.inputs[i], target, window, stride,
-                        batch_size=max(job.batch_size, 16))
+    size = tuple(job.inputs.shape[-2:])
+    origins = patch_origins(size, window, stride)
+    # forward passes only: twice the rows of a gradient call fit in the same memory
+    rows = max(job.batch_size, 16)
+    images, points = _images_per_call(dataclasses.replace(job, batch_size=rows), len(origins))
+    graph = occlusion_graph(job.model, job.card, images, points, window)
+    out = _runner(job, graph).run(_row_feeds(job), {"origins": origins})
+    count = np.maximum(patch_counts(size, window, stride), 1)
+    for r, (i, _) in enumerate(job.rows):
+        raw = (out["total"][r] / count).astype(np.float32)
         yield i, raw, None, {"window": window, "stride": stride}
 
 

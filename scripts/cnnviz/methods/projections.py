@@ -275,3 +275,133 @@ def save_projections(
     write_json(paths["json"], {"method": "projections", "image": image_id, "layer": layer,
                                "channels": meta, **(info or {})})
     return paths
+
+
+# ---- projections as one graph (cnnviz.methodgraph; run by cnnviz.runner.Runner) ---------------
+def projection_graph(model: onnx.ModelProto, card: dict[str, Any], layers: Sequence[str],
+                     k: int, images: int, fallback: str = "error"):  # noqa: ANN201
+    """Every layer's top-k deconvnet projections of a batch of images as one graph.
+
+    Per layer, the model cut at the layer is differentiated under the deconvnet policy at
+    batch images * k (row (b, j): image b, its j-th strongest channel). The seeds are made in
+    the graph from the rows' own forward pass: the channels ranked by their peak (the
+    pre-activation's when the layer is an activation of it, which breaks ReLU6 ties as
+    `top_channels` does; ties go to the lower index), each seeded with its maximum value at
+    its argmax. Out per layer i: `projections/i` [B, k, 3, H, W], `channels/i`, `positions/i`
+    (flat index in the layer's map) [B, k] int64 and `values/i` [B, k].
+    """
+    from ..methodgraph import (
+        FLOAT,
+        INT64,
+        GraphBuilder,
+        MethodGraph,
+        repeat_rows,
+        seed_input,
+        static_dims,
+    )
+    from ..modelcard import find_layer
+
+    b = GraphBuilder.for_model(model)
+    x, _, dims = backprop._image_inputs(b, model, images)
+    b.inputs = [i for i in b.inputs if i.name != "targets"]
+    rows = images * k
+    x_rows = repeat_rows(b, x, [images, *dims], k)
+    x_name = backprop.model_input_name(model)
+    shapes = {}
+    for index, name in enumerate(layers):
+        row = find_layer(card, name)
+        tensor = row["tensor"]
+        core = backprop.gradient_model(cut_at(model, [tensor]), "deconvnet", rows,
+                                       seed_output=tensor, fallback=fallback)
+        seed = seed_input(core)
+        channels, h, w = static_dims(seed)[1:]
+        if k > channels:
+            raise ConfigError(f"projections.top_k {k} is more than layer {name!r}'s "
+                              f"{channels} channels")
+        prefix = f"layer{index}"
+        seeds_name = f"{prefix}/seeds"
+        names = b.inline(core, {x_name: x_rows, seed.name: seeds_name}, prefix)
+        acts = names[tensor]
+        pre = _ranking_tensor(core, tensor)
+        rank = f"{prefix}/{pre}" if pre else acts
+        peaks = b.reduce("ReduceMax", rank, [2, 3])  # [rows, C]
+        if b.opset >= 10:
+            _, order = b.op_multi("TopK", [peaks, b.ints([k])], 2, axis=1)
+        else:
+            _, order = b.op_multi("TopK", [peaks], 2, axis=1, k=k)
+        which = b.const(np.tile(np.arange(k, dtype=np.int64), images)[:, None], "rank")
+        channel = b.op("GatherElements", [order, which], axis=1)  # [rows, 1]
+        in_channel = b.op("Cast", [b.op("Equal", [
+            b.const(np.arange(channels, dtype=np.int64)[None], "channels"), channel])], to=FLOAT)
+        in_channel = b.reshape(in_channel, [rows, channels, 1, 1])
+        rank_map = b.reshape(b.reduce("ReduceSum", b.op("Mul", [rank, in_channel]), [1]),
+                             [rows, h * w])
+        position = b.op("ArgMax", [rank_map], axis=1, keepdims=1)  # [rows, 1]
+        at = b.op("Cast", [b.op("Equal", [
+            b.const(np.arange(h * w, dtype=np.int64)[None], "positions"), position])], to=FLOAT)
+        act_map = b.reshape(b.reduce("ReduceSum", b.op("Mul", [acts, in_channel]), [1]),
+                            [rows, h * w])
+        value = b.reduce("ReduceSum", b.op("Mul", [act_map, at]), [1], keepdims=True)
+        seeds = b.op("Mul", [b.op("Mul", [in_channel, b.reshape(at, [rows, 1, h, w])]),
+                             b.reshape(value, [rows, 1, 1, 1])])
+        b.nodes.append(onnx.helper.make_node("Identity", [seeds], [seeds_name]))
+        b.output(f"projections/{index}", b.reshape(names["grad:" + x_name],
+                                                  [images, k, *dims]))
+        b.output(f"channels/{index}", b.reshape(channel, [images, k]), INT64)
+        b.output(f"positions/{index}", b.reshape(position, [images, k]), INT64)
+        b.output(f"values/{index}", b.reshape(value, [images, k]))
+        shapes[f"shape/{index}"] = f"{h},{w}"
+    graph = MethodGraph(b.build("projections"), images, image_inputs=("images",))
+    graph.metadata.update(shapes)
+    return graph
+
+
+def _ranking_tensor(core: onnx.ModelProto, tensor: str) -> str | None:
+    """The pre-activation when `tensor` is a Relu/Clip/LeakyRelu of it (ranking channels by it
+    is ranking by the activation's peak with ties at the ReLU6 ceiling broken), else None."""
+    producer = next((n for n in core.graph.node if tensor in n.output), None)
+    if producer is not None and producer.op_type in ("Relu", "Clip", "LeakyRelu"):
+        return producer.input[0]
+    return None
+
+
+class ProjectionRunner:
+    """`projection_graph` in one runner, built once per job; `project_layers` as Projector's."""
+
+    def __init__(self, model: onnx.ModelProto, card: dict[str, Any], layers: Sequence[str],
+                 k: int, images: int, device: str = "auto", threads: int | None = None,
+                 fallback: str = "error") -> None:
+        from ..runner import Runner
+
+        self.layers = list(dict.fromkeys(layers))
+        self.k = k
+        self.runner = Runner(projection_graph(model, card, self.layers, k, images, fallback),
+                             device, threads)
+
+    def project_layers(self, images: np.ndarray, k: int | None = None) -> dict[str, list]:
+        """{layer: per image, per channel: {channel, value, position [y, x], projection
+        [3, H, W], bbox}} for a batch [N, 3, H, W], strongest channel first."""
+        out = self.runner.run({"images": np.asarray(images, np.float32)})
+        result = {}
+        for index, layer in enumerate(self.layers):
+            proj = out[f"projections/{index}"]
+            shape = self._map_shape(index)
+            result[layer] = [
+                [
+                    {
+                        "channel": int(out[f"channels/{index}"][i, j]),
+                        "value": float(out[f"values/{index}"][i, j]),
+                        "position": [int(v) for v in np.unravel_index(
+                            int(out[f"positions/{index}"][i, j]), shape)],
+                        "projection": proj[i, j],
+                        "bbox": support_bbox(proj[i, j]),
+                    }
+                    for j in range(self.k)
+                ]
+                for i in range(len(proj))
+            ]
+        return result
+
+    def _map_shape(self, index: int) -> tuple[int, int]:
+        h, w = self.runner.graph.metadata[f"shape/{index}"].split(",")
+        return int(h), int(w)
