@@ -226,6 +226,15 @@ def _audit_index(args: argparse.Namespace) -> None:
     write_runs_index(Path(args.runs_dir), Path(args.out), title=args.title)
 
 
+def _check_config(args: argparse.Namespace) -> None:
+    from .config import check_config_file
+
+    problems = check_config_file(args.configfile)
+    if problems:
+        raise CnnvizError("the config is not valid:\n" + "\n".join(problems))
+    print(f"{args.configfile}: valid")
+
+
 def _out_file(args: argparse.Namespace) -> list[tuple[Path, bool]]:
     return [(Path(args.out), False)]
 
@@ -269,6 +278,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
         p.add_argument("--batch-size", type=int, default=8, help="images per ONNX Runtime call")
+
+    p = add(
+        "check-config",
+        _check_config,
+        "check a config file: YAML syntax (naming the line) and every key against the schema",
+    )
+    p.add_argument("configfile")
 
     p = add("sample-image", _sample_image, "write one of scikit-image's sample photos as PNG")
     p.add_argument("--name", required=True)

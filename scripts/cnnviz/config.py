@@ -8,6 +8,10 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .errors import ConfigError
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
 
 def config_errors(config: dict[str, Any], schema_path: str | Path) -> list[str]:
     """Every schema violation in `config`, one line each, naming the key and what to do."""
@@ -30,3 +34,34 @@ def _explain(error: jsonschema.ValidationError) -> str:
         return f"{error.instance!r} is not allowed; use one of {choices}"
     description = error.schema.get("description") if isinstance(error.schema, dict) else None
     return f"{error.message}" + (f" ({description})" if description else "")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's contents; a YAML syntax error names the line and column (Snakemake's own
+    message for a --configfile that does not parse says only "not valid JSON or YAML")."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as error:
+        raise ConfigError(f"config file {path}: cannot be read ({error})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        raise ConfigError(
+            f"config file {path}, {where}: {error.problem or error.context}"
+            + (f"\n    {line}\n    {' ' * mark.column}^" if line else "")
+        ) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: a mapping of keys (output, images, models, ...)")
+    return data
+
+
+def check_config_file(path: str | Path, schema_path: str | Path = SCHEMA) -> list[str]:
+    """Every problem of a config file: its YAML (with the line), then each schema violation."""
+    data = load_config_file(path)
+    return config_errors(data, schema_path)

@@ -103,28 +103,37 @@ def existing(paths: Sequence[str | Path]) -> list[str]:
 
 # --------------------------------------------------------------------------- memory per job
 
-# Peak RSS of one ONNX Runtime job (benchmarks/bench_memory.py; MEMORY.md): a base for the
-# interpreter, ONNX Runtime and the model, and per megapixel of the largest image in the shard
-# (the staged image is decoded, converted, and drawn over at its own resolution, a few float
-# copies at once). Staged images are at most STAGE_MAX_SIDE pixels on their longer side.
+# Peak RSS of one job (benchmarks/bench_memory.py, numbers in its docstring): a base for the
+# interpreter, ONNX Runtime and the model, and per megapixel of the largest image. Staging decodes
+# the file whole (a JPEG at a reduced scale when that suffices) and keeps at most STAGE_MAX_SIDE
+# pixels a side; every later job reads that staged copy. Measured with a small CNN: staging
+# 40-135 MB, predict/activations/explain 85-150 MB for images of 512 to 9400 pixels a side
+# (before the limit, a 9400 x 9400 JPEG took a Grad-CAM job to 5.3 GB). The per-megapixel costs
+# below are about three times what was measured, the base leaves room for a large model.
 STAGE_MAX_SIDE = 2048
 MEM_BASE_MB = 1000
-MEM_PER_MEGAPIXEL_MB = 120
+MEM_PER_MEGAPIXEL_MB = 40  # jobs after staging, per staged megapixel
+STAGE_PER_MEGAPIXEL_MB = 16  # staging, per megapixel of the file as it is
 MEM_MODEL_FACTOR = 4  # times the model file's size: graphs built from it, sessions
 
 
 def job_memory_mb(
-    image_sizes: Sequence[tuple[int, int] | None], model_bytes: int = 0, attempt: int = 1
+    image_sizes: Sequence[tuple[int, int] | None],
+    model_bytes: int = 0,
+    attempt: int = 1,
+    staging: bool = False,
 ) -> int:
     """mem_mb for a job over images of these (width, height) sizes: an estimate from the largest
-    image (as staged: at most STAGE_MAX_SIDE a side), growing with each retry."""
+    image (as staged, at most STAGE_MAX_SIDE a side; for `staging`, as the file is), growing
+    with each retry."""
     largest = 0.0
     for size in image_sizes:
         if size:
             width, height = size
-            scale = min(1.0, STAGE_MAX_SIDE / max(width, height, 1))
+            scale = 1.0 if staging else min(1.0, STAGE_MAX_SIDE / max(width, height, 1))
             largest = max(largest, width * height * scale * scale / 1e6)
-    need = MEM_BASE_MB + MEM_PER_MEGAPIXEL_MB * largest + MEM_MODEL_FACTOR * model_bytes / 1e6
+    per_megapixel = STAGE_PER_MEGAPIXEL_MB if staging else MEM_PER_MEGAPIXEL_MB
+    need = MEM_BASE_MB + per_megapixel * largest + MEM_MODEL_FACTOR * model_bytes / 1e6
     return int(-(-need // 100) * 100) * attempt
 
 
@@ -187,8 +196,9 @@ def _jpeg_size(fh) -> tuple[int, int] | None:  # noqa: ANN001 - a binary file
 
 
 def _stat_key(path: Path) -> str:
+    """A file's version: its change time too, which a write sets and no one can set back."""
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
 
 
 def _load_cache(cache: Path) -> dict:
@@ -237,7 +247,8 @@ def external_data_files(model_path: str | Path) -> list[Path]:
 
 def files_digest(paths: Sequence[str | Path], cache: str | Path | None = None) -> str:
     """sha256 over the files' contents (names and checksums), each file hashed once per version
-    (size, modification time, inode) with `cache` (a JSON file) remembering the checksums."""
+    (size, modification and change time, inode) with `cache` (a JSON file) remembering the
+    checksums."""
     cache_path = Path(cache) if cache else None
     known = _load_cache(cache_path) if cache_path else {}
     total = hashlib.sha256()
@@ -250,6 +261,9 @@ def files_digest(paths: Sequence[str | Path], cache: str | Path | None = None) -
             total.update(f"{path.name}:missing\n".encode())
             continue
         if key not in known:
+            stale = [k for k in known if k.split("|", 1)[0] == key.split("|", 1)[0]]
+            for old_key in stale:  # the file's earlier versions
+                del known[old_key]
             digest = hashlib.sha256()
             with open(path, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):

@@ -212,6 +212,11 @@ def mem_mb(wildcards, attempt):
     return plan.job_memory_mb(sizes, model_bytes, attempt)
 
 
+def stage_mem_mb(wildcards, attempt):
+    """Memory for staging a shard: its largest image decoded whole (plan.job_memory_mb)."""
+    return plan.job_memory_mb(shard_image_sizes(wildcards.shard), 0, attempt, staging=True)
+
+
 def parent_folder(wildcards, output):
     return str(Path(output[0]).parent)
 

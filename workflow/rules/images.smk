@@ -22,9 +22,9 @@ rule stage_shard:
         f"{OUT}/logs/stage_shard/{{shard}}.log",
     conda:
         "../../envs/core.yaml"
-    # Memory: the largest image of the shard is decoded whole (common.smk, mem_mb).
+    # Memory: the largest image of the shard is decoded whole (common.smk, stage_mem_mb).
     resources:
-        mem_mb=mem_mb,
+        mem_mb=stage_mem_mb,
     params:
         ids=shard_ids,
         # every path, the missing ones too: staging lists those under the failed images
