@@ -240,7 +240,7 @@ def test_one_lucent_step_equals_the_numpy_step():
 def test_graph_engine_reproduces_the_numpy_engine(mode):
     """A few steps of the whole job (start, curves, final, images) on the tiny model."""
     kwargs = dict(mode=mode, steps=3, seed=5, preprocess=IMAGENET, param_size=16, batch_size=4,
-                  device="cpu", threads=1, norm_bound=None if mode == "lucent" else 40.0)
+                  device="cpu", threads=1, norm_bound=None if mode == "lucent" else 20.0)
     channels = [0, 2, 3, 5]
     old = fv.optimize_filters(small_net(), "r2", channels, engine="numpy", **kwargs)
     new = fv.optimize_filters(small_net(), "r2", channels, engine="graph", **kwargs)

@@ -550,6 +550,7 @@ def visualize_layer(
     device: str = "auto",
     threads: int | None = None,
     objective: str = "auto",
+    engine: str = "graph",
 ) -> dict:
     """Optimize the filters of one layer and write its artifacts; return their paths + summary.
 
@@ -559,6 +560,7 @@ def visualize_layer(
     `lr` None means the mode's default (lucent: Adam 0.05; seed: 1/255 per step).
     `objective` picks the maximized tensor (see `objective_tensor`; "auto": the pre-activation
     for ReLU6 layers, the layer's tensor otherwise); the JSON names it ("objective_tensor").
+    `engine`: "graph" (each step one ONNX Runtime run, state on the device) or "numpy".
     """
     from ..artifacts import write_json, write_npy
     from ..modelcard import find_layer, load_card, model_path
@@ -572,6 +574,7 @@ def visualize_layer(
     result = optimize_filters(
         model, target, channels, mode=mode, steps=steps, lr=lr, seed=seed,
         batch_size=batch_size, preprocess=card.get("preprocess"), device=device, threads=threads,
+        engine=engine,
     )
     out_dir = Path(out_dir)
     stem = out_dir / f"{row['name']}.{mode}"
@@ -602,6 +605,7 @@ def visualize_layer(
         "image_shape": list(result.images.shape[1:]),
         "input_shape": result.info["input_shape"],
         "providers": result.info["providers"],
+        "engine": result.info["engine"],
         "seconds": round(result.seconds, 3),
         "filter_steps_per_second": round(len(channels) * steps / max(result.seconds, 1e-9), 3),
         "start_image": result.start_image.tolist(),
