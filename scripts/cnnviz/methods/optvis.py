@@ -13,6 +13,9 @@ Transforms per optimization step (lucent `standard_transforms`; one draw per bat
     -> crop jitter(4) -> bilinear resize to the model's input size -> the model's normalization.
 Lucent scales by resizing the canvas; here scale and rotation are one resampling into a canvas of
 the same size (a zoom of the content), which has one exact adjoint.
+
+`optvis_graph` writes the same parts as ONNX ops (the optimization step as one graph, engine
+"graph" of `filters`); these numpy versions are its reference (tests) and the "numpy" engine.
 """
 
 from __future__ import annotations
