@@ -264,12 +264,16 @@ def test_a_short_chunk_is_padded_and_unchanged():
     np.testing.assert_allclose(padded.curves, single.curves, rtol=1e-4, atol=1e-6)
 
 
-def test_old_opsets_fall_back_to_the_numpy_engine():
+def test_old_opsets_and_flat_outputs_fall_back_to_the_numpy_engine():
     model = small_net()
     model.opset_import[0].version = 15
     res = fv.optimize_filters(model, "r2", [1], mode="seed", steps=2, preprocess=IMAGENET,
                               device="cpu", threads=1)  # fmt: skip
     assert res.info["engine"] == "numpy"
+    logits = fv.optimize_filters(small_net(), "logits", [1], mode="seed", steps=2,
+                                 preprocess=IMAGENET, device="cpu", threads=1)  # fmt: skip
+    assert logits.info["engine"] == "numpy"  # not a feature map: the host loop
+    assert logits.curves[0, -1] > logits.curves[0, 0]
     with pytest.raises(fv.ConfigError, match="engine"):
         fv.optimize_filters(model, "r2", [1], steps=1, engine="torch")
 

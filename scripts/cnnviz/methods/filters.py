@@ -257,11 +257,15 @@ def optimize_filters(
     groups = chunks(channels, batch_size)
     step = lr if lr is not None else (LUCENT_LR if mode == "lucent" else SEED_STEP)
     started = time.perf_counter()
+    objective = None
     if engine == "graph":
-        objective = GraphJob(model, tensor, len(groups[0]), mode=mode, steps=steps, lr=step,
-                             norm=norm, param_size=param_size, norm_bound=norm_bound,
-                             device=device, threads=threads)
-    else:
+        try:
+            objective = GraphJob(model, tensor, len(groups[0]), mode=mode, steps=steps, lr=step,
+                                 norm=norm, param_size=param_size, norm_bound=norm_bound,
+                                 device=device, threads=threads)
+        except NotAGraphCase:
+            engine = "numpy"
+    if objective is None:
         objective = LayerObjective(model, tensor, len(groups[0]), device, threads)
     setup = time.perf_counter() - started
     n_channels = objective.layer_shape[0]
@@ -354,6 +358,10 @@ def adam_bias(steps: int, betas: tuple[float, float] = (0.9, 0.999)) -> np.ndarr
     return np.stack([1 - betas[0] ** t, 1 - betas[1] ** t], axis=1).astype(np.float32)
 
 
+class NotAGraphCase(Exception):
+    """The step graph does not cover this layer (not a [C, H, W] feature map)."""
+
+
 class GraphJob:
     """The step graph and the evaluation graph of one (model, layer, mode, batch) as sessions.
 
@@ -377,6 +385,8 @@ class GraphJob:
         shapes = static_shapes(prepare(cut, batch).graph)
         self.input_shape = tuple(int(d) for d in shapes[input_name(cut)][1:])
         self.layer_shape = tuple(int(d) for d in shapes[tensor][1:])
+        if len(self.layer_shape) != 3 or len(self.input_shape) != 3:
+            raise NotAGraphCase(f"{tensor!r} has shape {self.layer_shape}")
         self.pre = pre_activation(model, tensor)
         hw = tuple(self.input_shape[1:])
         self.size = min(param_size, *hw)
