@@ -23,6 +23,7 @@ step-graph engine ("graph": one ONNX Runtime run per step, state on the device) 
 loop ("numpy"), 16 filters x 96 steps by default:
 
     python benchmarks/bench_filters.py --engines [--device cpu] [--steps 96] [--mode lucent]
+        [--engine-rounds 2]
     python3 benchmarks/bench_filters.py --device cuda --quick-gpu   # graph engine on the GPU,
         # seed mode too, and where each node of the step graph ran (ORT profile)
 """
@@ -259,16 +260,26 @@ def engines_main(args) -> None:
     print(f"# filters: {args.layer} (objective {tensor}), {args.filters} filters x {args.steps} "
           f"steps, batch {args.filters}, device {args.device} -> {providers_for(args.device)[0]}, "
           f"{THREADS} threads, load {os.getloadavg()[0]:.1f}")
+    rounds = 1 if args.quick_gpu else args.engine_rounds
+    print(f"{rounds} round(s), engines alternating; seconds: median (min - max)")
     print("| mode | engine | provider | seconds (whole job) | setup s | s per step "
           "| median final |")
     print("|---|---|---|---:|---:|---:|---:|")
     for mode in modes:
-        for engine in engines:
-            r = engine_seconds(model, tensor, channels, args.steps, engine, args.device, mode,
-                               pre, args.filters)
-            per_step = (r["total"] - r["setup"]) / args.steps
-            print(f"| {mode} | {r['engine']} | {r['providers']} | {r['total']:.2f} | "
-                  f"{r['setup']:.2f} | {per_step:.4f} | {r['final_median']:.3f} |", flush=True)
+        runs: dict[str, list[dict]] = {}
+        for _ in range(rounds):  # alternate, so a change in the machine's load hits both
+            for engine in engines:
+                runs.setdefault(engine, []).append(engine_seconds(
+                    model, tensor, channels, args.steps, engine, args.device, mode, pre,
+                    args.filters))
+        for rs in runs.values():
+            totals = [r["total"] for r in rs]
+            total, setup = float(np.median(totals)), float(np.median([r["setup"] for r in rs]))
+            spread = f" ({min(totals):.2f} - {max(totals):.2f})" if rounds > 1 else ""
+            r = rs[0]
+            print(f"| {mode} | {r['engine']} | {r['providers']} | {total:.2f}{spread} | "
+                  f"{setup:.2f} | {(total - setup) / args.steps:.4f} | "
+                  f"{r['final_median']:.3f} |", flush=True)
     if args.quick_gpu or args.profile:
         for mode in modes:
             placement(model, tensor, channels, args.device, mode, pre)
@@ -299,6 +310,8 @@ def main() -> None:
     parser.add_argument("--with-numpy", action="store_true", help="--quick-gpu: the old too")
     parser.add_argument("--profile", action="store_true", help="--engines: node placement")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--engine-rounds", type=int, default=1,
+                        help="--engines: alternating rounds (median)")
     parser.add_argument("--mode", default="lucent", choices=["lucent", "seed"])
     args = parser.parse_args()
     if args.engines or args.quick_gpu:
