@@ -11,7 +11,7 @@ Stdlib only: the Snakefile calls it on every parse, before Snakemake locks the w
   or that was taken on another host or by a run without the record, is left to Snakemake, which
   refuses the run and says so.
 - **Half-empty output folders.** A job with a folder output records what it wrote in the folder
-  (`.cnnviz-files.json`: every file and its size) when it ends. A folder whose record is missing,
+  (`.cnnviz-files`, JSON: every file and its size) when it ends. A folder whose record is missing,
   or that lacks a file the record names, is not a finished job's output: Snakemake clears an
   output folder before the job that makes it runs, and a cleanup that fails half-way (a file
   that cannot be removed) leaves some of the old files behind, under the old time stamp, which a
@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-STAMP = ".cnnviz-files.json"
+STAMP = ".cnnviz-files"  # JSON; no suffix: not taken for an atomic write's temporary
 OWNER = "cnnviz-lock-owner.json"
 _IGNORED = (STAMP, ".snakemake_timestamp")
 
