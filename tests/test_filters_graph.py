@@ -317,3 +317,40 @@ def test_efficientnet_step_matches_the_numpy_step(effnet_dir: Path):
     now = fv.optimize_filters(model, tensor, [0, 1, 2, 3], engine="graph", **kwargs)
     np.testing.assert_allclose(now.raw, old.raw, atol=1e-5)
     np.testing.assert_allclose(now.final, old.final, rtol=1e-3, atol=1e-4)
+
+
+# ---- on the GPU (skipped without CUDA) ----------------------------------------------------------
+def _cuda() -> bool:
+    from cnnviz.runtime import cuda_usable
+
+    return cuda_usable()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs onnxruntime-gpu with a usable CUDA device")
+@pytest.mark.parametrize("mode", ["lucent", "seed"])
+def test_step_graph_runs_on_cuda_only_and_agrees_with_cpu(mode, tmp_path: Path):
+    """Every node of the step graph on the CUDA provider (ORT's profile), and CUDA and CPU
+    agree (loosely: TF32 convolutions and matmuls, then Adam's sign-like first steps)."""
+    import json
+
+    import onnxruntime as ort
+    from cnnviz.runtime import providers_for, session_options
+
+    kwargs = dict(mode=mode, steps=3, seed=1, preprocess=IMAGENET, param_size=16,
+                  batch_size=4, threads=1)  # fmt: skip
+    on_cpu = fv.optimize_filters(small_net(), "r2", [0, 1, 2, 3], device="cpu", **kwargs)
+    on_gpu = fv.optimize_filters(small_net(), "r2", [0, 1, 2, 3], device="cuda", **kwargs)
+    assert on_gpu.info["providers"][0] == "CUDAExecutionProvider"
+    np.testing.assert_allclose(on_gpu.curves, on_cpu.curves, rtol=2e-2, atol=1e-3)
+    job = fv.GraphJob(small_net(), "r2", 4, mode=mode, steps=2, lr=0.05, norm=NORM,
+                      param_size=16, device="cuda", threads=1)  # fmt: skip
+    options = session_options(1)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "step")
+    job.session = ort.InferenceSession(job.spec.model.SerializeToString(), options,
+                                       providers=providers_for("cuda"))
+    job.run([0, 1, 2, 3], 2, 0.05, 0, NORM, 16, None)
+    events = json.loads(Path(job.session.end_profiling()).read_text())
+    placed = {(e["args"]["op_name"], e["args"]["provider"]) for e in events
+              if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}  # fmt: skip
+    assert placed and all(p == "CUDAExecutionProvider" for _, p in placed), sorted(placed)
