@@ -335,9 +335,14 @@ def conv(ctx, node, gys):
     if any(e < 0 or e >= max(s, d) for e, s, d in zip(extra, strides, dil, strict=True)):
         raise refuse(node, f"cannot invert its geometry (output_padding {extra})")
     gy = gys[0]
-    if group > 1 and any(s > 1 for s in strides) and ctx.value(w) is not None:
-        # grouped dgrad (depthwise stride 2) is a slow kernel choice on cuDNN (research/
-        # ort-cuda.md §2): zero-insert the gradient and run a stride-1 flipped Conv instead
+    nd = len(kernel)
+    strided = any(s > 1 for s in strides)
+    asymmetric = list(pads[:nd]) != list(pads[nd:])
+    if strided and (group > 1 or asymmetric) and ctx.value(w) is not None:
+        # Zero-insert the gradient and run a stride-1 flipped Conv instead of a ConvTranspose:
+        # cuDNN's grouped dgrad (depthwise stride 2) is a slow kernel choice (research/
+        # ort-cuda.md §2), and ORT's CUDA provider sends a ConvTranspose with asymmetric pads
+        # (TF "same", e.g. EfficientNet-Lite0's stem) to the CPU.
         gy, pads = _zero_insert(ctx, gy, ys, kernel, strides, dil, pads, extra)
         strides, extra = [1] * len(kernel), [0] * len(kernel)
     flipped = _flipped_conv(ctx, node, gy, group, kernel, strides, dil, pads)
@@ -395,6 +400,9 @@ def _flipped_conv(ctx, node, gy, group, kernel, strides, dil, pads) -> str | Non
     w = weight.reshape(group, m // group, cin_g, *kernel).swapaxes(1, 2)
     w = w.reshape(group * cin_g, m // group, *kernel)
     w = np.ascontiguousarray(np.flip(w, axis=tuple(range(2, 2 + nd))))
+    if new_pads[:nd] != new_pads[nd:]:  # explicit, so that the Conv itself pads symmetrically
+        gy = _pad(ctx, gy, [0, 0, *new_pads[:nd]], [0, 0, *new_pads[nd:]])
+        new_pads = [0] * (2 * nd)
     return ctx.op(
         "Conv", [gy, ctx.const(w, "wflip")], kernel_shape=kernel, strides=[1] * nd,
         dilations=dil, group=group, pads=new_pads,
