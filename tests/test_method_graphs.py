@@ -212,3 +212,15 @@ def test_effnet_projections_match_the_projector(effnet):
                 assert (a["channel"], a["position"]) == (b["channel"], b["position"])
                 scale = np.abs(b["projection"]).max()
                 np.testing.assert_allclose(a["projection"], b["projection"], atol=1e-4 * scale)
+
+
+def test_cuda_sessions_compute_in_full_fp32(monkeypatch):
+    """The CUDA provider is asked for fp32 convolutions (no TF32), and the CPU stays the
+    fallback: TF32 moved input-gradient maps to r 0.993 against the CPU on an H200."""
+    from cnnviz import runtime
+
+    monkeypatch.setattr(runtime, "cuda_usable", lambda: True)
+    providers = runtime.providers_for("cuda")
+    assert providers[0] == ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert providers[1:] == ["CPUExecutionProvider"]
+    assert runtime.providers_for("cpu") == ["CPUExecutionProvider"]
