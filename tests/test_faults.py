@@ -105,16 +105,18 @@ def test_a_killed_run_resumes_without_partial_files(
     assert any(p.parent == predictions for p in partial), (workdir / "killed.log").read_text()
     assert not (results / "report" / "index.html").exists()
 
-    # A kill leaves Snakemake's lock behind; the profile's rerun-incomplete redoes the jobs that
-    # were running, and cnnviz removes the stale temporary before it writes the file again.
-    locked = snakemake(workdir, config)
-    assert locked.returncode != 0 and "cannot be locked" in locked.stdout
-    assert snakemake(workdir, config, "--unlock").returncode == 0
+    # A kill leaves Snakemake's lock behind: the workflow removes it, its run being gone
+    # (cnnviz.resume), so the same command resumes without --unlock; the profile's
+    # rerun-incomplete redoes the jobs that were running, and cnnviz removes the stale
+    # temporary before it writes the file again.
+    assert list((workdir / ".snakemake" / "locks").glob("*.lock"))
     resumed = snakemake(workdir, config)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "removed the lock left by a run that is gone" in resumed.stdout
 
     assert temp_leftovers(results) == []
-    assert not [p for p in results.rglob(".*") if p.name != ".snakemake_timestamp"]
+    kept = {".snakemake_timestamp", ".cnnviz-files"}  # time stamps, folder records
+    assert not [p for p in results.rglob(".*") if p.name not in kept]
     assert_same_results(results, reference)
 
 

@@ -172,3 +172,15 @@ def test_a_folder_output_records_its_files_when_the_step_ends(
     assert cli.main(argv) == 0
     assert resume.half_state(folder) is None
     assert json.loads((folder / resume.STAMP).read_text())["files"] == {"a.png": 3}
+
+
+def test_a_bad_resize_to_names_the_config_key_at_export() -> None:
+    from cnnviz.export import check_preprocess
+    from cnnviz.images import model_view
+
+    pre = {"size": [224, 224], "resize": "center_crop", "resize_to": 200}
+    with pytest.raises(ConfigError, match=r"models\.mine\.preprocess\.resize_to 200 .* config"):
+        check_preprocess(pre, "model 'mine' (onnx:m.onnx)")
+    with pytest.raises(ConfigError, match="in the config") as error:
+        model_view(Image.new("RGB", (300, 300)), pre)
+    assert "model.json" not in str(error.value)

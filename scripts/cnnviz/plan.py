@@ -115,6 +115,7 @@ MEM_BASE_MB = 1000
 MEM_PER_MEGAPIXEL_MB = 40  # jobs after staging, per staged megapixel
 STAGE_PER_MEGAPIXEL_MB = 16  # staging, per megapixel of the file as it is
 MEM_MODEL_FACTOR = 4  # times the model file's size: graphs built from it, sessions
+REFUSED_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: larger images are refused undecoded
 
 
 def job_memory_mb(
@@ -128,7 +129,7 @@ def job_memory_mb(
     with each retry."""
     largest = 0.0
     for size in image_sizes:
-        if size:
+        if size and size[0] * size[1] <= REFUSED_PIXELS:
             width, height = size
             scale = 1.0 if staging else min(1.0, STAGE_MAX_SIDE / max(width, height, 1))
             largest = max(largest, width * height * scale * scale / 1e6)
