@@ -242,8 +242,11 @@ def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
     projector = Projector(model, card, ["conv2"], batch=1, device="cpu", threads=1)
     theirs = projector.project(x, "conv2", [4])[0][0]
     assert theirs["position"] == winner["position"] and theirs["value"] == winner["value"]
-    ours = atlas.project_units(projector.sessions["conv2"], x, [(4, *winner["position"],
-                                                                  winner["value"])])[0]
+    from cnnviz.methods.projections import unit_projection_graph
+    from cnnviz.runner import Runner
+
+    runner = Runner(unit_projection_graph(model, card, "conv2", 1), "cpu", 1)
+    ours = atlas.project_units(runner, x, [(4, *winner["position"], winner["value"])])[0]
     np.testing.assert_allclose(ours, theirs["projection"], rtol=1e-5, atol=1e-6)
 
 

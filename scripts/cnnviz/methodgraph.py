@@ -92,10 +92,11 @@ class GraphBuilder(Emitter):
         def rename(name: str) -> str:
             return feeds.get(name, f"{prefix}/{name}") if name else name
 
-        for node in graph.node:
+        for k, node in enumerate(graph.node):
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
-            copy.name = f"{prefix}/{node.name or node.op_type}"
+            # unnamed nodes (ONNX allows them) get their index: node names must be unique
+            copy.name = f"{prefix}/{node.name or f'{node.op_type}_{k}'}"
             copy.input[:] = [rename(n) for n in node.input]
             copy.output[:] = [rename(n) for n in node.output]
             self.nodes.append(copy)

@@ -330,21 +330,20 @@ def choose_channels(
 
 # ---- reduce: projections and pictures ------------------------------------------------------
 def project_units(
-    session: Any, inputs: np.ndarray, units: Sequence[tuple[int, int, int, float]]
+    runner: Any, inputs: np.ndarray, units: Sequence[tuple[int, int, int, float]]
 ) -> np.ndarray:
     """[n, 3, H, W]: each unit (channel, y, x, value) of image inputs[i] projected alone.
 
-    The seed is zero except the unit's value at its position; `session` is a deconvnet session
-    cut at the layer (`Projector.sessions[layer]`), run in runs of its static batch.
+    The seed is zero except the unit's value at its position; `runner` runs the layer's
+    `projections.unit_projection_graph`.
     """
-    from . import backprop
-
-    seed_input = next(i for i in session.get_inputs() if i.name.startswith(backprop.SEED_PREFIX))
-    shape = [int(d) for d in seed_input.shape[1:]]
-    seeds = np.zeros((len(units), *shape), np.float32)
-    for i, (c, y, x, value) in enumerate(units):
-        seeds[i, c, y, x] = value
-    return backprop.gradients(session, inputs, seeds)[0]
+    width = int(runner.graph.metadata["map_width"])
+    channels = np.array([c for c, _, _, _ in units], np.int64)
+    positions = np.array([y * width + x for _, y, x, _ in units], np.int64)
+    values = np.array([v for _, _, _, v in units], np.float32)
+    feeds = {"images": np.asarray(inputs, np.float32), "channels": channels,
+             "positions": positions, "values": values}
+    return runner.run(feeds)["projections"]
 
 
 def _fit(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -471,15 +470,15 @@ def reduce_atlas(
         top = tops.get(row["name"]) or TopK.empty(_channels(row), k)
         named = (opts["named"] or {}).get(row["name"])
         chosen = choose_channels(top, opts["channels"], int(opts["count"]), named, row["name"])
-        session = None
-        if top.filled[chosen].any():  # one layer's sessions at a time: memory of one
-            from .projections import Projector
+        runner = None
+        if top.filled[chosen].any():  # one layer's graph at a time: memory of one
+            from ..runner import Runner
+            from .projections import unit_projection_graph
 
-            projector = Projector(model, card, [row["name"]], max(1, batch_size), device, threads)
-            session = projector.sessions[row["name"]]
-            del projector
-        info = _layer_atlas(model, card, row, top, chosen, paths, session, out_dir, batch_size)
-        del session
+            graph = unit_projection_graph(model, card, row["name"], max(1, batch_size))
+            runner = Runner(graph, device, threads)
+        info = _layer_atlas(model, card, row, top, chosen, paths, runner, out_dir, batch_size)
+        del runner
         info.update({"selection": "named" if named else opts["channels"],
                      "images_ranked": len(ranked)})
         if failed:
@@ -513,7 +512,7 @@ def _layer_atlas(
     top: TopK,
     chosen: list[int],
     paths: dict[str, str],
-    session: Any,
+    runner: Any,
     out_dir: Path,
     batch_size: int,
 ) -> dict[str, Any]:
@@ -544,7 +543,7 @@ def _layer_atlas(
     for start in range(0, len(units), step):
         part = units[start : start + step]
         x = np.stack([images[e["image"]][0] for _, _, e in part])
-        grads = project_units(session, x, [(c, *e["position"], e["value"]) for c, _, e in part])
+        grads = project_units(runner, x, [(c, *e["position"], e["value"]) for c, _, e in part])
         for (c, j, e), grad in zip(part, grads, strict=True):
             box, window = unit_window(fields, e["position"], size, grad)
             boxes[(c, j)] = box

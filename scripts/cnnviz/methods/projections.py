@@ -405,3 +405,42 @@ class ProjectionRunner:
     def _map_shape(self, index: int) -> tuple[int, int]:
         h, w = self.runner.graph.metadata[f"shape/{index}"].split(",")
         return int(h), int(w)
+
+
+def unit_projection_graph(model: onnx.ModelProto, card: dict[str, Any], layer: str, rows: int,
+                          fallback: str = "error"):  # noqa: ANN201 - MethodGraph
+    """Given units projected alone, as one graph (the feature atlas's projections).
+
+    In, per row: `images` [R, 3, H, W], the unit's `channels` and `positions` (flat index in the
+    layer's map) [R] int64 and `values` [R]; the seed is zero except the value at the unit. Out:
+    `projections` [R, 3, H, W], the deconvnet signal of the model cut at the layer.
+    """
+    from ..methodgraph import FLOAT, INT64, GraphBuilder, MethodGraph, seed_input, static_dims
+    from ..modelcard import find_layer
+
+    tensor = find_layer(card, layer)["tensor"]
+    core = backprop.gradient_model(cut_at(model, [tensor]), "deconvnet", rows,
+                                   seed_output=tensor, fallback=fallback)
+    seed = seed_input(core)
+    channels, h, w = static_dims(seed)[1:]
+    b = GraphBuilder.for_model(model)
+    x, _, _ = backprop._image_inputs(b, model, rows)
+    b.inputs = [i for i in b.inputs if i.name != "targets"]
+    unit_channel = b.input("channels", INT64, [rows])
+    unit_position = b.input("positions", INT64, [rows])
+    value = b.input("values", FLOAT, [rows])
+
+    def one_hot(index: str, size: int) -> str:
+        column = b.reshape(index, [rows, 1])
+        hits = b.op("Equal", [b.const(np.arange(size, dtype=np.int64)[None], "range"), column])
+        return b.op("Cast", [hits], to=FLOAT)
+
+    seeds = b.op("Mul", [b.reshape(one_hot(unit_channel, channels), [rows, channels, 1, 1]),
+                         b.reshape(one_hot(unit_position, h * w), [rows, 1, h, w])])
+    seeds = b.op("Mul", [seeds, b.reshape(value, [rows, 1, 1, 1])])
+    names = b.inline(core, {backprop.model_input_name(model): x, seed.name: seeds}, "model")
+    b.output("projections", names["grad:" + backprop.model_input_name(model)])
+    graph = MethodGraph(b.build("unit_projections"), rows,
+                        image_inputs=("images", "channels", "positions", "values"))
+    graph.metadata["map_width"] = str(w)
+    return graph
