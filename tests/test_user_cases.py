@@ -121,8 +121,8 @@ def config_for(workdir: Path) -> dict:
     return {
         "output": "results",
         "threads": 1,
-        "shard_size": 4,
-        "batch_size": 4,
+        "shard_size": 6,  # two shards: s001 holds the large image
+        "batch_size": 6,
         "images": {
             "samples": [],
             "paths": ["photos", "big/large.jpg", "missing.png", "dangling.png", "nomatch/*.jpg"],
