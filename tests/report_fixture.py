@@ -1,9 +1,9 @@
 """A synthetic results folder in the real layout and formats, for the report tests (no model).
 
 Pictures are real PNGs written by the real writers (cnnviz.render.save_png / save_grid_png,
-cnnviz.methods.common.save_explanation, cnnviz.artifacts.write_json); the JSON files follow
+cnnviz.methods.shard_maps for the maps, cnnviz.artifacts.write_json); the JSON files follow
 the formats their steps write (predictions.predict_shard, activations.activations_shard,
-images.stage_shard, filters.visualize_layer, projections.save_projections).
+images.stage_shard, filters.visualize_layer, shard_maps' index, pictures.render_shard).
 
     python tests/report_fixture.py OUT_DIR [--images N] [--big]   # writes OUT_DIR/results
 """
@@ -11,7 +11,6 @@ images.stage_shard, filters.visualize_layer, projections.save_projections).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -88,9 +87,10 @@ def make_results(
     map_side: int = 224,
     variants: int | None = None,  # reuse this many distinct pictures (hard links): big runs
     sparsity: bool = True,
+    pictures: int | None = None,  # images with a picture per method (None: all)
 ) -> Path:
     """Write `root` (the results folder) and return it."""
-    from cnnviz.methods.common import save_explanation
+    from cnnviz.methods.shard_maps import pictures_dir, write_shard_maps
 
     methods = METHODS if methods is None else methods
     ids = [f"img{i:04d}" for i in range(n_images)]
@@ -206,30 +206,32 @@ def make_results(
 
         sparsity_plot([stats_json], model_out / "activations" / "sparsity.png")
 
-    # per-image methods (methods.common.save_explanation: {out}/{method}/{id}_c{t}.*)
+    # per-image methods: per shard one array file + index (methods.shard_maps), and the pictures
+    # the render step draws ({model}/pictures/{method}/{shard}/, pictures.json); `pictures`:
+    # how many images get one (None: all)
     display = np.asarray(photo(0, map_side, map_side))
     for method in methods:
         out = model_out / method / shard
+        drawn_dir = pictures_dir(out)
+        rows, maps, drawn = [], [], []
         for i, (image_id, pred) in enumerate(zip(ids, images, strict=True)):
             target = pred["top"][0]["index"]
             info = {"label": LABELS[target], "layer": layers[-1]["name"] if "cam" in method
                     else None, "time_s": 0.01 * (1 + i % 7),
                     "notes": ["approximate: Resize has no backward rule; finite differences"]
                     if method == "guided_backprop" and i == 0 else []}  # fmt: skip
-            if variants is None:
-                raw = heat(i, map_side)
-                save_explanation(out, method, image_id, target, raw, overlay(display, raw), info)
+            rows.append({"image": image_id, "target": target, "method": method, **info})
+            # big runs: tiny maps (the report reads the index and the pictures, not the values)
+            maps.append(heat(i, map_side) if variants is None else np.zeros((4, 4), np.float32))
+            if pictures is not None and i >= pictures:
                 continue
-            stem = out / method / f"{image_id}_c{target}"
-            picture(
-                method,
-                i,
-                stem.with_suffix(".png"),
-                lambda p, i=i: save_png(p, overlay(display, heat(i, map_side))),
-            )
-            stem.with_suffix(".json").write_text(
-                json.dumps({"method": method, "image": image_id, "target": target, **info})
-            )
+            name = f"{image_id}_c{target}.png"
+            picture(method, i, drawn_dir / name,
+                    lambda p, i=i: save_png(p, overlay(display, heat(i, map_side))))
+            drawn.append({"row": i, "image": image_id, "target": target, "png": name})
+        write_shard_maps(out, method, model, rows, maps)
+        write_json(drawn_dir / "pictures.json", {"method": method, "selection": "all",
+                                                 "rows": len(rows), "pictures": drawn})
     if extras:
         _extras(root, model_out, model, ids, layers, rng)
     return root
@@ -243,25 +245,26 @@ def _extras(
     layers: list[dict],
     rng: np.random.Generator,
 ) -> None:
+    from cnnviz.methods.shard_maps import ProjectionWriter, pictures_dir
     from cnnviz.render import save_figure
     from matplotlib.figure import Figure
 
-    # deconvnet projections (projections.save_projections' file names and JSON)
-    proj = model_out / "projections" / "s000" / "projections"
+    # deconvnet projections (the explain step's ProjectionWriter: projections.npy + index, and
+    # the render step's pictures)
+    proj = model_out / "projections" / "s000"
     layer = layers[len(layers) // 2]["name"]
+    writer = ProjectionWriter(proj, model, 2, 1, (20, 20))
+    drawn = []
     for i, image_id in enumerate(ids[:2]):
-        save_png(proj / f"{image_id}_{layer}.png", photo(100 + i, 240, 120))
-        write_json(
-            proj / f"{image_id}_{layer}.json",
-            {
-                "method": "projections",
-                "image": image_id,
-                "layer": layer,
-                "channels": [
-                    {"channel": 3, "value": 4.2, "position": [1, 2], "bbox": [0, 20, 0, 20]}
-                ],
-            },
-        )
+        item = {"channel": 3, "value": 4.2, "position": [1, 2], "bbox": [0, 20, 0, 20],
+                "projection": rng.normal(size=(3, 20, 20)).astype(np.float32)}
+        row = writer.add(image_id, layer, [item], {"time_s": 0.5})
+        name = f"{image_id}_{layer}.png"
+        save_png(pictures_dir(proj) / name, photo(100 + i, 240, 120))
+        drawn.append({"row": row["row"], "image": image_id, "layer": layer, "png": name})
+    writer.close()
+    write_json(pictures_dir(proj) / "pictures.json",
+               {"method": "projections", "selection": "all", "rows": 2, "pictures": drawn})
     # filter visualization (filters.visualize_layer's files)
     filters = model_out / "filters"
     for row in (layers[0], layers[-1]):

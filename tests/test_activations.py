@@ -14,6 +14,7 @@ from cnnviz.methods.activations import (
     activations_shard,
     expose,
     extract,
+    grid_layers,
     layer_stats,
     sparsity_plot,
 )
@@ -188,6 +189,25 @@ def test_shard_outputs_stats_and_sparsity(tmp_path, capsys):
     with pytest.raises(ConfigError, match="0..5"):
         activations_shard(model_dir, manifest, tmp_path / "x", channels={"block0": [6]},
                           device="cpu")  # fmt: skip
+
+
+def test_grids_for_some_layers_stats_for_every_layer(tmp_path):
+    model, card = tiny_model([[], [0], [0, 1, 2], [0, 1, 2, 3, 4]])
+    model_dir = write_model_dir(tmp_path / "models" / "tiny", model, card)
+    out_dir = tmp_path / "activations"
+    data = activations_shard(model_dir, _staged(tmp_path), out_dir, grids={"spread": 2},
+                             channels={"block1": [2]}, device="cpu")  # fmt: skip
+    assert data["grids"] == ["block0", "block3"]  # first and last
+    for image in data["images"]:
+        assert set(image["layers"]) == {"block0", "block1", "block2", "block3"}
+        assert sorted(p.name for p in (out_dir / image["id"]).iterdir()) == [
+            "block0.png", "block1_ch2.png", "block3.png"]  # chosen channels: still drawn
+    rows = card["layers"]
+    assert grid_layers(rows, {"spread": 3}) == ["block0", "block2", "block3"]
+    assert grid_layers(rows, {"spread": 9}) == ["block0", "block1", "block2", "block3"]
+    assert grid_layers(rows, ["block2", "block1"]) == ["block1", "block2"]
+    with pytest.raises(ConfigError, match="nope"):
+        grid_layers(rows, ["nope"])
 
 
 def test_predictions(tmp_path):

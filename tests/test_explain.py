@@ -10,8 +10,12 @@ import numpy as np
 import onnx
 import pytest
 from cnnviz.methods.explain import METHODS, explain_shard
+from cnnviz.methods.shard_maps import read_shard_maps
+from cnnviz.pictures import render_shard
 from onnx import helper
 from test_activations import _staged, tiny_model, write_model_dir
+
+SIGNED = {"guided_backprop", "deconvnet", "guided_gradcam"}
 
 
 def with_softplus(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -41,18 +45,24 @@ def shard(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_writes_png_npy_json(shard, tmp_path: Path, method: str) -> None:
+def test_every_method_writes_one_array_file_and_an_index(shard, tmp_path: Path,
+                                                         method: str) -> None:
     model_dir, manifest = shard
     options = {"samples": 2, "steps": 4, "window": 4, "stride": 2, "batch_size": 4}
     summary = explain_shard(model_dir, manifest, method, tmp_path / method, options,
                             device="cpu", batch_size=2)
     assert len(summary["maps"]) == 3 and summary["failed"][0]["stage"] == "staging"
-    for entry in summary["maps"]:
-        raw = np.load(tmp_path / method / entry["npy"])
-        assert raw.shape == (8, 8) and raw.dtype == np.float32 and np.isfinite(raw).all()
-        info = json.loads((tmp_path / method / entry["json"]).read_text())
-        assert info["method"] == method and info["target"] == entry["target"]
-        assert (tmp_path / method / entry["png"]).stat().st_size > 0
+    rows, maps = read_shard_maps(tmp_path / method)
+    assert maps.shape == (3, 8, 8) and maps.dtype == np.float32 and np.isfinite(maps).all()
+    for entry, row in zip(summary["maps"], rows, strict=True):
+        assert row["method"] == method and row["target"] == entry["target"]
+        assert row["image"] == entry["image"] and row["row"] == entry["row"]
+    assert not list((tmp_path / method).glob("*.png"))  # pictures: the render step's
+    index = json.loads((tmp_path / method / "index.json").read_text())
+    assert ("signed" in index["arrays"]) == (method in SIGNED)
+    drawn = render_shard(model_dir, manifest, tmp_path / method, tmp_path / "pictures", "all")
+    assert len(drawn["pictures"]) == 3
+    assert all((tmp_path / "pictures" / p["png"]).stat().st_size > 0 for p in drawn["pictures"])
 
 
 def test_an_op_without_a_rule_fails_that_method_by_name(shard, tmp_path: Path) -> None:
@@ -74,7 +84,7 @@ def test_finite_difference_fallback_runs_and_is_marked(shard, tmp_path: Path) ->
     approx = explain_shard(model_dir, manifest, "saliency", tmp_path / "fd",
                            {"gradient_fallback": "finite-differences"}, device="cpu")
     assert len(approx["maps"]) == 3  # the fallback's accuracy: test_autodiff_rules.py
-    info = json.loads((tmp_path / "fd" / approx["maps"][0]["json"]).read_text())
+    info = read_shard_maps(tmp_path / "fd")[0][0]
     assert info["approximate"] is True and "Softplus" in info["notes"][0]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from cnnviz.methods import projections as pj
+from cnnviz.methods.shard_maps import ProjectionWriter
 from numpy_conv import conv3x3, conv3x3_transpose
 from onnx import TensorProto, helper
 from onnx_build import finish_model
@@ -109,8 +110,15 @@ def test_top_k_are_the_strongest_channels_for_each_image(tmp_path):
                 it["projection"], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max()
             )
     display = RNG.integers(0, 256, size=(S, S, 3), dtype=np.uint8)
-    paths = pj.save_projections(tmp_path, "img", "conv2", display, results[0])
-    assert np.load(paths["npy"]).shape == (3, 3, S, S)
+    writer = ProjectionWriter(tmp_path, "tiny", 1, 3, (S, S))
+    writer.add("img", "conv2", results[0], {})
+    (row,) = writer.close()
+    stack = np.load(tmp_path / "projections.npy")
+    assert stack.shape == (1, 3, 3, S, S)
+    restored = stack[0, 0].astype(np.float32) * row["channels"][0]["scale"]
+    np.testing.assert_allclose(restored, results[0][0]["projection"],
+                               atol=1e-3 * np.abs(results[0][0]["projection"]).max())
+    assert pj.projection_grid(display, results[0]).shape[1] == 2 * 112 + 4
     first = projector.project(images[:1], "conv1", 2)[0]
     assert len(first) == 2 and first[0]["value"] >= first[1]["value"]
 

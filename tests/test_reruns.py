@@ -65,6 +65,8 @@ def test_a_methods_option_reruns_that_method_and_the_report(run: Path) -> None:
     assert planned(run, config) == {
         ("explain", EFFNET, "smoothgrad", "s000"),
         ("explain", "tiny", "smoothgrad", "s000"),
+        ("render", EFFNET, "smoothgrad", "s000"),
+        ("render", "tiny", "smoothgrad", "s000"),
         ("report",),
         ("all",),
     }
@@ -91,6 +93,8 @@ def test_one_models_config_reruns_that_models_jobs_only(run: Path) -> None:
         ("sparsity", "tiny"),
         ("explain", "tiny", "saliency", "s000"),
         ("explain", "tiny", "smoothgrad", "s000"),
+        ("render", "tiny", "saliency", "s000"),
+        ("render", "tiny", "smoothgrad", "s000"),
         ("report",),
         ("all",),
     }
@@ -115,7 +119,7 @@ def test_a_real_rerun_redoes_only_the_planned_jobs(run: Path, tmp_path: Path) ->
 
     done = snakemake(workdir, config)
     assert done.returncode == 0, done.stdout[-4000:]
-    assert job_counts(done.stdout) == {"explain": 2, "report": 1, "all": 1}
+    assert job_counts(done.stdout) == {"explain": 2, "render": 2, "report": 1, "all": 1}
     assert {(r, w.get("method")) for r, w in dry_run_jobs(done.stdout) if r == "explain"} == {
         ("explain", "smoothgrad")
     }

@@ -43,6 +43,8 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config["metrics"]["randomization"].update(cuts=2)
     methods = config.setdefault("methods", {})
     methods.update(smoothgrad={"samples": 4}, integrated_gradients={"steps": 8})
+    # one picture per method and shard: the other image's maps are written, not drawn
+    config["report"]["pictures"] = {"top": 1}
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     result = run_snakemake(workdir, configfile)
@@ -93,6 +95,26 @@ def test_report_links_every_picture(default_run: Path) -> None:
     pictures = {p.resolve() for p in (default_run / "efficientnet-lite0").rglob("*.png")}
     missing = pictures - linked
     assert not missing, f"{len(missing)} PNGs not in the report, e.g. {sorted(missing)[:3]}"
+
+
+def test_maps_per_shard_and_only_the_selected_pictures(default_run: Path) -> None:
+    from cnnviz.methods.shard_maps import read_index, read_pictures
+
+    config = yaml.safe_load((default_run.parent / "config.yaml").read_text())
+    model = default_run / "efficientnet-lite0"
+    for method in config["methods"]["enabled"]:
+        for folder in (model / method).iterdir():
+            index = read_index(folder)  # one array file + index per method and shard
+            assert {r["image"] for r in index["rows"]} == {"chelsea", "coffee"}, method
+            assert not list(folder.glob("*.png")), method
+            drawn = read_pictures(model / "pictures" / method / folder.name)
+            images = {r["image"] for r in index["rows"] if r["row"] in drawn}
+            assert len(images) == 1, (method, drawn)  # report.pictures: {top: 1}
+            pngs = list((model / "pictures" / method / folder.name).glob("*.png"))
+            assert len(pngs) == len(drawn) >= 1, method
+    # the undrawn image's page names its maps instead of linking missing pictures
+    pages = (default_run / "report" / "efficientnet-lite0").glob("*.html")
+    assert sum("without a picture" in page.read_text() for page in pages) == 1
 
 
 def test_second_run_has_nothing_to_do(default_run: Path) -> None:

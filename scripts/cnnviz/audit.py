@@ -189,13 +189,15 @@ def snapshot(
                 continue
             for image_id, entries in model.explanations[method].items():
                 entry = entries[0]  # the first target (top-1 by default)
-                raw = entry.png.with_suffix(".npy")
-                if not raw.exists():
-                    continue
-                small = downsample(np.load(raw))
+                raw = entry.raw()  # the shard's maps.npy row (or the older per-image .npy)
+                if raw is None or np.ndim(raw) != 2:
+                    continue  # no map, or a projection stack (not one map)
+                where = entry.maps if entry.maps is not None else entry.png
+                path = str(where.relative_to(results_dir)) if where is not None else ""
+                if entry.row is not None:
+                    path += f"/maps.npy#{entry.row}"
                 maps.setdefault(image_id, {})[method] = {
-                    "path": str(raw.relative_to(results_dir)), "target": entry.target,
-                    "map": encode_map(small)}  # fmt: skip
+                    "path": path, "target": entry.target, "map": encode_map(downsample(raw))}
         data["models"][name] = {
             "sha256": card.get("sha256", ""),
             "source": card.get("source", ""),

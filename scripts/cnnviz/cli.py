@@ -84,6 +84,7 @@ def _activations(args: argparse.Namespace) -> None:
         layers=options.get("layers", "all"),
         channels=options.get("channels") or {},
         blank_eps=options.get("blank_eps", 1e-6),
+        grids=options.get("grids", "all"),
         device=args.device,
         threads=args.threads,
         batch_size=args.batch_size,
@@ -102,6 +103,19 @@ def _explain(args: argparse.Namespace) -> None:
         device=args.device,
         threads=args.threads,
         batch_size=args.batch_size,
+        predictions=Path(args.predictions) if args.predictions else None,
+    )
+
+
+def _render(args: argparse.Namespace) -> None:
+    from .pictures import render_shard
+
+    render_shard(
+        Path(args.card).parent,
+        Path(args.manifest),
+        Path(args.maps_dir),
+        Path(args.out_dir),
+        selection=json.loads(args.pictures),
         predictions=Path(args.predictions) if args.predictions else None,
     )
 
@@ -331,6 +345,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True)
     p.add_argument("--options", default="{}", help="the config's activations section as JSON")
     runtime_options(p)
+
+    p = add(
+        "render",
+        _render,
+        "draw the pictures of one method's maps for a shard (the rows report.pictures selects)",
+        _out_folder,
+    )
+    p.add_argument("--card", required=True, help="model.json")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--maps-dir", required=True, help="the explain step's folder for the shard")
+    p.add_argument("--predictions", default=None, help="the predict step's JSON for the shard")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--pictures", default='"all"',
+                   help='which rows, as JSON: "all", "failures", "none" or {"top": N}')
 
     p = add(
         "explain",

@@ -194,6 +194,27 @@ def overlay(
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
+def signed_rgb(grad: np.ndarray, percentile: float = 99.5) -> np.ndarray:
+    """[3, H, W] signed -> uint8 [H, W, 3] with grey = 0, scaled by a robust max |value|."""
+    grad = np.asarray(grad, dtype=np.float32)
+    scale = float(np.percentile(np.abs(grad), percentile)) if grad.size else 0.0
+    if scale <= 0:
+        scale = float(np.abs(grad).max()) or 1.0
+    unit = np.clip(grad / scale, -1.0, 1.0)
+    return np.rint((unit.transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def map_picture(view: np.ndarray, raw: np.ndarray, signed: np.ndarray | None) -> np.ndarray:
+    """What people see of one explanation map: a signed [3, H, W] signal as RGB (grey = 0) at
+    the model's input size, else the raw [H, W] map's positive part, scaled to [0, 1], over
+    `view` (the image the model saw, at its own resolution)."""
+    from .methods.common import normalize_map
+
+    if signed is not None:
+        return signed_rgb(signed)
+    return overlay(view, normalize_map(np.maximum(raw, 0)))
+
+
 PNG_LEVEL = 1
 
 

@@ -1,3 +1,16 @@
+# Channel grids per image for every layer up to `grids_all_up_to` images in the run, beyond
+# that for `grids_spread` layers spread over the depth (activations.grid_layers); resolved here,
+# so that adding images reruns the jobs only when the run crosses that size. Stats: every layer.
+ACTIVATIONS = config["activations"]
+GRIDS = (
+    ACTIVATIONS["grids"]
+    if ACTIVATIONS["grids"] != "auto"
+    else "all"
+    if len(IMAGE_IDS) <= ACTIVATIONS["grids_all_up_to"]
+    else {"spread": ACTIVATIONS["grids_spread"]}
+)
+
+
 rule activations:
     input:
         unpack(model_files),
@@ -16,7 +29,13 @@ rule activations:
         runtime=30,
         gpu=GPU_JOBS,
     params:
-        options=json.dumps(config["activations"], sort_keys=True),
+        options=json.dumps(
+            {
+                **{k: v for k, v in ACTIVATIONS.items() if not k.startswith("grids_")},
+                "grids": GRIDS,
+            },
+            sort_keys=True,
+        ),
         device=config["device"],
         batch_size=config["batch_size"],
     shell:

@@ -72,7 +72,7 @@ def _main_process():
 
 def _folder_outputs():
     """Every folder output a job of this run writes (resume.py: their records)."""
-    kinds = ["activations", *METHODS]
+    kinds = ["activations", *METHODS, *(f"pictures/{method}" for method in METHODS)]
     per_model = [f"{OUT}/{m}/{kind}" for m in MODELS for kind in kinds]
     return [f"{OUT}/images/{shard}" for shard in SHARDS] + [
         f"{folder}/{shard}" for folder in per_model for shard in SHARDS
@@ -332,6 +332,9 @@ def run_artifacts(wildcards):
         files += per_shard(f"{OUT}/{model}/activations/{{shard}}")
         files += expand(
             per_shard(f"{OUT}/{model}/{{{{method}}}}/{{shard}}"), method=METHODS
+        )
+        files += expand(
+            per_shard(f"{OUT}/{model}/pictures/{{{{method}}}}/{{shard}}"), method=METHODS
         )
         if config["atlas"]["enabled"]:
             files += per_shard(f"{OUT}/{model}/atlas/shards/{{shard}}.json")

@@ -14,6 +14,11 @@ rule report:
             model=MODELS,
             method=METHODS,
         ),
+        pictures=expand(
+            per_shard(f"{OUT}/{{{{model}}}}/pictures/{{{{method}}}}/{{shard}}"),
+            model=MODELS,
+            method=METHODS,
+        ),
         filters=filter_pictures,
         atlas=expand(
             f"{OUT}/{{model}}/atlas/layers",

@@ -88,6 +88,32 @@ def extract(
     return run_layers(session, card, rows, np.asarray(batch, dtype=np.float32), batch_size)
 
 
+Grids = str | dict[str, int] | Sequence[str]
+
+
+def grid_layers(rows: Sequence[dict[str, Any]], grids: Grids = "all") -> list[str]:
+    """The layers (of `rows`, graph order) whose channel grid is drawn per image: "all";
+    {"spread": k}: k layers spread from shallow to deep (the first and the last among them);
+    or a list of names. The workflow turns the config's `auto` into one of these (all layers up
+    to `activations.grids_all_up_to` images in the run, else `grids_spread` of them)."""
+    names = [row["name"] for row in rows]
+    if grids == "all":
+        return names
+    if isinstance(grids, dict):
+        if set(grids) != {"spread"} or int(grids["spread"]) < 0:
+            raise ConfigError(f"activations.grids: {grids!r}; use all, auto or layer names")
+        count = min(int(grids["spread"]), len(names))
+        picks = np.linspace(0, len(names) - 1, count).round().astype(int) if count else []
+        return list(dict.fromkeys(names[p] for p in picks))
+    if isinstance(grids, str):
+        grids = [grids]
+    unknown = [g for g in grids if g not in names]
+    if unknown:
+        raise ConfigError(f"activations.grids: {unknown} are not among the layers "
+                          f"(activations.layers); known: {', '.join(names)}")
+    return [n for n in names if n in set(grids)]
+
+
 def layer_stats(act: np.ndarray, eps: float = BLANK_EPS) -> dict[str, float]:
     """blank_fraction / mean / max of one image's activation [C, H, W] (module docstring)."""
     return {
@@ -141,12 +167,15 @@ def activations_shard(
     batch_size: int = 4,
     blank_eps: float = BLANK_EPS,
     threads: int | None = None,
+    grids: Grids = "all",
 ) -> dict[str, Any]:
     """Channel grids, chosen single channels and per-layer stats for one shard of images.
 
-    Writes `out_dir/{image_id}/{layer}.png` (all channels), `out_dir/{image_id}/{layer}_ch{c}.png`
-    for each channel in `channels[layer]`, and the stats `out_dir/{shard}.json`. Images are run
-    `batch_size` at a time, so memory holds one batch's activations, not the shard's.
+    Writes `out_dir/{image_id}/{layer}.png` (all channels) for the layers `grids` names (see
+    `grid_layers`), `out_dir/{image_id}/{layer}_ch{c}.png` for each channel in
+    `channels[layer]`, and the stats of every layer in `out_dir/{shard}.json` (its "grids" lists
+    the drawn layers). Images are run `batch_size` at a time, so memory holds one batch's
+    activations, not the shard's.
     """
     eps = blank_eps
     card = load_card(model_dir)
@@ -157,6 +186,7 @@ def activations_shard(
     if extra:
         rows = select_layers(card, [row["name"] for row in rows] + sorted(extra))
     channels = _check_channels(channels, rows)
+    drawn = set(grid_layers(rows, grids))
     session = layer_session(model, rows, device, threads)
 
     out_dir = Path(out_dir)
@@ -176,7 +206,8 @@ def activations_shard(
                 act = acts[row["name"]][n]
                 stats[row["name"]] = layer_stats(act, eps)
                 folder = out_dir / image_name
-                save_grid_png(folder / f"{row['name']}.png", act, eps=eps)
+                if row["name"] in drawn:
+                    save_grid_png(folder / f"{row['name']}.png", act, eps=eps)
                 for c in channels.get(row["name"], []):
                     path = folder / f"{row['name']}_ch{c}.png"
                     save_grid_png(path, act[c], eps=eps, min_side=CHANNEL_SIDE)
@@ -199,6 +230,7 @@ def activations_shard(
             for i, row in enumerate(rows)
         ],
         "channels": channels,
+        "grids": [row["name"] for row in rows if row["name"] in drawn],
         "images": images,
         "failed": failed,
     }

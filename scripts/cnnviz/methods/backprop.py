@@ -335,13 +335,11 @@ def integrated_gradients(
 
 # ---- pictures ------------------------------------------------------------------------------------
 def signed_rgb(grad: np.ndarray, percentile: float = 99.5) -> np.ndarray:
-    """[3, H, W] signed -> uint8 [H, W, 3] with grey = 0, scaled by a robust max |value|."""
-    grad = np.asarray(grad, dtype=np.float32)
-    scale = float(np.percentile(np.abs(grad), percentile)) if grad.size else 0.0
-    if scale <= 0:
-        scale = float(np.abs(grad).max()) or 1.0
-    unit = np.clip(grad / scale, -1.0, 1.0)
-    return np.rint((unit.transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)
+    """[3, H, W] signed -> uint8 [H, W, 3] with grey = 0, scaled by a robust max |value|
+    (render.signed_rgb: the render step draws pictures without importing the engine)."""
+    from ..render import signed_rgb as draw
+
+    return draw(grad, percentile)
 
 
 def heat_picture(display: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:

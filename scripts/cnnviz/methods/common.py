@@ -1,20 +1,15 @@
-"""What every per-image method shares: choosing targets and layers, and writing its artifacts.
+"""What every per-image method shares: choosing targets and layers, scaling maps.
 
-Artifacts of one method for one image and target class (DESIGN.md, "artifacts are the interface"):
-`{out_dir}/{image_id}_c{target}.png`  the picture for people (overlay on the image),
-`{out_dir}/{image_id}_c{target}.npy`  float32 [H, W]: the raw map at model input size,
-`{out_dir}/{image_id}_c{target}.json` what was computed: method, target, label, layer, time, notes.
-The workflow's out_dir is `results/{model}/{method}/{shard}`.
+The artifacts of a method for a shard (one array file and an index per shard and method, the
+pictures drawn by their own jobs) are written by cnnviz.methods.shard_maps and cnnviz.pictures.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..artifacts import write_json, write_npy
 from ..errors import ConfigError
 
 TargetSpec = str | int | list[int | str] | dict[str, int]
@@ -80,29 +75,3 @@ def normalize_map(raw: np.ndarray) -> np.ndarray:
     if high - low <= 1e-12:
         return np.zeros_like(raw)
     return (raw - low) / (high - low)
-
-
-def explanation_stem(out_dir: Path, image_id: str, target: int) -> Path:
-    return Path(out_dir) / f"{image_id}_c{target}"
-
-
-def save_explanation(
-    out_dir: Path,
-    method: str,
-    image_id: str,
-    target: int,
-    raw: np.ndarray,
-    picture: np.ndarray,
-    info: dict[str, Any],
-) -> dict[str, str]:
-    """Write the picture (uint8 RGB), the raw float32 map and the info JSON; return their file
-    names (relative to `out_dir`, so a moved results folder still reads)."""
-    from ..render import save_png
-
-    stem = explanation_stem(out_dir, image_id, target)
-    # Appended, not with_suffix: image ids may contain dots.
-    paths = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("png", "npy", "json")}
-    write_npy(paths["npy"], np.asarray(raw, dtype=np.float32))
-    save_png(paths["png"], picture)
-    write_json(paths["json"], {"method": method, "image": image_id, "target": int(target), **info})
-    return {ext: path.name for ext, path in paths.items()}

@@ -1,8 +1,9 @@
 """`cnnviz explain`: one method over one shard of images, for one model.
 
 The job loads the model once, builds the one or two sessions the method needs, runs every
-(image, target class) pair of the shard in batches, and writes each map through
-`common.save_explanation` (PNG + raw .npy + JSON). A failure that belongs to one image or to
+(image, target class) pair of the shard in batches, and writes the maps as one array file per
+method and shard with an index (`shard_maps`; pictures are drawn later by `cnnviz render`,
+cnnviz.pictures). A failure that belongs to one image or to
 the method (an unknown class, an op without a backward rule) is written to `failed.json` with
 its reason; the job still succeeds so that the other methods and the report finish.
 """
@@ -23,7 +24,7 @@ import onnx
 from ..artifacts import write_json
 from ..errors import CnnvizError, ConfigError
 from . import backprop
-from .common import known_classes, normalize_map, resolve_targets, save_explanation
+from .common import known_classes, resolve_targets
 
 log = logging.getLogger("cnnviz.explain")
 
@@ -76,12 +77,10 @@ class Job:
 def picture(job: Job, index: int, raw: np.ndarray, signed: np.ndarray | None) -> np.ndarray:
     """What people see of one map: a signed [3, H, W] signal as RGB (grey = 0) at the model's
     input size, else the raw map's positive part over the image the model saw, at the image's
-    own resolution."""
-    from ..render import overlay
+    own resolution. Drawn by the render step (cnnviz.pictures) through render.map_picture."""
+    from ..render import map_picture
 
-    if signed is not None:
-        return backprop.signed_rgb(signed)
-    return overlay(job.views[index], normalize_map(np.maximum(raw, 0)))
+    return map_picture(job.views[index], raw, signed)
 
 
 # ---- the methods ---------------------------------------------------------------------------
@@ -398,25 +397,27 @@ def _run_methods(job: Job, methods: list[str], out_dirs: list[Path]) -> dict[str
 def _write_rows(
     job: Job, method: str, results: list[Result], seconds: float, out_dir: Path
 ) -> tuple[list, list]:
-    """Write one method's rows (picture, raw map, info); `seconds`: compute time per map."""
+    """Write one method's rows as one array file per shard and an index (shard_maps: raw maps,
+    the signed signal of signed methods, per row image, target, label, info); the pictures are
+    drawn by the render step. `seconds`: compute time per map."""
+    from .shard_maps import write_shard_maps
+
     labels = job.card.get("labels") or []
-    done: list[dict[str, Any]] = []
-    failed: list[dict[str, Any]] = []
     notes = approximation_notes(job, method)
+    rows, maps, signals = [], [], []
     for r, (i, raw, signed, extra) in enumerate(results):
         target = job.rows[r][1]
-        info = {
+        rows.append({
+            "image": job.ids[i], "target": target, "method": method,
             **({"picture": "signed"} if signed is not None else {}),
             "label": labels[target] if target < len(labels) else str(target),
-            "time_s": round(seconds, 4),
-            **extra,
-            **notes,
-        }
-        shown = picture(job, i, raw, signed)
-        paths = save_explanation(out_dir, method, job.ids[i], target, raw, shown, info)
-        done.append({"image": job.ids[i], "target": target, **paths})
+            "time_s": round(seconds, 4), **extra, **notes,
+        })  # fmt: skip
+        maps.append(raw)
+        signals.append(signed)
+    done = write_shard_maps(out_dir, method, job.card.get("name"), rows, maps, signals)
     log.info("%s: %d maps, %.3f s per map", method, len(done), seconds)
-    return done, failed
+    return [{"image": d["image"], "target": d["target"], "row": d["row"]} for d in done], []
 
 
 GRADIENT_FREE = {"scorecam", "occlusion"}
@@ -440,7 +441,8 @@ def approximation_notes(job: Job, method: str) -> dict[str, Any]:
 
 
 def _projections(job: Job, out_dir: Path) -> tuple[list, list]:
-    from .projections import Projector, save_projections
+    from .projections import Projector
+    from .shard_maps import ProjectionWriter
 
     layers = job.options.get("layers", "auto")
     if layers in (None, "auto"):
@@ -452,17 +454,17 @@ def _projections(job: Job, out_dir: Path) -> tuple[list, list]:
         )
     except CnnvizError as error:
         return [], [{"method": "projections", "images": job.ids, "error": str(error)}]
-    done = []
+    # one array file per shard (shard_maps: rows = image x layer), filled image by image
+    writer = ProjectionWriter(out_dir, job.card.get("name"), len(job.ids) * len(projector.rows),
+                              top_k, job.inputs.shape[-2:])
     for i, image_id in enumerate(job.ids):
         started = time.perf_counter()
         per_layer = projector.project_layers(job.inputs[i : i + 1], top_k)
         seconds = time.perf_counter() - started
-        display = np.asarray(job.views[i])
         for layer, items in per_layer.items():
-            paths = save_projections(out_dir, image_id, layer, display, items[0],
-                                     {"time_s": round(seconds, 4), "layer": layer})
-            done.append({"image": image_id, "layer": layer, **paths})
-    return done, []
+            writer.add(image_id, layer, items[0], {"time_s": round(seconds, 4)})
+    done = writer.close()
+    return [{"image": d["image"], "layer": d["layer"], "row": d["row"]} for d in done], []
 
 
 def spread_layers(card: dict[str, Any], n: int) -> list[str]:

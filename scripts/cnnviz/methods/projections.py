@@ -15,7 +15,6 @@ the deconvnet session in runs of its batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -249,32 +248,6 @@ def _resize_like(display: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
     size = (shape[1], shape[0])
     return np.asarray(Image.fromarray(display).resize(size, Image.Resampling.BILINEAR))
-
-
-def save_projections(
-    out_dir: str | Path,
-    image_id: str,
-    layer: str,
-    display: np.ndarray,
-    items: Sequence[dict],
-    info: dict[str, Any] | None = None,
-) -> dict[str, str]:
-    """Write `{out_dir}/{image_id}_{layer}.png/.npy/.json`; return their paths.
-
-    .npy: float32 [k, 3, H, W], the projections in the order of the JSON's "channels" list.
-    """
-    from ..artifacts import write_json, write_npy
-    from ..render import save_png
-
-    stem = Path(out_dir) / f"{image_id}_{layer}"  # layer names may hold dots
-    paths = {ext: f"{stem}.{ext}" for ext in ("png", "npy", "json")}
-    stack = np.stack([it["projection"] for it in items]) if items else np.zeros((0, 3, 1, 1))
-    write_npy(paths["npy"], stack.astype(np.float32))
-    save_png(paths["png"], projection_grid(display, items))
-    meta = [{k: v for k, v in it.items() if k != "projection"} for it in items]
-    write_json(paths["json"], {"method": "projections", "image": image_id, "layer": layer,
-                               "channels": meta, **(info or {})})
-    return paths
 
 
 # ---- projections as one graph (cnnviz.methodgraph; run by cnnviz.runner.Runner) ---------------

@@ -1,10 +1,10 @@
 """`cnnviz metrics`: the quality metrics of one method's maps over one shard of images.
 
-Reads the maps the explain step wrote (`{maps_dir}/summary.json` lists them), and writes one JSON
-(`{results}/{model}/metrics/{shard}/{method}.json`; shape in cnnviz.metrics' docstring) with,
-per map: deletion and insertion curves and AUCs, the randomization test per cut, and the class
-sensitivity. The method "random" (uniform random maps, seeded) is the reference a useful map
-must beat; it has deletion / insertion only. Recomputed maps come from
+Reads the maps the explain step wrote (`{maps_dir}/maps.npy` + `index.json`, shard_maps), and
+writes one JSON (`{results}/{model}/metrics/{shard}/{method}.json`; shape in cnnviz.metrics'
+docstring) with, per map: deletion and insertion curves and AUCs, the randomization test per
+cut, and the class sensitivity. The method "random" (uniform random maps, seeded) is the
+reference a useful map must beat; it has deletion / insertion only. Recomputed maps come from
 cnnviz.methods.explain.METHODS through a Job built for the randomized model (`job_for`).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..artifacts import read_json, write_json
+from ..artifacts import write_json
 from ..errors import CnnvizError, ConfigError
 from ..failures import check_input
 
@@ -89,38 +89,29 @@ def compute_maps(job: Any, method: str) -> np.ndarray:
 
 
 def read_maps(job: Any, maps_dir: Path) -> tuple[list[tuple[int, int]], list, list[dict]]:
-    """(rows, maps, failed) from the explain step's `summary.json` in `maps_dir`."""
+    """(rows, maps, failed) from the explain step's array file and index in `maps_dir`
+    (cnnviz.methods.shard_maps)."""
+    from ..methods.shard_maps import read_shard_maps
+
     check_input(maps_dir, f"the explain step (maps in {maps_dir})")
-    summary_path = Path(maps_dir) / "summary.json"
-    if not summary_path.is_file():
-        raise CnnvizError(f"{summary_path} does not exist; run the explain step first")
-    summary = read_json(summary_path)
+    entries, arrays = read_shard_maps(Path(maps_dir))
     index = {image_id: i for i, image_id in enumerate(job.ids)}
     rows, maps, failed = [], [], []
-    for entry in summary.get("maps", []):
+    for entry in entries:
         image, target = entry.get("image"), entry.get("target")
-        path = Path(maps_dir) / str(entry.get("npy", ""))
-        if image not in index or target is None or not path.is_file():
-            failed.append(
-                {
-                    "image": image,
-                    "target": target,
-                    "error": f"map {path} or its image is missing; rerun explain",
-                }
-            )
+        if image not in index or target is None:
+            failed.append({"image": image, "target": target,
+                           "error": f"row {entry.get('row')} of {maps_dir}: its image is not "
+                                    "in the shard; rerun explain"})  # fmt: skip
             continue
-        raw = np.load(path)
+        raw = np.asarray(arrays[entry["row"]], np.float32)
         if raw.shape != job.inputs.shape[-2:]:
-            failed.append(
-                {
-                    "image": image,
-                    "target": target,
-                    "error": f"map {path} is {raw.shape}, not the model input size",
-                }
-            )
+            failed.append({"image": image, "target": target,
+                           "error": f"maps in {maps_dir} are {raw.shape}, not the model input "
+                                    "size"})  # fmt: skip
             continue
         rows.append((index[image], int(target)))
-        maps.append(raw.astype(np.float32))
+        maps.append(raw)
     return rows, maps, failed
 
 

@@ -38,6 +38,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from ..artifacts import write_with
+from ..pictures import truth_matches
 from ..render import SEPARATOR, grid_shape
 from . import captions
 from .collect import Explanation, ModelResults, StagedImage, model_results, staged_images
@@ -111,14 +112,6 @@ class ModelContext:
 SectionBuilder = Callable[[ModelContext], "Section | list[Section] | None"]
 
 
-def _matches(truth: str, entry: dict[str, Any]) -> bool:
-    wanted = truth.strip().lower()
-    if wanted.isdigit():
-        return int(entry["index"]) == int(wanted)
-    label = str(entry["label"]).lower()
-    return wanted == label or wanted in {part.strip() for part in label.split(",")}
-
-
 def image_ids(run: Run, model: ModelResults) -> list[str]:
     """Staged images in manifest order, then any image only the model's results name."""
     ids = list(run.images)
@@ -140,9 +133,11 @@ def image_rows(run: Run, model: ModelResults) -> list[dict[str, Any]]:
         image = run.images.get(image_id)
         top = model.predictions.get(image_id, [])
         truth = image.truth if image else None
-        cells = {}
+        cells, undrawn = {}, 0
         for method in model.methods:
-            entries = model.explanations[method].get(image_id)
+            every = model.explanations[method].get(image_id) or []
+            entries = [e for e in every if e.png is not None]  # the drawn ones (report.pictures)
+            undrawn += len(every) - len(entries)
             if entries:
                 cells[method] = {"entry": _pick(entries, top), "count": len(entries)}
         strip = (
@@ -155,9 +150,10 @@ def image_rows(run: Run, model: ModelResults) -> list[dict[str, Any]]:
                 "image": image,
                 "top": top,
                 "truth": truth,
-                "correct": _matches(truth, top[0]) if truth and top else None,
-                "in_top": any(_matches(truth, t) for t in top) if truth and top else None,
+                "correct": truth_matches(truth, top[0]) if truth and top else None,
+                "in_top": any(truth_matches(truth, t) for t in top) if truth and top else None,
                 "cells": cells,
+                "undrawn": undrawn,  # maps of this image without a picture (report.pictures)
                 "strip_sources": strip,  # one picture per method, for the grid's row
                 "strip": None,  # the strip file, once written (write_pages)
             }
@@ -652,9 +648,10 @@ class Site:
         image_id = row["id"]
         methods = []
         for method in model.methods:
-            entries = model.explanations[method].get(image_id, [])
-            if not entries:
+            every = model.explanations[method].get(image_id, [])
+            if not every:
                 continue
+            entries = [e for e in every if e.png is not None]
             figures = [
                 {"entry": e, "heat": captions.uses_heat(method, e.info),
                  "caption": captions.explanation_caption(
@@ -663,7 +660,9 @@ class Site:
             ]  # fmt: skip
             methods.append(
                 {"method": method, "title": captions.method_title(method),
-                 "summary": captions.method_summary(method), "figures": figures}
+                 "summary": captions.method_summary(method), "figures": figures,
+                 "undrawn": [_undrawn(e, model, self.run.results_dir)
+                             for e in every if e.png is None]}
             )  # fmt: skip
         grids = model.layer_grids(image_id)
         stats = model.act_stats.get(image_id, {})
@@ -700,6 +699,19 @@ class Site:
         return self.env.get_template("page.html").render(
             link=link, run=self.run, body=body, title=title, current=current, css=css, js=js
         )
+
+
+def _undrawn(entry: Explanation, model: ModelResults, results_dir: Path) -> str:
+    """What the image page says of a map without a picture: its class or layer and its row."""
+    what = entry.layer if entry.target is None else (entry.info.get("label")
+                                                      or model.label(entry.target))
+    if entry.maps is None:
+        return str(what)
+    try:
+        where = entry.maps.relative_to(results_dir).as_posix()
+    except ValueError:
+        where = entry.maps.as_posix()
+    return f"{what} (row {entry.row} of {where}/)"
 
 
 def collect_run(

@@ -7,8 +7,12 @@ part empty. Layouts read (README "Artifacts"):
   `images/shards/{shard}.json` + `images/{id}.png`);
 - `{model}/predictions/{shard}.json`, `{model}/activations/{shard}/{shard}.json` (stats) with
   `{model}/activations/{shard}/{id}/{layer}.png` (grids) and `{layer}_ch{c}.png` (channels);
-- per-image methods: `{model}/{method}/**/{image}_c{target}.png` + `.json` ({"method", "image",
-  "target", "label", "layer", "time_s", "notes"}); any PNG whose JSON names an "image" counts;
+- per-image methods, per shard: `{model}/{method}/{shard}/index.json` + `maps.npy` (and
+  `signed.npy`, `projections.npy`; cnnviz.methods.shard_maps), one row per image and target (or
+  layer), with the pictures the render step drew in `{model}/pictures/{method}/{shard}/`
+  (`pictures.json`); a row without a picture is still a map. The older per-image layout,
+  `{model}/{method}/**/{image}_c{target}.png` + `.json` ({"method", "image", "target", "label",
+  "layer", "time_s", "notes"}), is read too: any PNG whose JSON names an "image" counts;
 - `{model}/filters/**/{layer}.{mode}.png` + `.json` + `.curve.png`; `{model}/atlas/**/{layer}.png`
   + `.json` (atlas-reduce writes `atlas/layers/`); `{model}/metrics/*.json` (summary.json first,
   with the plots it names) and `metrics/*/**.json` (per shard and method: linked);
@@ -23,13 +27,14 @@ import csv
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ..artifacts import read_json
 from ..failures import find_failures, root_cause
 
-RESERVED = {"predictions", "activations", "filters", "atlas", "metrics"}
+RESERVED = {"predictions", "activations", "filters", "atlas", "metrics", "pictures"}
 # Display order of the per-image methods (the schema's order); unknown methods follow, sorted.
 METHOD_ORDER = [
     "gradcam", "gradcampp", "layercam", "scorecam", "guided_gradcam", "saliency", "smoothgrad",
@@ -51,12 +56,25 @@ class StagedImage:
 
 @dataclass
 class Explanation:
-    """One per-image picture of a method (one image, one target class or layer)."""
+    """One per-image map of a method (one image, one target class or layer): its picture, when
+    one was drawn, and its row of the shard's array file."""
 
     method: str
     image: str
-    png: Path
+    png: Path | None
     info: dict[str, Any]
+    maps: Path | None = None  # the shard's maps folder (shard_maps), None for the older layout
+    row: int | None = None
+
+    def raw(self) -> Any:
+        """The raw map (float32 [H, W]) or, for projections, the [k, 3, H, W] stack; None when
+        it was not written."""
+        import numpy as np
+
+        if self.maps is not None and self.row is not None:
+            return np.asarray(_shard_array(self.maps)[self.row], np.float32)
+        legacy = self.png.with_suffix(".npy") if self.png is not None else None
+        return np.load(legacy) if legacy is not None and legacy.exists() else None
 
     @property
     def target(self) -> int | None:
@@ -85,7 +103,8 @@ class Explanation:
     @property
     def sort_key(self) -> tuple[int, str, str]:
         target = self.target
-        return (target if target is not None else -1, self.layer or "", self.png.name)
+        name = self.png.name if self.png is not None else ""
+        return (target if target is not None else -1, self.layer or "", name)
 
 
 @dataclass
@@ -134,6 +153,16 @@ class ModelResults:
         if folder is None or not folder.is_dir():
             return {}
         return {p.stem: p for p in folder.glob("*.png")}
+
+
+@lru_cache(maxsize=64)
+def _shard_array(folder: Path) -> Any:
+    """A maps folder's array (maps, or projections), memory-mapped, read once per process."""
+    from ..methods.shard_maps import read_array, read_index
+
+    index = read_index(folder)
+    return read_array(folder, index, "projections" if index.get("kind") == "projections"
+                      else "maps")  # fmt: skip
 
 
 def _visible(path: Path, root: Path) -> bool:
@@ -319,8 +348,11 @@ def _read_methods(model: ModelResults, failed: list[dict[str, str]]) -> None:
     for folder in sorted(p for p in model.dir.iterdir() if p.is_dir()):
         if folder.name in RESERVED or folder.name.startswith("."):
             continue
+        _read_shard_maps(model, folder)
         for path in sorted(folder.rglob("*.json")):
             if not _visible(path, folder) or (path.with_suffix(".png")).exists():
+                continue
+            if path.name == "index.json":
                 continue
             data = _json(path)
             if isinstance(data, dict):
@@ -341,6 +373,29 @@ def _read_methods(model: ModelResults, failed: list[dict[str, str]]) -> None:
     for per_image in model.explanations.values():
         for entries in per_image.values():
             entries.sort(key=lambda e: e.sort_key)
+
+
+def _read_shard_maps(model: ModelResults, folder: Path) -> None:
+    """One method's shards in the array layout: an entry per index row, with its picture when
+    the render step drew one."""
+    from ..methods.shard_maps import pictures_dir, read_pictures
+
+    for index_path in sorted(folder.glob("*/index.json")):
+        shard = index_path.parent
+        index = _json(index_path)
+        if not isinstance(index, dict) or not isinstance(index.get("rows"), list):
+            continue
+        drawn_dir = pictures_dir(shard)
+        drawn = read_pictures(drawn_dir)
+        for row in index["rows"]:
+            if not isinstance(row, dict) or "image" not in row or "row" not in row:
+                continue
+            method = str(row.get("method") or index.get("method") or folder.name)
+            png = drawn_dir / drawn[row["row"]] if row["row"] in drawn else None
+            info = {"method": method, **row}
+            entry = Explanation(method, str(row["image"]), png if png and png.is_file() else None,
+                                info, shard, int(row["row"]))  # fmt: skip
+            model.explanations.setdefault(method, {}).setdefault(entry.image, []).append(entry)
 
 
 def _read_filters(model: ModelResults) -> None:

@@ -1,0 +1,147 @@
+"""`cnnviz render`: the pictures of one method's maps for one shard, drawn from the explain step's
+arrays (cnnviz.methods.shard_maps) and the staged images, for the rows the report shows.
+
+Which rows (config `report.pictures`, per shard and method):
+
+- `all`: every row;
+- `{top: N}`: the rows of the N images the model is surest of (top-1 probability, from the
+  predict step), every target of those images;
+- `failures`: the images whose top-1 prediction misses their true class (images.labels); when no
+  image of the shard has a true class, those the model is unsure of (top-1 probability < 0.5);
+- `none`: no pictures (the maps are still there for metrics, the audit and your own code).
+
+Writes `{out_dir}/{image}_c{target}.png` (projections: `{image}_{layer}.png`) and
+`{out_dir}/pictures.json` ({"method", "selection", "pictures": [{"row", "image", "target" or
+"layer", "png"}], "rows": how many the index has}). The picture of a map is the one
+`explain.picture` defines: a signed signal as RGB (grey = 0), else the raw map's positive part
+over the image the model saw, at the image's own resolution (render.map_picture). Only the
+projections' pictures import the engine (methods.projections.projection_grid).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import read_json, write_json
+from .errors import ConfigError
+
+log = logging.getLogger("cnnviz.pictures")
+
+Selection = str | dict[str, int]
+UNSURE = 0.5
+
+
+def check_selection(spec: Selection) -> Selection:
+    if spec in ("all", "failures", "none"):
+        return spec
+    if isinstance(spec, dict) and set(spec) == {"top"} and int(spec["top"]) >= 0:
+        return {"top": int(spec["top"])}
+    raise ConfigError(f"report.pictures: {spec!r}; use all, failures, none or {{top: N}}")
+
+
+def truth_matches(truth: str, entry: dict[str, Any]) -> bool:
+    """Whether a prediction entry ({"index", "label"}) names the true class `truth` (a class
+    index, the label, or one of the label's comma-separated names)."""
+    wanted = truth.strip().lower()
+    if wanted.isdigit():
+        return int(entry["index"]) == int(wanted)
+    label = str(entry["label"]).lower()
+    return wanted == label or wanted in {part.strip() for part in label.split(",")}
+
+
+def chosen_images(
+    spec: Selection, ids: list[str], top: dict[str, list[dict[str, Any]]],
+    truth: dict[str, str],
+) -> set[str]:
+    """The image ids of a shard whose pictures `spec` asks for (module docstring)."""
+    spec = check_selection(spec)
+    if spec == "all":
+        return set(ids)
+    if spec == "none":
+        return set()
+    sure = {i: float(top[i][0]["prob"]) if top.get(i) else 0.0 for i in ids}
+    if isinstance(spec, dict):
+        ranked = sorted(ids, key=lambda i: (-sure[i], ids.index(i)))
+        return set(ranked[: spec["top"]])
+    if any(i in truth for i in ids):
+        return {i for i in ids if i in truth and top.get(i)
+                and not truth_matches(truth[i], top[i][0])}  # fmt: skip
+    return {i for i in ids if sure[i] < UNSURE}
+
+
+def render_shard(
+    model_dir: str | Path,
+    manifest: str | Path,
+    maps_dir: str | Path,
+    out_dir: str | Path,
+    selection: Selection = "all",
+    predictions: str | Path | None = None,
+) -> dict[str, Any]:
+    """Draw the selected rows' pictures of one method and shard; write pictures.json."""
+    from .failures import check_input
+    from .images import load_image, original_view, read_manifest
+    from .methods.shard_maps import PICTURES_INDEX, picture_name, read_array, read_index
+    from .modelcard import load_card
+    from .render import save_png
+
+    check_input(Path(maps_dir), f"the explain step (maps in {maps_dir})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = load_card(model_dir)
+    index = read_index(maps_dir)
+    shard = read_manifest(manifest)
+    entries = {e["id"]: e for e in shard["images"]}
+    truth = {e["id"]: str(e["label"]) for e in shard["images"] if e.get("label") is not None}
+    top: dict[str, list[dict[str, Any]]] = {}
+    if predictions is not None and Path(predictions).is_file():
+        data = read_json(predictions)
+        top = {str(e["id"]): list(e.get("top") or []) for e in data.get("images", [])}
+    rows = [row for row in index["rows"] if row["image"] in entries]
+    ids = list(dict.fromkeys(row["image"] for row in rows))
+    chosen = chosen_images(selection, ids, top, truth)
+    drawn: list[dict[str, Any]] = []
+    views: dict[str, np.ndarray] = {}
+    kind = index.get("kind", "map")
+    arrays = {name: read_array(maps_dir, index, name) for name in index.get("arrays", {})}
+    for row in rows:
+        image_id = row["image"]
+        if image_id not in chosen:
+            continue
+        if image_id not in views:
+            views = {image_id: original_view(load_image(entries[image_id]["path"]),
+                                             card["preprocess"])}  # one image at a time
+        picture = (_projection_picture(views[image_id], arrays["projections"], row)
+                   if kind == "projections" else _map_picture(views[image_id], arrays, row))
+        name = picture_name(row)
+        save_png(out_dir / name, picture)
+        key = {"layer": row["layer"]} if kind == "projections" else {"target": row["target"]}
+        drawn.append({"row": row["row"], "image": image_id, **key, "png": name})
+    result = {"method": index.get("method"), "selection": selection, "rows": len(rows),
+              "pictures": drawn}
+    write_json(out_dir / PICTURES_INDEX, result)
+    log.info("%s: %d of %d rows drawn (%s)", index.get("method"), len(drawn), len(rows),
+             selection)
+    return result
+
+
+def _map_picture(view: np.ndarray, arrays: dict[str, np.ndarray], row: dict[str, Any]
+                 ) -> np.ndarray:
+    from .methods.shard_maps import signed_row
+    from .render import map_picture  # explain.picture's drawing, without the engine's imports
+
+    raw = np.asarray(arrays["maps"][row["row"]], np.float32)
+    signed = signed_row(arrays["signed"], row) if "signed" in arrays else None
+    return map_picture(view, raw, signed)
+
+
+def _projection_picture(view: np.ndarray, array: np.ndarray, row: dict[str, Any]) -> np.ndarray:
+    from .methods.projections import projection_grid
+
+    items = [{**meta, "projection": np.asarray(array[row["row"], k], np.float32)
+              * float(meta.get("scale", 1.0))}
+             for k, meta in enumerate(row.get("channels", []))]  # fmt: skip
+    return projection_grid(view, items)
