@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 from cnnviz import plan  # noqa: E402  (stdlib-only module)
 from cnnviz import audit  # noqa: E402  (its DAG-time helpers are stdlib-only)
 from cnnviz import failures  # noqa: E402  (stdlib-only at import)
+from cnnviz import method_table  # noqa: E402  (stdlib-only)
 from cnnviz import resume  # noqa: E402  (stdlib only)
 from cnnviz.config import config_errors  # noqa: E402
 
@@ -56,7 +57,6 @@ SHARDS = plan.shards(list(zip(IMAGE_IDS, IMAGE_FILES)), config["shard_size"])
 
 
 METHODS = config["methods"]["enabled"]
-CAM_METHODS = {"gradcam", "gradcampp", "layercam", "guided_gradcam", "scorecam"}
 # Jobs that run ONNX Runtime ask for a GPU (SLURM: --gpus=1) per `gpu_jobs`; auto: when cuda.
 GPU_JOBS = int(
     config["device"] == "cuda" if config["gpu_jobs"] == "auto" else config["gpu_jobs"]
@@ -172,19 +172,16 @@ def results_root(wildcards, input):
     return str(Path(input.cards[0]).parents[2])
 
 
+def cam_family_options(wildcards):
+    """The CAM family's members share their options (target, layer, fallback)."""
+    return method_options(SimpleNamespace(method=method_table.CAM_FAMILY[0]))
+
+
 def method_options(wildcards):
     """Only the options that change this method's maps: editing one reruns that method alone."""
-    methods = config["methods"]
-    options = {"target": methods["target"]}
-    if wildcards.method not in {"scorecam", "occlusion"}:
-        options["gradient_fallback"] = config["gradient_fallback"]
-    if wildcards.method in CAM_METHODS:
-        options["cam_layer"] = methods["cam_layer"]
-    if wildcards.method == "guided_gradcam":
-        options["cam_layer"] = methods["cam_layer"]
-    own = {"scorecam", "smoothgrad", "integrated_gradients", "occlusion", "projections"}
-    if wildcards.method in own:
-        options.update(methods[wildcards.method])
+    options = method_table.method_options(
+        config["methods"], config["gradient_fallback"], wildcards.method
+    )
     return json.dumps(options, sort_keys=True)
 
 

@@ -1,17 +1,8 @@
 # Per-image explanations: one job per model, shard and method; the CAM family's members
-# (explain.CAM_FAMILY) come from one job, since one run of their graph gives every variant.
+# (method_table.CAM_FAMILY) come from one job, since one run of their graph gives every variant.
 # Targets come from the shard's predictions (no second forward pass).
-CAM_FAMILY = [
-    m for m in ("gradcam", "gradcampp", "layercam", "guided_gradcam") if m in METHODS
-]
+CAM_FAMILY = [m for m in method_table.CAM_FAMILY if m in METHODS]
 SINGLE_METHODS = [m for m in METHODS if m not in CAM_FAMILY]
-
-
-def cam_family_options(wildcards):
-    """The members share their options (target, layer, fallback): the first one's."""
-    from types import SimpleNamespace
-
-    return method_options(SimpleNamespace(method=CAM_FAMILY[0]))
 
 
 rule explain:

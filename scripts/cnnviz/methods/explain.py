@@ -23,6 +23,7 @@ import onnx
 
 from ..artifacts import write_json
 from ..errors import CnnvizError, ConfigError
+from ..method_table import CAM_FAMILY, GRADIENT_FREE
 from . import backprop
 from .common import known_classes, resolve_targets
 
@@ -104,7 +105,6 @@ def _row_feeds(job: Job) -> dict[str, np.ndarray]:
     return {"images": job.row_inputs, "targets": np.asarray(job.row_targets, np.int64)}
 
 
-CAM_FAMILY = ("gradcam", "gradcampp", "layercam", "guided_gradcam")
 
 
 def cam_family(job: Job, members: list[str] | tuple[str, ...]) -> dict[str, list[Result]]:
@@ -420,7 +420,6 @@ def _write_rows(
     return [{"image": d["image"], "target": d["target"], "row": d["row"]} for d in done], []
 
 
-GRADIENT_FREE = {"scorecam", "occlusion"}
 
 
 def approximation_notes(job: Job, method: str) -> dict[str, Any]:
