@@ -440,7 +440,7 @@ def approximation_notes(job: Job, method: str) -> dict[str, Any]:
 
 
 def _projections(job: Job, out_dir: Path) -> tuple[list, list]:
-    from .projections import Projector
+    from .projections import ProjectionRunner
     from .shard_maps import ProjectionWriter
 
     layers = job.options.get("layers", "auto")
@@ -448,20 +448,21 @@ def _projections(job: Job, out_dir: Path) -> tuple[list, list]:
         layers = spread_layers(job.card, 3)
     top_k = int(job.options.get("top_k", 4))
     try:
-        projector = Projector(
-            job.model, job.card, layers, top_k, job.device, job.threads, job.fallback
+        images = max(1, min(len(job.ids), job.batch_size // max(1, top_k)))
+        projector = ProjectionRunner(
+            job.model, job.card, layers, top_k, images, job.device, job.threads, job.fallback
         )
+        started = time.perf_counter()
+        projected = projector.project_layers(job.inputs, top_k)
+        seconds = (time.perf_counter() - started) / max(1, len(job.ids))
     except CnnvizError as error:
         return [], [{"method": "projections", "images": job.ids, "error": str(error)}]
     # one array file per shard (shard_maps: rows = image x layer), filled image by image
-    writer = ProjectionWriter(out_dir, job.card.get("name"), len(job.ids) * len(projector.rows),
+    writer = ProjectionWriter(out_dir, job.card.get("name"), len(job.ids) * len(projected),
                               top_k, job.inputs.shape[-2:])
     for i, image_id in enumerate(job.ids):
-        started = time.perf_counter()
-        per_layer = projector.project_layers(job.inputs[i : i + 1], top_k)
-        seconds = time.perf_counter() - started
-        for layer, items in per_layer.items():
-            writer.add(image_id, layer, items[0], {"time_s": round(seconds, 4)})
+        for layer, items in projected.items():
+            writer.add(image_id, layer, items[i], {"time_s": round(seconds, 4)})
     done = writer.close()
     return [{"image": d["image"], "layer": d["layer"], "row": d["row"]} for d in done], []
 
