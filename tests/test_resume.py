@@ -26,11 +26,11 @@ def dead_pid() -> int:
     return int(done.stdout)
 
 
-def locked(folder: Path, owner: dict | None) -> Path:
+def locked(folder: Path, *owners: dict) -> Path:
     (folder / "locks").mkdir(parents=True)
     (folder / "locks" / "0.input.lock").write_text("results/x\n")
-    if owner is not None:
-        (folder / resume.OWNER).write_text(json.dumps(owner))
+    if owners:
+        (folder / resume.OWNER).write_text(json.dumps({"owners": list(owners)}))
     return folder
 
 
@@ -43,8 +43,11 @@ def test_a_lock_whose_run_is_gone_is_removed(tmp_path: Path) -> None:
 def test_a_live_foreign_or_anonymous_lock_is_left_to_snakemake(tmp_path: Path) -> None:
     live = locked(tmp_path / "a", resume.owner_record())
     other_host = locked(tmp_path / "b", {"host": "elsewhere", "pid": dead_pid()})
-    anonymous = locked(tmp_path / "c", None)
-    for folder in (live, other_host, anonymous):
+    anonymous = locked(tmp_path / "c")
+    # two runs started together: one took the lock and still runs
+    both = locked(tmp_path / "d", {"host": socket.gethostname(), "pid": dead_pid()},
+                  resume.owner_record())  # fmt: skip
+    for folder in (live, other_host, anonymous, both):
         assert resume.clear_stale_lock(folder) is None and resume.lock_held(folder)
         assert not resume.claim_lock(folder)
 
@@ -184,3 +187,13 @@ def test_a_bad_resize_to_names_the_config_key_at_export() -> None:
     with pytest.raises(ConfigError, match="in the config") as error:
         model_view(Image.new("RGB", (300, 300)), pre)
     assert "model.json" not in str(error.value)
+
+
+def test_a_claim_keeps_runs_that_still_go_and_forgets_gone_ones(tmp_path: Path) -> None:
+    folder = tmp_path / ".snakemake"
+    folder.mkdir()
+    gone = {"host": socket.gethostname(), "pid": dead_pid(), "start": "1"}
+    (folder / resume.OWNER).write_text(json.dumps({"owners": [gone]}))
+    assert resume.claim_lock(folder)
+    owners = json.loads((folder / resume.OWNER).read_text())["owners"]
+    assert owners == [resume.owner_record()]

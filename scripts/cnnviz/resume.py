@@ -148,24 +148,35 @@ def owner_gone(record: dict) -> bool:
     return start is None or (start != "?" and record.get("start") not in (None, start))
 
 
+def _owners(folder: Path) -> list[dict] | None:
+    """The runs recorded as about to lock (None when there is no readable record)."""
+    try:
+        record = json.loads((folder / OWNER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    owners = record.get("owners") if isinstance(record, dict) else None
+    if not isinstance(owners, list) or not all(isinstance(o, dict) for o in owners):
+        return None
+    return owners
+
+
 def clear_stale_lock(snakemake_dir: str | os.PathLike[str] = ".snakemake") -> str | None:
-    """Remove Snakemake's lock when the run that took it is gone; returns a line saying so."""
+    """Remove Snakemake's lock when every run that may have taken it is gone; returns a line
+    saying so."""
     folder = Path(snakemake_dir)
     locks = sorted((folder / "locks").glob("*.lock"))
     if not locks:
         return None
-    try:
-        record = json.loads((folder / OWNER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # taken by a run that did not say who it is: Snakemake's --unlock
-    if not isinstance(record, dict) or not owner_gone(record):
-        return None
+    owners = _owners(folder)
+    if not owners or not all(owner_gone(owner) for owner in owners):
+        return None  # a run that did not say who it is, or one still going: Snakemake's --unlock
     for lock in locks:
         lock.unlink(missing_ok=True)
     (folder / OWNER).unlink(missing_ok=True)
+    pids = ", ".join(str(owner.get("pid")) for owner in owners)
     return (
-        f"cnnviz: removed the lock left by a run that is gone (pid {record['pid']} on "
-        f"{record['host']}, killed?); its unfinished jobs are redone"
+        f"cnnviz: removed the lock left by a run that is gone (pid {pids} on "
+        f"{owners[0].get('host')}, killed?); its unfinished jobs are redone"
     )
 
 
@@ -184,12 +195,15 @@ def dry_run(argv: list[str]) -> bool:
 
 
 def claim_lock(snakemake_dir: str | os.PathLike[str] = ".snakemake") -> bool:
-    """Record this process as the one about to lock, unless a live run holds the lock."""
+    """Record this process among the runs about to lock, unless a run holds the lock. Runs that
+    started at the same moment are all recorded (one of them gets the lock): the lock counts as
+    stale only when every one of them is gone."""
     folder = Path(snakemake_dir)
     if lock_held(folder):
         return False
     folder.mkdir(parents=True, exist_ok=True)
+    owners = [o for o in _owners(folder) or [] if not owner_gone(o)] + [owner_record()]
     tmp = folder / f".{OWNER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(owner_record()) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps({"owners": owners}) + "\n", encoding="utf-8")
     os.replace(tmp, folder / OWNER)
     return True
