@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["gradcam", "saliency"])
     parser.add_argument("--model", default=None, help="an ONNX classifier (default: a tiny CNN)")
     parser.add_argument("--size", type=int, default=32, help="the model's input side")
+    parser.add_argument("--format", default="jpg", choices=["jpg", "png"],
+                        help="the image file (a JPEG decodes at a reduced scale when staged)")
     parser.add_argument("--out", default=None, help="also write the table as JSON here")
     args = parser.parse_args()
 
@@ -103,8 +105,8 @@ def main() -> None:
         for side in args.sizes:
             shard = work / f"s{side}"
             shard.mkdir()
-            image = write_image(shard / "photo.jpg", side)
-            asked = plan.job_memory_mb([plan.image_size(image)], model_bytes)
+            image = write_image(shard / f"photo.{args.format}", side)
+            asked_after = plan.job_memory_mb([plan.image_size(image)], model_bytes)
             manifest = shard / "manifest.json"
             steps = {
                 "stage": [*cnnviz, "stage", "--manifest", str(manifest), "--staged-dir",
@@ -122,7 +124,9 @@ def main() -> None:
                     "--manifest", str(manifest), "--predictions", str(shard / "predictions.json"),
                     "--out-dir", str(shard / method), "--device", "cpu", "--threads", "1",
                 ]  # fmt: skip
+            staging = plan.job_memory_mb([plan.image_size(image)], 0, staging=True)
             for step, cmd in steps.items():
+                asked = staging if step == "stage" else asked_after
                 rss, seconds, rc = peak_rss_mb(cmd, work)
                 status = "" if rc == 0 else f"  (exit {rc})"
                 print(f"{side:>5}x{side:<5} {step:>20} {rss:>12.0f} {asked:>13} {seconds:>6.1f}"
