@@ -140,7 +140,7 @@ def _scorecam(job: Job) -> Iterator[Result]:
     """Score-CAM: the layer's maps of every image in one graph, each image's channels scored in
     another (blank and duplicate channels once: `cam.score_plan`), the weighted maps finished
     in a third."""
-    from .cam import score_plan, score_weights, scorecam_graphs
+    from .cam import scorecam_graphs
 
     rows = int(job.options.get("batch_size", 64))  # masked inputs per call
     images, _ = _images_per_call(job)
@@ -151,23 +151,34 @@ def _scorecam(job: Job) -> Iterator[Result]:
     scorer = _runner(job, scores_graph)
     weights, infos = [], []
     for i, target in job.rows:
-        constant, owner, unique = score_plan(acts[i])
-        # one constant channel stands for all of them: its mask is zero, the blank input
-        scored = np.concatenate([unique, np.flatnonzero(constant)[:1]])
-        out = scorer.run({"images": job.inputs[i : i + 1], "targets": np.array([target])},
-                         {"lowres": acts[i][scored]})
-        scores = np.zeros(len(owner))
-        scores[scored] = out["scores"][0]
-        scores = scores[owner]
-        if constant.any():
-            scores[constant] = scores[scored[-1]]
-        weights.append(score_weights(scores).astype(np.float32))
-        infos.append({"layer": tensor, "channels": len(owner), "constant": int(constant.sum()),
-                      "forward_passes": len(scored)})
+        w, counts = score_channels(scorer, job.inputs[i : i + 1], target, acts[i])
+        weights.append(w)
+        infos.append({"layer": tensor, **counts})
     index = [i for i, _ in job.rows]
     maps = _runner(job, finish_graph).run({"acts": acts[index], "weights": np.stack(weights)})
     for r, i in enumerate(index):
         yield i, maps["map"][r], None, infos[r]
+
+
+def score_channels(scorer: Any, image: np.ndarray, target: int,
+                   acts: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+    """One image's Score-CAM weights [C] (float32) and counts: `scorer` (the runner of
+    `cam.scorecam_graphs`' scores graph) scores the image [1, 3, H, W] masked by its distinct
+    channel maps `acts` [C, h, w], blank and duplicate channels once (`cam.score_plan`)."""
+    from .cam import score_plan, score_weights
+
+    constant, owner, unique = score_plan(acts)
+    # one constant channel stands for all of them: its mask is zero, the blank input
+    scored = np.concatenate([unique, np.flatnonzero(constant)[:1]])
+    out = scorer.run({"images": image, "targets": np.array([target])}, {"lowres": acts[scored]})
+    scores = np.zeros(len(owner))
+    scores[scored] = out["scores"][0]
+    scores = scores[owner]
+    if constant.any():
+        scores[constant] = scores[scored[-1]]
+    counts = {"channels": len(owner), "constant": int(constant.sum()),
+              "forward_passes": len(scored)}
+    return score_weights(scores).astype(np.float32), counts
 
 
 def _gradient_method(policy: str, signed: bool) -> Callable[[Job], Iterator[Result]]:
@@ -201,10 +212,7 @@ def _smoothgrad(job: Job) -> Iterator[Result]:
 
 def _integrated_gradients(job: Job) -> Iterator[Result]:
     steps = int(job.options.get("steps", 50))
-    weights, alphas = backprop.ig_rule(str(job.options.get("method", "gausslegendre")), steps)
-    # the end points (weight 0) give f(x0) and f(x) for the completeness error
-    alphas = np.concatenate([alphas, [0.0, 1.0]]).astype(np.float32)
-    weights = np.concatenate([weights, [0.0, 0.0]]).astype(np.float32)
+    alphas, weights = ig_points(str(job.options.get("method", "gausslegendre")), steps)
     images, points = _images_per_call(job, len(alphas))
     graph = backprop.integrated_gradients_graph(job.model, images, points, job.fallback)
     baseline = backprop.make_baseline(job.options.get("baseline", "zero"), job.inputs[0],
@@ -218,6 +226,14 @@ def _integrated_gradients(job: Job) -> Iterator[Result]:
         error = abs(float(attributions.astype(np.float64).sum()) - delta) / max(abs(delta), 1e-12)
         raw = backprop.channel_max_abs(attributions)
         yield i, raw, None, {"steps": steps, "completeness_error": error}
+
+
+def ig_points(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(alphas, weights) float32 of the path points a job runs: the rule's (`backprop.ig_rule`)
+    and the two end points (weight 0), which give f(x0) and f(x) for the completeness error."""
+    weights, alphas = backprop.ig_rule(method, steps)
+    alphas = np.concatenate([alphas, [0.0, 1.0]]).astype(np.float32)
+    return alphas, np.concatenate([weights, [0.0, 0.0]]).astype(np.float32)
 
 
 def _occlusion(job: Job) -> Iterator[Result]:
