@@ -243,9 +243,10 @@ def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
     theirs = projector.project(x, "conv2", [4])[0][0]
     assert theirs["position"] == winner["position"] and theirs["value"] == winner["value"]
     from cnnviz.methods.projections import unit_projection_graph
+    from cnnviz.modelcard import find_layer
     from cnnviz.runner import Runner
 
-    runner = Runner(unit_projection_graph(model, card, "conv2", 1), "cpu", 1)
+    runner = Runner(unit_projection_graph(model, find_layer(card, "conv2")["tensor"], 1), "cpu", 1)
     ours = atlas.project_units(runner, x, [(4, *winner["position"], winner["value"])])[0]
     np.testing.assert_allclose(ours, theirs["projection"], rtol=1e-5, atol=1e-6)
 

@@ -160,16 +160,13 @@ def test_unit_box_is_clipped_to_the_image():
 
 def _gradient_support(model, tensor, shape, units):
     """|d unit / d input| > 0 for each (channel, y, x) unit, by the gradient engine."""
-    from cnnviz.methods import backprop
     from cnnviz.methods.atlas import project_units
-    from cnnviz.methods.projections import cut_at
-    from cnnviz.runtime import make_session
+    from cnnviz.methods.projections import unit_projection_graph
+    from cnnviz.runner import Runner
 
-    graph = backprop.gradient_model(cut_at(model, [tensor]), "gradient", len(units),
-                                    seed_output=tensor)
-    session = make_session(graph, "cpu", 1)
+    runner = Runner(unit_projection_graph(model, tensor, len(units), "gradient"), "cpu", 1)
     x = np.random.default_rng(0).normal(size=(len(units), *shape)).astype(np.float32)
-    return project_units(session, x, [(c, y, xx, 1.0) for c, y, xx in units])
+    return project_units(runner, x, [(c, y, xx, 1.0) for c, y, xx in units])
 
 
 def test_a_linear_units_gradient_is_non_zero_exactly_on_its_receptive_field():
@@ -199,7 +196,8 @@ def test_a_linear_units_gradient_is_non_zero_exactly_on_its_receptive_field():
 def test_a_deconvnet_projection_is_zero_outside_the_receptive_field():
     """Tiny conv-relu-maxpool-conv-relu net, random weights: every unit of every channel."""
     from cnnviz.methods.atlas import project_units
-    from cnnviz.methods.projections import Projector
+    from cnnviz.methods.projections import unit_projection_graph
+    from cnnviz.runner import Runner
 
     rng = np.random.default_rng(5)
     c1, _ = conv("c1", "input", k=3, pad=1, cout=4)
@@ -209,13 +207,12 @@ def test_a_deconvnet_projection_is_zero_outside_the_receptive_field():
              c2, helper.make_node("Relu", ["c2"], ["a2"])]  # fmt: skip
     inits = {"c1.w": rng.normal(size=(4, 3, 3, 3)), "c2.w": rng.normal(size=(3, 4, 3, 3))}
     model = make_model(nodes, inits, 16, outputs=("a2",))
-    card = {"name": "tiny", "layers": [{"name": "conv2", "tensor": "a2", "conv_output": "c2"}]}
     fields = receptive_field(model, "a2")
     assert fields == (Field(8, 2, -1), Field(8, 2, -3))
-    projector = Projector(model, card, ["conv2"], batch=16, device="cpu", threads=1)
+    runner = Runner(unit_projection_graph(model, "a2", 16), "cpu", 1)
     image = rng.normal(size=(1, 3, 16, 16)).astype(np.float32)
     units = [(c, y, x, 1.0) for c in range(3) for y in range(8) for x in range(8)]
-    grads = project_units(projector.sessions["conv2"], np.repeat(image, len(units), 0), units)
+    grads = project_units(runner, np.repeat(image, len(units), 0), units)
     inside_nonzero = 0
     for (_, y, x, _), grad in zip(units, grads, strict=True):
         y0, y1, x0, x1 = unit_box(fields, (y, x), (16, 16))

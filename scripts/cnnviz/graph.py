@@ -165,6 +165,16 @@ def expose(model: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:
     return out
 
 
+def cut_at(model: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose only outputs are `tensor_names`: everything after them is dead
+    (the gradient engine and ONNX Runtime drop it)."""
+    out = expose(model, list(tensor_names))
+    keep = [o for o in out.graph.output if o.name in set(tensor_names)]
+    out.graph.ClearField("output")
+    out.graph.output.extend(keep)
+    return out
+
+
 def conv_layers(model: onnx.ModelProto) -> list[dict]:
     """One row per Conv/ConvTranspose (or quantized conv) in topological order: the layer
     table of model.json."""

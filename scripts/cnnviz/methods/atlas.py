@@ -199,10 +199,10 @@ def map_shard(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Each channel's top-k activations in one shard, for each atlas layer; writes `out`."""
+    from ..graph import cut_at
     from ..images import read_manifest
     from ..modelcard import load_card, model_path
     from ..runtime import make_session
-    from .projections import cut_at
 
     started = time.perf_counter()
     card = load_card(model_dir)
@@ -475,7 +475,7 @@ def reduce_atlas(
             from ..runner import Runner
             from .projections import unit_projection_graph
 
-            graph = unit_projection_graph(model, card, row["name"], max(1, batch_size))
+            graph = unit_projection_graph(model, row["tensor"], max(1, batch_size))
             runner = Runner(graph, device, threads)
         info = _layer_atlas(model, card, row, top, chosen, paths, runner, out_dir, batch_size)
         del runner

@@ -400,9 +400,9 @@ def scorecam_graphs(model: onnx.ModelProto, card: dict[str, Any], layer: str | N
     - `finish`: `acts` [B, C, h, w] and softmax `weights` [B, C] -> `map` [B, H, W].
     """
     from ..autodiff.prepare import prepare
+    from ..graph import cut_at
     from ..methodgraph import FLOAT, GraphBuilder, MethodGraph, one_hot, resize, static_dims
     from .backprop import _image_inputs, model_input_name
-    from .projections import cut_at
 
     tensor = layer_tensor(card, layer)
     x_name = model_input_name(model)

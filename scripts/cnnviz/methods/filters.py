@@ -43,6 +43,7 @@ import numpy as np
 import onnx
 
 from ..errors import ConfigError
+from ..graph import cut_at
 from . import optvis as ov
 
 MODES = ("lucent", "seed")
@@ -101,7 +102,7 @@ class LayerObjective:
         self.input = input_name(model)
         self.pre = pre_activation(model, tensor)
         seeds = [tensor] + ([self.pre] if self.pre else [])
-        self.graph = vjp(cut_at(model, tensor), wrt=[self.input], seed_outputs=seeds,
+        self.graph = vjp(cut_at(model, [tensor]), wrt=[self.input], seed_outputs=seeds,
                          batch=batch)
         self.session = make_session(self.graph, device, threads)
         feeds = {i.name: i.shape for i in self.session.get_inputs()}
@@ -188,17 +189,6 @@ def pre_activation(model: onnx.ModelProto, tensor: str) -> str | None:
         if tensor in node.output:
             return node.input[0] if node.op_type in REDIRECTED else None
     return None
-
-
-def cut_at(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
-    """A copy of `model` whose only output is `tensor` (so everything after it is dead)."""
-    from ..graph import expose
-
-    cut = expose(model, [tensor])
-    keep = [o for o in cut.graph.output if o.name == tensor]
-    cut.graph.ClearField("output")
-    cut.graph.output.extend(keep)
-    return cut
 
 
 def filter_rng(seed: int, channel: int) -> np.random.Generator:
@@ -381,7 +371,7 @@ class GraphJob:
         from . import optvis_graph as og
 
         self.tensor, self.batch, self.mode, self.steps = tensor, batch, mode, steps
-        cut = cut_at(model, tensor)
+        cut = cut_at(model, [tensor])
         shapes = static_shapes(prepare(cut, batch).graph)
         self.input_shape = tuple(int(d) for d in shapes[input_name(cut)][1:])
         self.layer_shape = tuple(int(d) for d in shapes[tensor][1:])

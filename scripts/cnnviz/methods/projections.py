@@ -22,20 +22,10 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import ConfigError
+from ..graph import cut_at
 from . import backprop
 
 SUPPORT_EPS = 1e-6  # |projection| above this times its max marks the support (for the crop)
-
-
-def cut_at(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` whose only outputs are `tensors` (the head is dropped by vjp's DCE)."""
-    from ..graph import expose
-
-    out = expose(model, list(tensors))
-    keep = [o for o in out.graph.output if o.name in set(tensors)]
-    out.graph.ClearField("output")
-    out.graph.output.extend(keep)
-    return out
 
 
 def top_channels(act: np.ndarray, k: int, rank: np.ndarray | None = None) -> list[int]:
@@ -380,19 +370,19 @@ class ProjectionRunner:
         return int(h), int(w)
 
 
-def unit_projection_graph(model: onnx.ModelProto, card: dict[str, Any], layer: str, rows: int,
+def unit_projection_graph(model: onnx.ModelProto, tensor: str, rows: int,
+                          policy: str = "deconvnet",
                           fallback: str = "error"):  # noqa: ANN201 - MethodGraph
     """Given units projected alone, as one graph (the feature atlas's projections).
 
     In, per row: `images` [R, 3, H, W], the unit's `channels` and `positions` (flat index in the
     layer's map) [R] int64 and `values` [R]; the seed is zero except the value at the unit. Out:
-    `projections` [R, 3, H, W], the deconvnet signal of the model cut at the layer.
+    `projections` [R, 3, H, W], the backward signal (deconvnet by default) of the model cut at
+    `tensor`.
     """
     from ..methodgraph import FLOAT, INT64, GraphBuilder, MethodGraph, seed_input, static_dims
-    from ..modelcard import find_layer
 
-    tensor = find_layer(card, layer)["tensor"]
-    core = backprop.gradient_model(cut_at(model, [tensor]), "deconvnet", rows,
+    core = backprop.gradient_model(cut_at(model, [tensor]), policy, rows,
                                    seed_output=tensor, fallback=fallback)
     seed = seed_input(core)
     channels, h, w = static_dims(seed)[1:]
