@@ -79,18 +79,26 @@ class GraphBuilder(Emitter):
         return name
 
     # ---- inlining a model's graph --------------------------------------------------------------
-    def inline(self, model: onnx.ModelProto, feeds: dict[str, str], prefix: str) -> dict[str, str]:
+    def inline(self, model: onnx.ModelProto, feeds: dict[str, str], prefix: str,
+               shared: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
         """Copy `model`'s nodes and initializers in, every name under `prefix/`, except its
-        inputs named in `feeds`, which read the given tensors instead. Returns the new name of
-        each of the model's outputs (and of any tensor: `rename(name)` is `prefix/name`)."""
+        inputs named in `feeds`, which read the given tensors instead, and the initializers in
+        `shared` (the source model's weights), which keep their names and are added once: two
+        graphs of one model inlined side by side then share their weights, and ONNX Runtime
+        computes their common forward once. Returns the new name of each of the model's outputs
+        (and of any tensor: `rename(name)` is `prefix/name`)."""
         graph = model.graph
         inits = {t.name for t in graph.initializer}
         missing = [i.name for i in graph.input if i.name not in inits and i.name not in feeds]
         if missing:
             raise ValueError(f"inlined graph {graph.name!r} needs inputs {missing}")
 
+        inits_shared = {t.name for t in graph.initializer} & set(shared)
+
         def rename(name: str) -> str:
-            return feeds.get(name, f"{prefix}/{name}") if name else name
+            if not name or name in inits_shared:
+                return name
+            return feeds.get(name, f"{prefix}/{name}")
 
         for k, node in enumerate(graph.node):
             copy = onnx.NodeProto()
@@ -100,8 +108,9 @@ class GraphBuilder(Emitter):
             copy.input[:] = [rename(n) for n in node.input]
             copy.output[:] = [rename(n) for n in node.output]
             self.nodes.append(copy)
+        present = {t.name for t in self.initializers}
         for init in graph.initializer:
-            if init.name in feeds:
+            if init.name in feeds or (init.name in inits_shared and init.name in present):
                 continue
             copy = onnx.TensorProto()
             copy.CopyFrom(init)

@@ -363,7 +363,8 @@ def _inline_gradient(b, model: onnx.ModelProto, rows_x: str, targets: str, rows:
     seed = seed_input(core)
     dims = static_dims(seed)[1:]
     seeds = one_hot(b, targets, int(np.prod(dims)), dims)
-    names = b.inline(core, {x: rows_x, seed.name: seeds}, prefix)
+    weights = {t.name for t in model.graph.initializer}
+    names = b.inline(core, {x: rows_x, seed.name: seeds}, prefix, shared=weights)
     names["grad"] = names[GRAD_PREFIX + x]
     names["value"] = names[seed.name[len(SEED_PREFIX):]]
     names["seeds"] = seeds
