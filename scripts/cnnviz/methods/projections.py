@@ -270,6 +270,7 @@ def projection_graph(model: onnx.ModelProto, card: dict[str, Any], layers: Seque
     rows = images * k
     x_rows = repeat_rows(b, x, [images, *dims], k)
     x_name = backprop.model_input_name(model)
+    weights = {t.name for t in model.graph.initializer}  # one copy for every layer's graph
     shapes = {}
     for index, name in enumerate(layers):
         row = find_layer(card, name)
@@ -283,7 +284,7 @@ def projection_graph(model: onnx.ModelProto, card: dict[str, Any], layers: Seque
                               f"{channels} channels")
         prefix = f"layer{index}"
         seeds_name = f"{prefix}/seeds"
-        names = b.inline(core, {x_name: x_rows, seed.name: seeds_name}, prefix)
+        names = b.inline(core, {x_name: x_rows, seed.name: seeds_name}, prefix, shared=weights)
         acts = names[tensor]
         pre = _ranking_tensor(core, tensor)
         rank = f"{prefix}/{pre}" if pre else acts
