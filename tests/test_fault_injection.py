@@ -1,12 +1,13 @@
 """Kill a run at random points, resume it as the README says, and get the same run.
 
 One uninterrupted run (a tiny model, two sample photos and one truncated file, Grad-CAM and
-saliency, three shards) is the reference. Then, for each seed, a fresh run is killed with SIGKILL
-(the scheduler and every job it runs) at a random moment of its course, and resumed the way the
-README's "When input is bad" says: the same command again, through the default profile, with no
-`--unlock` and nothing deleted by hand. The resumed run must leave no temporary or half-written
-file, maps and pictures byte-identical to the reference, and a report that lists exactly the
-failures of the reference (the truncated image), nothing lost and nothing invented by the kill.
+saliency, two shards: the second holds only the truncated file) is the reference. Then, for
+each seed, a fresh run is killed with SIGKILL (the scheduler and every job it runs) at a random
+moment of its course, and resumed the way the README's "When input is bad" says: the same
+command again, through the default profile, with no `--unlock` and nothing deleted by hand. The
+resumed run must leave no temporary or half-written file, maps and pictures byte-identical to
+the reference, and a report that lists exactly the failures of the reference (the truncated
+image), nothing lost and nothing invented by the kill.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (photos / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
     return write_config(
         folder / "config.yaml", {"tiny": tiny_model_entry(model)}, ["gradcam", "saliency"],
-        shard_size=1, images={"samples": ["chelsea", "coffee"], "paths": [str(photos)]},
+        shard_size=2, images={"samples": ["chelsea", "coffee"], "paths": [str(photos)]},
     )  # fmt: skip
 
 
