@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cnnviz.cli import main
-from cnnviz.errors import ConfigError
+from cnnviz.errors import CnnvizError, ConfigError
+from cnnviz.failures import record_failure
 from cnnviz.methods import backprop
 from cnnviz.methods.explain import explain_shard
 from cnnviz.methods.shard_maps import (
@@ -22,6 +23,7 @@ from cnnviz.methods.shard_maps import (
     write_shard_maps,
 )
 from cnnviz.pictures import chosen_images, render_shard
+from PIL import Image
 from test_explain import shard  # noqa: F401  (fixture: a tiny model and a staged shard)
 
 
@@ -85,9 +87,31 @@ def test_render_draws_only_the_selected_rows(shard, tmp_path: Path) -> None:  # 
     drawn = read_pictures(out)
     assert list(drawn) == [1] and drawn[1] == f"{ids[1]}_c{rows[1]['target']}.png"
     assert sorted(p.name for p in out.glob("*.png")) == [drawn[1]]
-    # the picture is the one explain.picture draws from the full-precision signal
     again = render_shard(model_dir, manifest, maps, tmp_path / "all", "all", predictions)
     assert len(again["pictures"]) == 3
+
+
+def test_one_render_job_draws_every_method_of_a_shard(shard, tmp_path: Path) -> None:  # noqa: F811
+    model_dir, manifest = shard
+    folders = {m: tmp_path / "tiny" / m / "s000" for m in ("saliency", "deconvnet", "gradcam")}
+    for method in ("saliency", "deconvnet"):
+        explain_shard(model_dir, manifest, method, folders[method], {}, device="cpu")
+    # gradcam's explain job "failed": its folder holds the failure record, not maps
+    record_failure("explain", CnnvizError("no rule for Softplus"), [(folders["gradcam"], True)])
+    outs = [pictures_dir(f) for f in folders.values()]
+    code = main(["render", "--card", str(model_dir / "model.json"), "--manifest", str(manifest),
+                 "--maps-dir", *map(str, folders.values()), "--out-dir", *map(str, outs),
+                 "--pictures", '"all"'])  # fmt: skip
+    assert code == 0
+    assert len(read_pictures(outs[0])) == len(read_pictures(outs[1])) == 3
+    skipped = json.loads((outs[2] / "pictures.json").read_text())
+    assert skipped["pictures"] == [] and "Softplus" in skipped["skipped"]
+    # a signed method's picture is the signal as RGB, from the float16 copy
+    rows, _ = read_shard_maps(folders["deconvnet"])
+    drawn = np.asarray(Image.open(outs[1] / read_pictures(outs[1])[0]))
+    index = read_index(folders["deconvnet"])
+    signal = signed_row(read_array(folders["deconvnet"], index, "signed"), index["rows"][0])
+    assert np.abs(drawn.astype(int) - backprop.signed_rgb(signal).astype(int)).max() == 0
 
 
 def test_projections_are_one_array_file_with_pictures(shard, tmp_path: Path) -> None:  # noqa: F811

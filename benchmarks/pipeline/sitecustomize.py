@@ -9,7 +9,8 @@ one JSON line to $CNNVIZ_PROFILE:
   end        when it exited (atexit), epoch seconds
   import_s   time inside top-level `import` statements (nested imports counted once)
   session_s  time inside onnxruntime.InferenceSession(...) (session creation), and its count
-  run_s      time inside InferenceSession.run (= model compute), and its count
+  run_s      time inside InferenceSession.run and .run_with_iobinding (= model compute), and
+             their count
   write_s    time inside cnnviz.artifacts.atomic_path blocks: every PNG / NPY / JSON write
   cpu_s      its user + system CPU seconds (wall >> cpu/2 means it waited for the cores)
   maxrss_kb  the process's peak resident memory
@@ -74,6 +75,8 @@ def _patch() -> None:
         session = ort.InferenceSession
         session.__init__ = _timed("session", session.__init__)
         session.run = _timed("run", session.run)
+        # cnnviz.runner runs the method graphs through I/O binding: the same model compute
+        session.run_with_iobinding = _timed("run", session.run_with_iobinding)
     artifacts = sys.modules.get("cnnviz.artifacts")
     if artifacts is not None and "artifacts" not in _PATCHED:
         _PATCHED.add("artifacts")

@@ -113,8 +113,8 @@ def _render(args: argparse.Namespace) -> None:
     render_shard(
         Path(args.card).parent,
         Path(args.manifest),
-        Path(args.maps_dir),
-        Path(args.out_dir),
+        [Path(d) for d in args.maps_dir],
+        [Path(d) for d in args.out_dir],
         selection=json.loads(args.pictures),
         predictions=Path(args.predictions) if args.predictions else None,
     )
@@ -349,14 +349,16 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "render",
         _render,
-        "draw the pictures of one method's maps for a shard (the rows report.pictures selects)",
-        _out_folder,
+        "draw the pictures of a shard's maps, every method named (the rows report.pictures "
+        "selects)",
+        _out_folders,
     )
     p.add_argument("--card", required=True, help="model.json")
     p.add_argument("--manifest", required=True)
-    p.add_argument("--maps-dir", required=True, help="the explain step's folder for the shard")
+    p.add_argument("--maps-dir", required=True, nargs="+",
+                   help="the explain step's folder for the shard, one per method")
     p.add_argument("--predictions", default=None, help="the predict step's JSON for the shard")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, nargs="+", help="one folder per method")
     p.add_argument("--pictures", default='"all"',
                    help='which rows, as JSON: "all", "failures", "none" or {"top": N}')
 

@@ -1,5 +1,7 @@
-"""`cnnviz render`: the pictures of one method's maps for one shard, drawn from the explain step's
-arrays (cnnviz.methods.shard_maps) and the staged images, for the rows the report shows.
+"""`cnnviz render`: the pictures of the maps of one shard, drawn from the explain step's arrays
+(cnnviz.methods.shard_maps) and the staged images, for the rows the report shows. One job per
+model and shard draws every method (each selected image decoded once); its fixed cost (process,
+imports) is paid once per shard, not once per method and shard.
 
 Which rows (config `report.pictures`, per shard and method):
 
@@ -28,6 +30,7 @@ import numpy as np
 
 from .artifacts import read_json, write_json
 from .errors import ConfigError
+from .methods.shard_maps import PICTURES_INDEX
 
 log = logging.getLogger("cnnviz.pictures")
 
@@ -76,23 +79,28 @@ def chosen_images(
 def render_shard(
     model_dir: str | Path,
     manifest: str | Path,
-    maps_dir: str | Path,
-    out_dir: str | Path,
+    maps_dir: str | Path | list[str | Path],
+    out_dir: str | Path | list[str | Path],
     selection: Selection = "all",
     predictions: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Draw the selected rows' pictures of one method and shard; write pictures.json."""
+    """Draw the selected rows' pictures of one shard, for one method (`maps_dir`, `out_dir`)
+    or several (lists: one job per shard decodes each image once for every method); write each
+    method's pictures.json. A method whose maps are missing or whose explain job failed gets a
+    pictures.json that says so (its failure is listed in the report by the explain job)."""
+    from .errors import CnnvizError
     from .failures import check_input
     from .images import load_image, original_view, read_manifest
-    from .methods.shard_maps import PICTURES_INDEX, picture_name, read_array, read_index
+    from .methods.shard_maps import read_array, read_index
     from .modelcard import load_card
-    from .render import save_png
 
-    check_input(Path(maps_dir), f"the explain step (maps in {maps_dir})")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    single = isinstance(maps_dir, str | Path)
+    maps_dirs = [Path(maps_dir)] if single else [Path(d) for d in maps_dir]
+    out_dirs = [Path(out_dir)] if isinstance(out_dir, str | Path) else [Path(d) for d in out_dir]
+    if len(maps_dirs) != len(out_dirs):
+        raise CnnvizError(f"{len(maps_dirs)} maps folders but {len(out_dirs)} output folders")
+    selection = check_selection(selection)
     card = load_card(model_dir)
-    index = read_index(maps_dir)
     shard = read_manifest(manifest)
     entries = {e["id"]: e for e in shard["images"]}
     truth = {e["id"]: str(e["label"]) for e in shard["images"] if e.get("label") is not None}
@@ -100,32 +108,53 @@ def render_shard(
     if predictions is not None and Path(predictions).is_file():
         data = read_json(predictions)
         top = {str(e["id"]): list(e.get("top") or []) for e in data.get("images", [])}
-    rows = [row for row in index["rows"] if row["image"] in entries]
-    ids = list(dict.fromkeys(row["image"] for row in rows))
+    methods = []  # (out_dir, index, arrays, rows by image) of each method that has maps
+    results: dict[Path, dict[str, Any]] = {}
+    for folder, out in zip(maps_dirs, out_dirs, strict=True):
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            check_input(folder, f"the explain step (maps in {folder})")
+            index = read_index(folder)
+            arrays = {name: read_array(folder, index, name) for name in index.get("arrays", {})}
+        except CnnvizError as error:
+            results[out] = {"method": folder.parent.name, "selection": selection, "rows": 0,
+                            "pictures": [], "skipped": str(error)}  # fmt: skip
+            continue
+        rows = [row for row in index["rows"] if row["image"] in entries]
+        by_image: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_image.setdefault(row["image"], []).append(row)
+        methods.append((out, index, arrays, by_image))
+        results[out] = {"method": index.get("method"), "selection": selection,
+                        "rows": len(rows), "pictures": []}  # fmt: skip
+    ids = [i for i in entries if any(i in m[3] for m in methods)]
     chosen = chosen_images(selection, ids, top, truth)
-    drawn: list[dict[str, Any]] = []
-    views: dict[str, np.ndarray] = {}
-    kind = index.get("kind", "map")
-    arrays = {name: read_array(maps_dir, index, name) for name in index.get("arrays", {})}
-    for row in rows:
-        image_id = row["image"]
+    for image_id in ids:  # one decoded image at a time, drawn for every method
         if image_id not in chosen:
             continue
-        if image_id not in views:
-            views = {image_id: original_view(load_image(entries[image_id]["path"]),
-                                             card["preprocess"])}  # one image at a time
-        picture = (_projection_picture(views[image_id], arrays["projections"], row)
-                   if kind == "projections" else _map_picture(views[image_id], arrays, row))
-        name = picture_name(row)
-        save_png(out_dir / name, picture)
-        key = {"layer": row["layer"]} if kind == "projections" else {"target": row["target"]}
-        drawn.append({"row": row["row"], "image": image_id, **key, "png": name})
-    result = {"method": index.get("method"), "selection": selection, "rows": len(rows),
-              "pictures": drawn}
-    write_json(out_dir / PICTURES_INDEX, result)
-    log.info("%s: %d of %d rows drawn (%s)", index.get("method"), len(drawn), len(rows),
-             selection)
-    return result
+        view = original_view(load_image(entries[image_id]["path"]), card["preprocess"])
+        for out, index, arrays, by_image in methods:
+            for row in by_image.get(image_id, []):
+                results[out]["pictures"].append(_draw(view, index, arrays, row, out))
+    for out, result in results.items():
+        write_json(out / PICTURES_INDEX, result)
+        log.info("%s: %d of %d rows drawn (%s)", result["method"], len(result["pictures"]),
+                 result["rows"], selection)
+    return results[out_dirs[0]] if single else {str(k): v for k, v in results.items()}
+
+
+def _draw(view: np.ndarray, index: dict[str, Any], arrays: dict[str, np.ndarray],
+          row: dict[str, Any], out: Path) -> dict[str, Any]:
+    from .methods.shard_maps import picture_name
+    from .render import save_png
+
+    if index.get("kind") == "projections":
+        picture, key = _projection_picture(view, arrays["projections"], row), "layer"
+    else:
+        picture, key = _map_picture(view, arrays, row), "target"
+    name = picture_name(row)
+    save_png(out / name, picture)
+    return {"row": row["row"], "image": row["image"], key: row[key], "png": name}
 
 
 def _map_picture(view: np.ndarray, arrays: dict[str, np.ndarray], row: dict[str, Any]

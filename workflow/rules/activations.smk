@@ -5,9 +5,11 @@ ACTIVATIONS = config["activations"]
 GRIDS = (
     ACTIVATIONS["grids"]
     if ACTIVATIONS["grids"] != "auto"
-    else "all"
-    if len(IMAGE_IDS) <= ACTIVATIONS["grids_all_up_to"]
-    else {"spread": ACTIVATIONS["grids_spread"]}
+    else (
+        "all"
+        if len(IMAGE_IDS) <= ACTIVATIONS["grids_all_up_to"]
+        else {"spread": ACTIVATIONS["grids_spread"]}
+    )
 )
 
 
