@@ -2,12 +2,15 @@
 
 Same process, interleaved (each repeat runs every contender once, in a rotating order), 2 threads
 on both sides (torch.set_num_threads(2); ORT intra_op 2, inter_op 1, allow_spinning 0), batch 1,
-224x224, the chelsea photo, target = its top-1 class. Session building is not timed (one session
-per job). captum's GuidedBackprop and Deconvolution run on a copy whose ReLU6 modules are an
+224x224, the chelsea photo, target = its top-1 class. cnnviz runs each method as `cnnviz explain`
+does: its whole ONNX graph (`backprop.gradient_graph`, `backprop.integrated_gradients_graph`) fed
+by the one runner (cnnviz.runner.Runner); graph building and the runner's session are not timed
+(once per job). captum's GuidedBackprop and Deconvolution run on a copy whose ReLU6 modules are an
 nn.ReLU subclass (clamp 0..6), the same computation as ours; on the stock model they would
 silently compute the plain gradient. IG: 50 steps, method gausslegendre on both sides (captum's
 default), zero baseline; captum pushes all 50 points through one batch (its default), ours runs
-52 points (50 + the two end points for the completeness check) in chunks of --ig-batch.
+52 points (50 + the two end points for the completeness check, `explain.ig_points`), --ig-batch
+rows (images x points, `runner.chunk_plan`) a call.
 
 torch's OpenMP threads spin-wait by default; on a shared, oversubscribed machine that made torch
 6x slower than itself (forward ~1 s instead of ~0.17 s at load 9 on 2 cores). The benchmark
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from cnnviz.export.sources import efficientnet_lite0
     from cnnviz.images import preprocess
     from cnnviz.methods import backprop as bp
+    from cnnviz.methods.explain import ig_points
+    from cnnviz.runner import Runner, chunk_plan
     from cnnviz.runtime import make_session
     from PIL import Image
     from skimage import data
@@ -100,13 +105,17 @@ def main(argv: list[str] | None = None) -> int:
 
     th = args.threads
     forward = make_session(model, "cpu", th)
-    sessions = {
-        p: bp.gradient_session(model, p, batch=1, device="cpu", threads=th)
+    feeds = {"images": x, "targets": np.array([target], np.int64)}
+    runners = {
+        p: Runner(bp.gradient_graph(model, p, 1), "cpu", th)
         for p in ("gradient", "guided", "deconvnet")
     }
-    ig_session = bp.gradient_session(
-        model, "gradient", batch=args.ig_batch, device="cpu", threads=th
-    )
+    alphas, weights = ig_points("gausslegendre", 50)
+    _, points = chunk_plan(len(alphas), args.ig_batch)
+    ig_runner = Runner(bp.integrated_gradients_graph(model, 1, points), "cpu", th)
+    path = {"alphas": alphas, "weights": weights}
+    fixed = {"baseline": bp.make_baseline("zero", x[0], card["preprocess"])[None]}
+    ig_runner.run(feeds, {k: v[:points] for k, v in path.items()}, fixed)  # warm, untimed
     in_name = card["input"]["name"]
     saliency, guided = Saliency(module), GuidedBackprop(relu_module)
     deconv, ig = Deconvolution(relu_module), IntegratedGradients(module)
@@ -117,17 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     single = {
         "ort forward": lambda: forward.run(None, {in_name: x}),
         "torch forward": lambda: module(xt),
-        "saliency ours": lambda: bp.saliency(sessions["gradient"], x, [target]),
+        "saliency ours": lambda: runners["gradient"].run(feeds),
         "saliency captum": lambda: saliency.attribute(grad_input(), target=target),
-        "guided ours": lambda: bp.guided_backprop(sessions["guided"], x, [target]),
+        "guided ours": lambda: runners["guided"].run(feeds),
         "guided captum": lambda: guided.attribute(grad_input(), target=target),
-        "deconvnet ours": lambda: bp.deconvnet_map(sessions["deconvnet"], x, [target]),
+        "deconvnet ours": lambda: runners["deconvnet"].run(feeds),
         "deconvnet captum": lambda: deconv.attribute(grad_input(), target=target),
     }
     ig_pair = {
-        "ig50 ours": lambda: bp.integrated_gradients(
-            ig_session, x[0], target, steps=50, method="gausslegendre"
-        ),
+        "ig50 ours": lambda: ig_runner.run(feeds, path, fixed),
         "ig50 captum": lambda: ig.attribute(
             grad_input(), target=target, n_steps=50, method="gausslegendre"
         ),
@@ -142,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"EfficientNet-Lite0, batch 1, 224x224, {th} threads each, interleaved; "
         f"median (min–max) ms over {args.repeats} runs ({args.ig_repeats} for IG); "
-        f"ORT IG chunk {args.ig_batch}; torch OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}.",
+        f"ORT IG {args.ig_batch} rows a call (graph path); "
+        f"torch OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}.",
         "",
         "| method | cnnviz (ORT) | captum (torch) | ratio of medians | ratio of minima | target |",
         "|---|---|---|---|---|---|",

@@ -3,12 +3,16 @@
 Same process, interleaved (each repeat runs every contender once, in turn), 2 threads on both
 sides (torch.set_num_threads(2); ORT intra_op 2, inter_op 1, allow_spinning 0), EfficientNet-Lite0
 pretrained, batch 1, 224x224, the chelsea photo, target = its top-1 class, layer = the head ReLU6
-(1280x7x7). Sessions and pytorch-grad-cam objects are built once, outside the timings.
+(1280x7x7). cnnviz runs each method as `cnnviz explain` does: its whole ONNX graph
+(`cam.cam_graph`, `occlusion.occlusion_graph`, `cam.scorecam_graphs`) fed by the one runner
+(cnnviz.runner.Runner); graphs, runners and pytorch-grad-cam objects are built once, outside the
+timings.
 pytorch-grad-cam hooks a torch copy whose head has its own ReLU6 module (the stock class reuses
 one module for stem and head, and a hook on it would see the stem first). Score-CAM: 1 repeat
 each (pytorch-grad-cam's takes a minute or more), batch 64 on both sides. Occlusion: window 32,
-stride 16 (13 x 13 = 169 patches), zero baseline, batch 32 on both sides (captum's
-perturbations_per_eval), on softmax probabilities.
+stride 16 (13 x 13 = 169 patches), zero baseline, 32 rows a run on both sides (captum's
+perturbations_per_eval; cnnviz: the rows given to `runner.chunk_plan`, the graph adds the
+unoccluded image, the last call is padded), on softmax probabilities.
 
     python benchmarks/bench_cam.py [--model-dir DIR] [--repeats 7]
 """
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from captum.attr import Occlusion
     from cnnviz.images import preprocess
     from cnnviz.methods import cam
-    from cnnviz.methods.occlusion import occlusion
+    from cnnviz.methods.explain import score_channels
+    from cnnviz.methods.occlusion import occlusion_graph, patch_counts, patch_origins
+    from cnnviz.runner import Runner, chunk_plan
     from cnnviz.runtime import make_session
     from PIL import Image
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
@@ -109,9 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     x = preprocess(Image.fromarray(data.chelsea()), card["preprocess"])[None]
     forward = make_session(model, "cpu", 2)
     target = int(forward.run(None, {"input": x})[0].argmax())
-    cam_model, _ = cam.build_cam_model(model, card, None, batch=1)
-    cam_session = make_session(cam_model, "cpu", 2)
-    activations = cam.cam_inputs(cam_session, card, x, [target])[0][0]
+    feeds = {"images": x, "targets": np.array([target], np.int64)}
+    cams = {
+        v: Runner(cam.cam_graph(model, card, None, 1, (v,)), "cpu", 2)
+        for v in ("gradcam", "gradcampp")
+    }
+    origins = patch_origins(x.shape[-2:], 32, 16)
+    images, points = chunk_plan(len(origins), args.occlusion_batch)
+    occluder_graph = Runner(occlusion_graph(model, card, images, points, 32), "cpu", 2)
+    count = np.maximum(patch_counts(x.shape[-2:], 32, 16), 1)
+    acts_graph, scores_graph, finish_graph, _ = cam.scorecam_graphs(
+        model, card, None, 1, args.score_batch
+    )
+    acts_runner, scorer, finisher = (
+        Runner(g, "cpu", 2) for g in (acts_graph, scores_graph, finish_graph)
+    )
     net = effnet_torch()
     xt = torch.from_numpy(x)
     targets = [ClassifierOutputTarget(target)]
@@ -130,18 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     def peer(name: str) -> Callable[[], object]:
         return lambda: peers[name](input_tensor=xt, targets=targets)
 
+    def score_cam(dedupe: bool) -> np.ndarray:
+        """explain._scorecam on one image; without dedupe every channel is scored."""
+        acts = acts_runner.run({"images": x})["acts"]
+        if dedupe:
+            weights, counts = score_channels(scorer, x, target, acts[0])
+            info.update(counts)
+        else:
+            scores = scorer.run(feeds, {"lowres": acts[0]})["scores"][0]
+            weights = cam.score_weights(scores.astype(np.float64)).astype(np.float32)
+        return finisher.run({"acts": acts, "weights": weights[None]})["map"]
+
     fast = {
         "ORT forward": lambda: forward.run(None, {"input": x}),
-        "gradcam (cnnviz)": lambda: cam.grad_cam_family(
-            cam_session, card, x, [target], None, variants=("gradcam",)
-        ),
+        "gradcam (cnnviz)": lambda: cams["gradcam"].run(feeds),
         "GradCAM (pytorch-grad-cam)": peer("gradcam"),
-        "gradcampp (cnnviz)": lambda: cam.grad_cam_family(
-            cam_session, card, x, [target], None, variants=("gradcampp",)
-        ),
+        "gradcampp (cnnviz)": lambda: cams["gradcampp"].run(feeds),
         "GradCAMPlusPlus (pytorch-grad-cam)": peer("gradcampp"),
-        "occlusion (cnnviz)": lambda: occlusion(
-            forward, card, x[0], target, 32, 16, batch_size=args.occlusion_batch
+        "occlusion (cnnviz)": lambda: (
+            occluder_graph.run(feeds, {"origins": origins})["total"] / count
         ),
         "Occlusion (captum)": lambda: occluder.attribute(
             xt,
@@ -153,13 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     times = run_interleaved(fast, args.repeats)
+    score_cam(True)  # warm the Score-CAM runners, untimed
     slow = {
-        "scorecam (cnnviz)": lambda: cam.score_cam(
-            forward, card, x, target, activations, args.score_batch, info=info
-        ),
-        "scorecam, no dedupe (cnnviz)": lambda: cam.score_cam(
-            forward, card, x, target, activations, args.score_batch, dedupe=False
-        ),
+        "scorecam (cnnviz)": lambda: score_cam(True),
+        "scorecam, no dedupe (cnnviz)": lambda: score_cam(False),
         "ScoreCAM (pytorch-grad-cam)": peer("scorecam"),
     }
     with contextlib.redirect_stderr(io.StringIO()):  # pytorch-grad-cam's tqdm bars

@@ -16,7 +16,12 @@ times:
   recipe as a torch autograd loop over the same filters, both at the cell's batch.
 
 Inputs: scikit-image's sample photos, preprocessed as the model card says; target = each image's
-top-1 class. Sessions, graphs and torch copies are built outside the timings. Threads: 2 on both
+top-1 class. cnnviz runs each method as the pipeline does (`cnnviz explain`): the method's whole
+ONNX graph (cnnviz.methodgraph: `cam.cam_graph`, `backprop.gradient_graph`,
+`backprop.integrated_gradients_graph`, `occlusion.occlusion_graph`, `cam.scorecam_graphs`) fed by
+the one runner (cnnviz.runner.Runner) with the same images, targets and rows per call. Graphs,
+runners (their sessions, warmed by one untimed call) and torch copies are built once per cell,
+outside the timings; the forward is a plain session. Threads: 2 on both
 sides (torch.set_num_threads(2) with OMP_WAIT_POLICY=PASSIVE set before torch loads; ONNX
 Runtime intra_op 2, inter_op 1, allow_spinning 0).
 
@@ -69,8 +74,8 @@ from benchlib import OwnTime  # noqa: E402
 
 THREADS = 2
 SCORE_BATCH = 64  # Score-CAM masked inputs per run, both sides (bench_cam.py)
-OCCLUSION_BATCH = 32  # occluded copies per run, both sides (bench_cam.py)
-IG_CHUNK = 1  # cnnviz IG path points per run: lowest cost per point on 2 cores (bench_backprop)
+OCCLUSION_BATCH = 32  # occluded copies per run (cnnviz: the rows given to runner.chunk_plan)
+IG_CHUNK = 1  # cnnviz IG rows (images x path points) per run: lowest cost per point on 2 cores
 CAPTUM_IG_ALL = 50  # captum IG: up to this many path points in one batch (its default: all)
 CAPTUM_IG_CHUNK = 16  # ... beyond it, internal_batch_size 16 (memory: batch 16 x 8 steps)
 
@@ -208,9 +213,12 @@ PLAN: dict[tuple[str, int], Cell] = {
         scorecam="estimate",
         filter_steps=3,
         filter_rounds=2,
+        split=True,
         why=(
             "IG 8 steps (50: ~25 s + ~35 s a repeat), occlusion 56/56 (32/16: ~25 s + ~45 s)",
             "Score-CAM peer estimated: 512 channels = 8 torch forwards at batch 64 (one timed)",
+            "one interleaved run per pair, sessions freed in between: each method has its own "
+            "graph session (~9 VGG16 sessions of 1.2-1.7 GB side by side)",
         ),
     ),
     ("vgg16", 16): Cell(
@@ -267,7 +275,8 @@ QUICK_PLAN: dict[tuple[str, int], Cell] = {
         occlusion=(112, 112),
         scorecam="skip",
         filter_steps=1,
-        why=("--quick; Score-CAM not run (~1 min)",),
+        split=True,
+        why=("--quick; Score-CAM not run (~1 min); pair by pair",),
     ),
 }
 
@@ -398,17 +407,28 @@ VIEWS: dict[str, tuple[Callable, Callable]] = {
     "forward": (lambda o: o[0][0], lambda o: _np(o)[0]),
     "gradcam": (lambda o: o["gradcam"][0], lambda o: _np(o)[0]),
     "gradcampp": (lambda o: o["gradcampp"][0], lambda o: _np(o)[0]),
-    "saliency": (lambda o: o[0], lambda o: np.abs(_np(o)[0]).max(axis=0)),
-    "guided": (lambda o: o[0], lambda o: _np(o)[0]),
-    "deconvnet": (lambda o: o[0], lambda o: _np(o)[0]),
-    "ig": (lambda o: o[0][0], lambda o: _np(o)[0]),
+    "saliency": (lambda o: o["map"][0], lambda o: np.abs(_np(o)[0]).max(axis=0)),
+    "guided": (lambda o: o["signed"][0], lambda o: _np(o)[0]),
+    "deconvnet": (lambda o: o["signed"][0], lambda o: _np(o)[0]),
+    "ig": (lambda o: o["signed"][0], lambda o: _np(o)[0]),
     "occlusion": (lambda o: o[0], lambda o: _np(o)[0, 0]),
-    "scorecam": (lambda o: o, lambda o: _np(o)[0]),
+    "scorecam": (lambda o: o[0], lambda o: _np(o)[0]),
 }
 
 
+def method_runner(graph):  # noqa: ANN001, ANN201 - a MethodGraph in, a Runner out
+    """The pipeline's runner of a method graph on the CPU at THREADS threads. The graph's
+    ModelProto is dropped once the session holds the model (the runner needs only its shapes
+    and roles): a VGG16 cell would otherwise keep a second copy of the weights per method."""
+    from cnnviz.runner import Runner
+
+    runner = Runner(graph, "cpu", THREADS)
+    graph.model = None
+    return runner
+
+
 def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> CellResult:
-    """Time one model and batch. Each pair's builder makes its sessions (outside the timings);
+    """Time one model and batch. Each pair's builder makes its runners (outside the timings);
     all pairs then run as one interleaved run, or with `cell.split` one interleaved run per
     pair whose sessions are freed before the next pair's are built (memory)."""
     import torch
@@ -422,8 +442,10 @@ def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> Cell
     from cnnviz.methods import backprop as bp
     from cnnviz.methods import cam
     from cnnviz.methods.common import last_conv_layer
-    from cnnviz.methods.occlusion import occlusion, window_starts
+    from cnnviz.methods.explain import ig_points, score_channels
+    from cnnviz.methods.occlusion import occlusion_graph, patch_counts, patch_origins
     from cnnviz.modelcard import find_layer
+    from cnnviz.runner import chunk_plan
     from cnnviz.runtime import make_session
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -439,28 +461,13 @@ def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> Cell
     layer = net.get_submodule(spec.cam_module)
     tg = [ClassifierOutputTarget(t) for t in targets]
     info: dict = {"targets": targets[:4], "scorecam_channels": last_conv_layer(card)["shape"][0]}
-    built: dict[str, object] = {}  # sessions, built on first use, shared by the pairs
+    feeds = {"images": x, "targets": np.asarray(targets, np.int64)}  # the pipeline's row feeds
+    first = {name: value[:1] for name, value in feeds.items()}  # warm-up calls: one image
+    built: dict[str, object] = {}  # the forward session, built on first use
 
     def session(key: str):
         if key not in built:
-            if key == "forward":
-                built[key] = make_session(model, "cpu", THREADS)
-            elif key == "cam":
-                graph, info["cam_tensor"] = cam.build_cam_model(model, card, None, batch=batch)
-                built[key] = make_session(graph, "cpu", THREADS)
-            elif key == "ig":  # IG_CHUNK path points a run
-                if batch == IG_CHUNK:
-                    built[key] = session("gradient")
-                else:
-                    s = bp.gradient_session(
-                        model, "gradient", batch=IG_CHUNK, device="cpu", threads=THREADS
-                    )
-                    bp.saliency(s, x[:IG_CHUNK], targets[:IG_CHUNK])  # warm, untimed
-                    built[key] = s
-            else:  # a gradient policy
-                built[key] = bp.gradient_session(
-                    model, key, batch=batch, device="cpu", threads=THREADS
-                )
+            built[key] = make_session(model, "cpu", THREADS)
         return built[key]
 
     Pair = tuple[dict[str, Callable[[], object]], dict[str, int], dict[str, int]]
@@ -486,11 +493,13 @@ def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> Cell
         )
 
     def cam_pair(variant: str, cls) -> Callable[[], Pair]:
-        def build() -> Pair:
-            s = session("cam")
+        def build() -> Pair:  # explain.cam_family with one member: images per call = batch
+            graph = cam.cam_graph(model, card, None, batch, (variant,))
+            info["cam_tensor"] = graph.metadata["layer"]
+            runner = method_runner(graph)
             return pair(
                 variant,
-                lambda: cam.grad_cam_family(s, card, x, targets, None, variants=(variant,)),
+                lambda: runner.run(feeds),
                 pgc_call(cls, net, layer, xt, tg),
                 cell.repeats,
                 fast,
@@ -498,12 +507,13 @@ def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> Cell
 
         return build
 
-    def gradient_pair(method: str, policy: str, fn, peer_cls, peer_net) -> Callable[[], Pair]:
-        def build() -> Pair:
-            s, peer = session(policy), peer_cls(peer_net)
+    def gradient_pair(method: str, policy: str, peer_cls, peer_net) -> Callable[[], Pair]:
+        def build() -> Pair:  # explain._gradient_method: images per call = batch
+            runner = method_runner(bp.gradient_graph(model, policy, batch))
+            peer = peer_cls(peer_net)
             return pair(
                 method,
-                lambda: fn(s, x, targets),
+                lambda: runner.run(feeds),
                 lambda: peer.attribute(xt.clone().requires_grad_(), target=targets),
                 cell.repeats,
                 fast,
@@ -511,16 +521,24 @@ def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> Cell
 
         return build
 
-    def ig_pair() -> Pair:
-        steps, s, ig = cell.ig_steps, session("ig"), IntegratedGradients(net)
+    def ig_pair() -> Pair:  # explain._integrated_gradients, IG_CHUNK rows per call
+        steps, ig = cell.ig_steps, IntegratedGradients(net)
         chunk = None if batch * steps <= CAPTUM_IG_ALL else CAPTUM_IG_CHUNK
-        info["ig"] = {"steps": steps, "captum_internal_batch_size": chunk}
+        alphas, weights = ig_points("gausslegendre", steps)
+        images, points = chunk_plan(len(alphas), IG_CHUNK)
+        images = min(images, batch)
+        runner = method_runner(bp.integrated_gradients_graph(model, images, points))
+        path = {"alphas": alphas, "weights": weights}
+        fixed = {"baseline": bp.make_baseline("zero", x[0], card["preprocess"])[None]}
+        runner.run(first, {k: v[:points] for k, v in path.items()}, fixed)  # warm, untimed
+        info["ig"] = {
+            "steps": steps,
+            "captum_internal_batch_size": chunk,
+            "images_points_per_call": (images, points),
+        }
 
         def ours():
-            return [
-                bp.integrated_gradients(s, x[i], targets[i], steps=steps, batch_size=IG_CHUNK)
-                for i in range(batch)
-            ]
+            return runner.run(feeds, path, fixed)
 
         def captum():
             return ig.attribute(
@@ -529,20 +547,28 @@ def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> Cell
 
         return pair("ig", ours, captum, cell.ig_repeats, (0, 0))
 
-    def occlusion_pair() -> Pair:
-        (window, stride), fwd = cell.occlusion, session("forward")
+    def occlusion_pair() -> Pair:  # explain._occlusion, OCCLUSION_BATCH rows per call
+        window, stride = cell.occlusion
         occluder = Occlusion(torch.nn.Sequential(net, torch.nn.Softmax(dim=1)).eval())
         per_eval = max(1, OCCLUSION_BATCH // batch)
-        patches = len(window_starts(x.shape[-2], window, stride)) * len(
-            window_starts(x.shape[-1], window, stride)
-        )
-        info["occlusion"] = {"window": window, "stride": stride, "patches": patches}
+        size = tuple(x.shape[-2:])
+        origins = patch_origins(size, window, stride)
+        images, points = chunk_plan(len(origins), OCCLUSION_BATCH)
+        images = min(images, batch)
+        runner = method_runner(occlusion_graph(model, card, images, points, window))
+        runner.run(first, {"origins": origins[:points]})  # warm, untimed
+        count = np.maximum(patch_counts(size, window, stride), 1)
+        calls = -(-len(origins) // points)  # point chunks per image; the last one padded
+        info["occlusion"] = {
+            "window": window,
+            "stride": stride,
+            "patches": len(origins),
+            "images_points_per_call": (images, points),
+            "forwards_per_image": calls * (points + 1),
+        }
 
         def ours():
-            return [
-                occlusion(fwd, card, x[i], targets[i], window, stride, batch_size=OCCLUSION_BATCH)
-                for i in range(batch)
-            ]
+            return (runner.run(feeds, {"origins": origins})["total"] / count).astype(np.float32)
 
         def captum():
             return occluder.attribute(
@@ -556,14 +582,23 @@ def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> Cell
 
         return pair("occlusion", ours, captum, cell.occlusion_repeats, (0, 0))
 
-    def scorecam_pair() -> Pair:
-        fwd, cam_s = session("forward"), session("cam")
+    def scorecam_pair() -> Pair:  # explain._scorecam on the first image, SCORE_BATCH masks a call
+        graphs = cam.scorecam_graphs(model, card, None, 1, SCORE_BATCH)
+        acts_runner, scorer, finisher = (method_runner(g) for g in graphs[:3])
         counts: dict = {}
         info["scorecam_counts"] = counts
+        x1, t1 = first["images"], int(first["targets"][0])
 
         def ours():
-            acts = cam.cam_inputs(cam_s, card, x[:1], targets[:1])[0][0]
-            return cam.score_cam(fwd, card, x[:1], targets[0], acts, SCORE_BATCH, info=counts)
+            acts = acts_runner.run({"images": x1})["acts"]
+            weights, found = score_channels(scorer, x1, t1, acts[0])
+            counts.update(found)
+            return finisher.run({"acts": acts, "weights": weights[None]})["map"]
+
+        # warm, untimed: one call of each graph
+        acts = acts_runner.run({"images": x1})["acts"]
+        scorer.run(first, {"lowres": acts[0][:SCORE_BATCH]})
+        finisher.run({"acts": acts, "weights": np.ones(acts.shape[:2], np.float32)})
 
         # the probe behind the estimate: one torch forward of SCORE_BATCH masked-size inputs
         probe = (xt[:1] * 0.5).expand(SCORE_BATCH, -1, -1, -1).contiguous()
@@ -600,9 +635,9 @@ def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> Cell
     if cell.gradcampp:
         builders.append(cam_pair("gradcampp", GradCAMPlusPlus))
     builders += [
-        gradient_pair("saliency", "gradient", bp.saliency, Saliency, net),
-        gradient_pair("guided", "guided", bp.guided_backprop, GuidedBackprop, relu_net),
-        gradient_pair("deconvnet", "deconvnet", bp.deconvnet_map, Deconvolution, relu_net),
+        gradient_pair("saliency", "gradient", Saliency, net),
+        gradient_pair("guided", "guided", GuidedBackprop, relu_net),
+        gradient_pair("deconvnet", "deconvnet", Deconvolution, relu_net),
     ]
     if cell.ig_steps:
         builders.append(ig_pair)
@@ -637,9 +672,10 @@ def run_cell(spec: ModelSpec, model, card, nets, batch: int, cell: Cell) -> Cell
             times.update(
                 benchlib.run_interleaved(fns, reps, warm, results=results, progress=progress)
             )
-        if cell.split:
+        if cell.split:  # drop every reference to this pair's runners before the next is built
             fns.clear()
             built.clear()
+            f = r = w = None
             gc.collect()
     agreement = {}
     for method, (mine, theirs) in VIEWS.items():
@@ -732,6 +768,8 @@ def cell_stats(res: CellResult, by_key: dict[tuple[str, int], CellResult]) -> di
         else:
             o = src.info["occlusion"]
             setting = f"{o['window']}/{o['stride']}, {o['patches']} patches"
+            if o.get("forwards_per_image", o["patches"] + 1) != o["patches"] + 1:
+                setting += f" (cnnviz: {o['forwards_per_image']} forwards an image)"
             floor = o["patches"] + 1.0
         if src is not res:
             how = f"{b} × batch 1"
@@ -870,7 +908,13 @@ def report(results: list[CellResult], args, wall: float, load: tuple, partial: b
         "Models from `cnnviz.export.export_model` (EfficientNet-Lite0 pretrained; vgg16 and "
         "resnet50 torchvision, `weights: random`), 224×224; inputs: scikit-image sample photos "
         "(chelsea, coffee, astronaut, …, mirrored after the 11th) preprocessed as the model card "
-        "says, target = each image's top-1 class. Times in ms: median (min–max) ×repeats of one "
+        "says, target = each image's top-1 class. cnnviz runs each method as `cnnviz explain` "
+        "does: the method's whole ONNX graph through the one runner (`cnnviz.runner.Runner`), "
+        "rows per call: the cell's batch (CAMs, saliency, guided, deconvnet), "
+        f"{IG_CHUNK} (IG: one image, one path point), {OCCLUSION_BATCH} occluded copies plus "
+        "the image itself (occlusion; `runner.chunk_plan`, the last call padded), "
+        f"{SCORE_BATCH} masked inputs (Score-CAM); graphs and runners are built (and warmed by "
+        "one untimed call) outside the timings. Times in ms: median (min–max) ×repeats of one "
         "interleaved run per model and batch (each repeat runs every contender once, rotating "
         "the order). Activation maximization in filter-steps/s (higher is better). **est.** "
         "marks estimates, not measurements (how: in the cell).",
