@@ -74,9 +74,11 @@ def _folder_outputs():
     """Every folder output a job of this run writes (resume.py: their records)."""
     kinds = ["activations", *METHODS, *(f"pictures/{method}" for method in METHODS)]
     per_model = [f"{OUT}/{m}/{kind}" for m in MODELS for kind in kinds]
-    return [f"{OUT}/images/{shard}" for shard in SHARDS] + [
-        f"{folder}/{shard}" for folder in per_model for shard in SHARDS
-    ] + [f"{OUT}/{m}/atlas/layers" for m in MODELS]
+    return (
+        [f"{OUT}/images/{shard}" for shard in SHARDS]
+        + [f"{folder}/{shard}" for folder in per_model for shard in SHARDS]
+        + [f"{OUT}/{m}/atlas/layers" for m in MODELS]
+    )
 
 
 # After a kill: a lock whose run is gone is removed (resume.py); then a folder output that a
@@ -137,7 +139,11 @@ def model_spec(wildcards):
 
 def _onnx_source(model):
     source = config["models"][model]["source"]
-    return Path(source[len("onnx:") :]).expanduser() if source.startswith("onnx:") else None
+    return (
+        Path(source[len("onnx:") :]).expanduser()
+        if source.startswith("onnx:")
+        else None
+    )
 
 
 def model_source_file(wildcards):
@@ -153,7 +159,9 @@ def model_source_file(wildcards):
 def model_digest(wildcards):
     """The checksums of what model_source_file lists (a param: a rewritten file re-exports the
     model, in a dry run too, even when its time stamp is older than the export's)."""
-    return plan.files_digest(model_source_file(wildcards), ".snakemake/cnnviz-digests.json")
+    return plan.files_digest(
+        model_source_file(wildcards), ".snakemake/cnnviz-digests.json"
+    )
 
 
 def model_files(wildcards):
@@ -205,13 +213,17 @@ def mem_mb(wildcards, attempt):
     if "model" in wildcards.keys():
         exported = Path(f"{OUT}/models/{wildcards.model}/model.onnx")
         source = exported if exported.is_file() else _onnx_source(wildcards.model)
-        model_bytes = source.stat().st_size if source is not None and source.is_file() else 0
+        model_bytes = (
+            source.stat().st_size if source is not None and source.is_file() else 0
+        )
     return plan.job_memory_mb(sizes, model_bytes, attempt)
 
 
 def stage_mem_mb(wildcards, attempt):
     """Memory for staging a shard: its largest image decoded whole (plan.job_memory_mb)."""
-    return plan.job_memory_mb(shard_image_sizes(wildcards.shard), 0, attempt, staging=True)
+    return plan.job_memory_mb(
+        shard_image_sizes(wildcards.shard), 0, attempt, staging=True
+    )
 
 
 def parent_folder(wildcards, output):
@@ -322,8 +334,12 @@ def run_artifacts(wildcards):
     when a target asks for it, or a job that needs it reruns anyway: listing them all here makes
     a deleted output (an export, a shard's predictions, a map folder) be redone, and then what
     depends on it, in a dry run as in the run."""
-    files = expand(f"{OUT}/models/{{model}}/model.{{ext}}", model=MODELS, ext=["onnx", "json"])
-    files += per_shard(f"{OUT}/images/{{shard}}.json") + per_shard(f"{OUT}/images/{{shard}}")
+    files = expand(
+        f"{OUT}/models/{{model}}/model.{{ext}}", model=MODELS, ext=["onnx", "json"]
+    )
+    files += per_shard(f"{OUT}/images/{{shard}}.json") + per_shard(
+        f"{OUT}/images/{{shard}}"
+    )
     for model in MODELS:
         files += per_shard(f"{OUT}/{model}/predictions/{{shard}}.json")
         files += per_shard(f"{OUT}/{model}/activations/{{shard}}")
@@ -331,7 +347,8 @@ def run_artifacts(wildcards):
             per_shard(f"{OUT}/{model}/{{{{method}}}}/{{shard}}"), method=METHODS
         )
         files += expand(
-            per_shard(f"{OUT}/{model}/pictures/{{{{method}}}}/{{shard}}"), method=METHODS
+            per_shard(f"{OUT}/{model}/pictures/{{{{method}}}}/{{shard}}"),
+            method=METHODS,
         )
         if config["atlas"]["enabled"]:
             files += per_shard(f"{OUT}/{model}/atlas/shards/{{shard}}.json")
