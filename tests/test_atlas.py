@@ -33,12 +33,22 @@ def tiny_onnx(path: Path, seed: int = 7) -> Path:
         "lo": np.array(0.0), "hi": np.array(1.0),
     }  # fmt: skip
     nodes = [
-        helper.make_node("Conv", ["input", "conv1.weight", "conv1.bias"], ["c1"],
-                         kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv",
+            ["input", "conv1.weight", "conv1.bias"],
+            ["c1"],
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
         helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"]),
         helper.make_node("MaxPool", ["a1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Conv", ["p1", "conv2.weight", "conv2.bias"], ["c2"],
-                         kernel_shape=[3, 3], pads=[0, 1, 2, 1]),
+        helper.make_node(
+            "Conv",
+            ["p1", "conv2.weight", "conv2.bias"],
+            ["c2"],
+            kernel_shape=[3, 3],
+            pads=[0, 1, 2, 1],
+        ),
         helper.make_node("Relu", ["c2"], ["a2"]),
         helper.make_node("GlobalAveragePool", ["a2"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),
@@ -47,8 +57,10 @@ def tiny_onnx(path: Path, seed: int = 7) -> Path:
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIDE, SIDE])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
     inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()]
-    model = helper.make_model(helper.make_graph(nodes, "tiny", [x], [y], inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "tiny", [x], [y], inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
@@ -85,8 +97,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     root = tmp_path_factory.mktemp("atlas")
     model_dir = root / "models" / "tiny"
-    export_model("tiny", f"onnx:{tiny_onnx(root / 'tiny.onnx')}", model_dir,
-                 preprocess=PREPROCESS, labels=LABELS)
+    export_model(
+        "tiny",
+        f"onnx:{tiny_onnx(root / 'tiny.onnx')}",
+        model_dir,
+        preprocess=PREPROCESS,
+        labels=LABELS,
+    )
     paths = write_images(root / "inputs")
     ids = assign_ids(paths)
     pairs = list(zip(ids, paths, strict=True))
@@ -98,8 +115,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         manifests.append(manifest)
     whole = root / "images" / "all.json"
     stage_shard(pairs, root / "images" / "all", whole)
-    return {"root": root, "model_dir": model_dir, "manifests": manifests, "whole": whole,
-            "ids": ids}
+    return {
+        "root": root,
+        "model_dir": model_dir,
+        "manifests": manifests,
+        "whole": whole,
+        "ids": ids,
+    }
 
 
 def map_all(run: dict, k: int, manifests: list[Path], tag: str, batch_size: int = 3) -> list:
@@ -131,8 +153,11 @@ def brute_force(run: dict, k: int) -> dict[str, list[list[tuple]]]:
         for name, row in rows.items():
             act, pre = values[row["tensor"]][0], values[row["conv_output"]][0]
             for c in range(act.shape[0]):
-                units = [(-float(act[c, y, x_]), -float(pre[c, y, x_]), y, x_)
-                         for y in range(act.shape[1]) for x_ in range(act.shape[2])]
+                units = [
+                    (-float(act[c, y, x_]), -float(pre[c, y, x_]), y, x_)
+                    for y in range(act.shape[1])
+                    for x_ in range(act.shape[2])
+                ]
                 v, p, y, x_ = min(units)
                 candidates[name].setdefault(c, []).append((v, p, entry["id"], y, x_))
     for name in LAYERS:
@@ -143,8 +168,10 @@ def brute_force(run: dict, k: int) -> dict[str, list[list[tuple]]]:
 
 
 def as_tuples(top: atlas.TopK) -> list[list[tuple]]:
-    return [[(e["image"], e["value"], e["pre"], e["position"]) for e in top.entries(c)]
-            for c in range(top.channels)]
+    return [
+        [(e["image"], e["value"], e["pre"], e["position"]) for e in top.entries(c)]
+        for c in range(top.channels)
+    ]
 
 
 @pytest.mark.parametrize("k", [9, 60])
@@ -167,8 +194,9 @@ def test_merged_top_k_equals_the_brute_force_top_k(run: dict, k: int) -> None:
     assert values.count(1.0) >= 2
     if k == 60:
         pairs = {(e[1], e[2]) for e in entries if e[0].startswith("zdup")}
-        assert pairs and all(any(e[0].startswith("img") and (e[1], e[2]) == pair
-                                 for e in entries) for pair in pairs)
+        assert pairs and all(
+            any(e[0].startswith("img") and (e[1], e[2]) == pair for e in entries) for pair in pairs
+        )
 
 
 def test_unit_maxima_breaks_ties_by_pre_activation_then_raster_order() -> None:
@@ -187,10 +215,16 @@ def test_unit_maxima_breaks_ties_by_pre_activation_then_raster_order() -> None:
 
 def test_choose_channels() -> None:
     top = atlas.TopK.empty(5, 2)
-    top.push(atlas.TopK(np.array([[1.0], [3.0], [3.0], [0.5], [-np.inf]]),
-                        np.array([[1.0], [3.0], [4.0], [0.5], [-np.inf]]),
-                        np.array([["a"]] * 5), np.zeros((5, 1), np.int64),
-                        np.zeros((5, 1), np.int64), np.array([[True]] * 4 + [[False]])))
+    top.push(
+        atlas.TopK(
+            np.array([[1.0], [3.0], [3.0], [0.5], [-np.inf]]),
+            np.array([[1.0], [3.0], [4.0], [0.5], [-np.inf]]),
+            np.array([["a"]] * 5),
+            np.zeros((5, 1), np.int64),
+            np.zeros((5, 1), np.int64),
+            np.array([[True]] * 4 + [[False]]),
+        )
+    )
     assert atlas.choose_channels(top, "most_active", 4) == [2, 1, 0, 3]
     assert atlas.choose_channels(top, "first", 3) == [0, 1, 2]
     assert atlas.choose_channels(top, "first", 9) == [0, 1, 2, 3, 4]
@@ -201,17 +235,23 @@ def test_choose_channels() -> None:
 
 def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
     from cnnviz.images import load_image, preprocess, read_manifest
-    from cnnviz.methods.projections import Projector
     from cnnviz.modelcard import load_card
     from cnnviz.receptive import receptive_field, unit_box
+    from reference_methods import Projector
 
     k = 4
     shards = map_all(run, k, run["manifests"], "reduce")
     out = run["root"] / "atlas-out"
-    options = {"layers": LAYERS, "top_k": k, "channels": "most_active", "count": 3,
-               "named": {"conv2": [4, 1]}}
-    infos = atlas.reduce_atlas(run["model_dir"], shards, run["manifests"], out, options, "cpu",
-                               1, batch_size=5)
+    options = {
+        "layers": LAYERS,
+        "top_k": k,
+        "channels": "most_active",
+        "count": 3,
+        "named": {"conv2": [4, 1]},
+    }
+    infos = atlas.reduce_atlas(
+        run["model_dir"], shards, run["manifests"], out, options, "cpu", 1, batch_size=5
+    )
     merged, _, _ = atlas.merge_shards(shards, LAYERS, k)
     model = onnx.load(str(run["model_dir"] / "model.onnx"))
     card = load_card(run["model_dir"])
@@ -234,10 +274,15 @@ def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
             for shown, entry in zip(channel["top"], entries, strict=True):
                 assert shown["position"] == entry["position"]
                 assert shown["box"] == unit_box(fields, entry["position"], (SIDE, SIDE))
-    # The reduce's projection of a winner is Projector.project's for that image and channel.
+    # The reduce's projection of a winner is the step-by-step reference's for that image and
+    # channel (reference_methods.Projector: forward session, host-side seed, deconvnet session).
     winner = merged["conv2"].entries(4)[0]
-    path = next(e["path"] for m in run["manifests"] for e in read_manifest(m)["images"]
-                if e["id"] == winner["image"])
+    path = next(
+        e["path"]
+        for m in run["manifests"]
+        for e in read_manifest(m)["images"]
+        if e["id"] == winner["image"]
+    )
     x = preprocess(load_image(path), card["preprocess"])[None]
     projector = Projector(model, card, ["conv2"], batch=1, device="cpu", threads=1)
     theirs = projector.project(x, "conv2", [4])[0][0]
@@ -257,8 +302,20 @@ def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
 def snakemake(workdir: Path, config: dict, target: str) -> subprocess.Popen:
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"),
-           "--directory", str(workdir), "--configfile", str(configfile), "--cores", "1", target]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "workflow" / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "1",
+        target,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -285,8 +342,9 @@ def test_several_shards_give_the_same_atlas_as_one(tmp_path: Path) -> None:
         shards = sorted((workdir / "results" / "tiny" / "atlas" / "shards").glob("*.json"))
         assert len(shards) == (3 if shard_size == 4 else 1)
         folder = workdir / "results" / "tiny" / "atlas" / "layers"
-        results[shard_size] = {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-                               if not p.name.startswith(".")}  # not snakemake's timestamp
+        results[shard_size] = {
+            p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")
+        }  # not snakemake's timestamp
     assert results[4].keys() == results[100].keys()
     assert {Path(name).suffix for name in results[4]} == {".png", ".json"}
     assert len(results[4]) == 4  # auto on a two-layer model: both layers

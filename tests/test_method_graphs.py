@@ -1,8 +1,9 @@
 """Each method as one graph (cnnviz.methodgraph) run by the one runner (cnnviz.runner) gives the
-maps of the step-by-step reference implementations (session + numpy, themselves checked against
-the torch peers in test_cam_peers / test_backprop_peers): on a tiny two-layer CNN, with the
+maps of the step-by-step reference implementations (tests/reference_methods.py: plain sessions
+over the engine's backward graphs and numpy, on the host): on a tiny two-layer CNN, with the
 runner's chunking, padding and sums across calls exercised, and on EfficientNet-Lite0 (ReLU6,
-depthwise strided convs, TF-same pads)."""
+depthwise strided convs, TF-same pads). The graphs themselves are held to the torch peers in
+test_cam_peers / test_backprop_peers."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import reference_methods as ref
 from cnnviz.methods import backprop as bp
 from cnnviz.methods import cam
-from cnnviz.methods import occlusion as oc
 from cnnviz.methods.explain import METHODS, Job, spread_layers
-from cnnviz.methods.projections import ProjectionRunner, Projector
+from cnnviz.methods.projections import ProjectionRunner
 from cnnviz.modelcard import load_card, model_path
 from cnnviz.runner import Runner, chunk_plan
 from cnnviz.runtime import make_session
@@ -28,8 +29,14 @@ RNG = np.random.default_rng(7)
 @pytest.fixture(scope="module")
 def tiny() -> tuple[onnx.ModelProto, dict]:
     model, card = tiny_model([[], [1]])
-    card["preprocess"] = {"size": [8, 8], "resize": "stretch", "scale": 255.0,
-                          "mean": [0.5] * 3, "std": [0.25] * 3, "channel_order": "RGB"}
+    card["preprocess"] = {
+        "size": [8, 8],
+        "resize": "stretch",
+        "scale": 255.0,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "channel_order": "RGB",
+    }
     return model, card
 
 
@@ -39,8 +46,18 @@ def images(n: int, side: int) -> np.ndarray:
 
 def job_for(model, card, x, targets, batch_size: int = 2, **options) -> Job:  # noqa: ANN001
     views = [np.zeros((1, 1, 3), np.uint8)] * len(x)
-    return Job(model, card, [f"i{i}" for i in range(len(x))], x, views,
-               [(i, int(t)) for i, t in enumerate(targets)], options, "cpu", 1, batch_size)
+    return Job(
+        model,
+        card,
+        [f"i{i}" for i in range(len(x))],
+        x,
+        views,
+        [(i, int(t)) for i, t in enumerate(targets)],
+        options,
+        "cpu",
+        1,
+        batch_size,
+    )
 
 
 def maps_of(job: Job, method: str) -> tuple[np.ndarray, list]:
@@ -63,15 +80,17 @@ def test_runner_pads_chunks_and_sums_points_over_calls(tiny):
     noise = bp.unit_noise(7, (3, 8, 8), seed=3)
     weights = np.full(7, 1 / 7, np.float32)
     whole = Runner(bp.smoothgrad_graph(model, 5, 7, 0.2), "cpu", 1).run(
-        {"images": x, "targets": t}, {"noise": noise, "weights": weights})["signed"]
+        {"images": x, "targets": t}, {"noise": noise, "weights": weights}
+    )["signed"]
     split = Runner(bp.smoothgrad_graph(model, 2, 3, 0.2), "cpu", 1).run(
-        {"images": x, "targets": t}, {"noise": noise, "weights": weights})["signed"]
+        {"images": x, "targets": t}, {"noise": noise, "weights": weights}
+    )["signed"]
     assert whole.shape == split.shape == (5, 3, 8, 8)
     np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-7)
-    session = bp.gradient_session(model, "gradient", 7, "cpu", 1)
+    session = ref.gradient_session(model, "gradient", 7, "cpu", 1)
     for i in range(5):  # the reference: the same noisy points through the plain gradient
-        ref = bp.smoothgrad_gradient(session, x[i], int(t[i]), 7, 0.2, seed=3, batch_size=7)
-        np.testing.assert_allclose(whole[i], ref, rtol=1e-4, atol=1e-6)
+        want = ref.smoothgrad_gradient(session, x[i], int(t[i]), 7, 0.2, seed=3, batch_size=7)
+        np.testing.assert_allclose(whole[i], want, rtol=1e-4, atol=1e-6)
 
 
 # ---- every method against its reference on the tiny model -------------------------------------
@@ -84,26 +103,27 @@ def test_cam_family_from_one_graph(tiny):
     job = job_for(model, card, x, t)
     results = cam_family(job, ["gradcam", "gradcampp", "layercam", "guided_gradcam"])
     graph, _ = cam.build_cam_model(model, card, None, 3)
-    ref = cam.grad_cam_family(make_session(graph, "cpu", 1), card, x, t)
+    want = ref.grad_cam_family(make_session(graph, "cpu", 1), card, x, t)
     for variant in cam.VARIANTS:
         out[variant] = np.stack([r[1] for r in results[variant]])
-        np.testing.assert_allclose(out[variant], ref[variant], atol=2e-5)
-    guided = bp.guided_backprop(bp.gradient_session(model, "guided", 3, "cpu", 1), x, t)
+        np.testing.assert_allclose(out[variant], want[variant], atol=2e-5)
+    guided = ref.input_gradients(ref.gradient_session(model, "guided", 3, "cpu", 1), x, t)
     signed = np.stack([r[2] for r in results["guided_gradcam"]])
-    np.testing.assert_allclose(signed, cam.guided_grad_cam(ref["gradcam"], guided), atol=1e-5)
+    np.testing.assert_allclose(signed, ref.guided_grad_cam(want["gradcam"], guided), atol=1e-5)
 
 
-@pytest.mark.parametrize("method, policy", [("saliency", "gradient"),
-                                            ("guided_backprop", "guided"),
-                                            ("deconvnet", "deconvnet")])
+@pytest.mark.parametrize(
+    "method, policy",
+    [("saliency", "gradient"), ("guided_backprop", "guided"), ("deconvnet", "deconvnet")],
+)
 def test_input_gradient_methods(tiny, method, policy):
     model, card = tiny
     x, t = images(3, 8), [1, 0, 1]
     maps, results = maps_of(job_for(model, card, x, t), method)
-    ref = bp.input_gradients(bp.gradient_session(model, policy, 3, "cpu", 1), x, t)
-    np.testing.assert_allclose(maps, bp.channel_max_abs(ref), rtol=1e-5, atol=1e-7)
+    want = ref.input_gradients(ref.gradient_session(model, policy, 3, "cpu", 1), x, t)
+    np.testing.assert_allclose(maps, bp.channel_max_abs(want), rtol=1e-5, atol=1e-7)
     if method != "saliency":  # the signed signal comes back for the picture
-        np.testing.assert_allclose(np.stack([r[2] for r in results]), ref, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.stack([r[2] for r in results]), want, rtol=1e-5, atol=1e-7)
 
 
 def test_integrated_gradients_and_completeness(tiny):
@@ -112,10 +132,11 @@ def test_integrated_gradients_and_completeness(tiny):
     # batch 4: the 10 path points + 2 end points take three calls per image
     job = job_for(model, card, x, t, batch_size=4, steps=10)
     maps, results = maps_of(job, "integrated_gradients")
-    session = bp.gradient_session(model, "gradient", 12, "cpu", 1)
+    session = ref.gradient_session(model, "gradient", 12, "cpu", 1)
     for i in range(2):
-        attr, error = bp.integrated_gradients(session, x[i], t[i], steps=10,
-                                              pre=card["preprocess"])
+        attr, error = ref.integrated_gradients(
+            session, x[i], t[i], steps=10, pre=card["preprocess"]
+        )
         np.testing.assert_allclose(maps[i], np.abs(attr).max(axis=0), rtol=1e-4, atol=1e-6)
         assert results[i][3]["completeness_error"] == pytest.approx(error, rel=1e-3, abs=1e-6)
 
@@ -127,8 +148,9 @@ def test_occlusion_with_patches_cut_at_the_border(tiny):
     maps, _ = maps_of(job_for(model, card, x, t, window=3, stride=2), "occlusion")
     session = make_session(model, "cpu", 1)
     for i in range(2):
-        np.testing.assert_allclose(maps[i], oc.occlusion(session, card, x[i], t[i], 3, 2),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            maps[i], ref.occlusion(session, card, x[i], t[i], 3, 2), atol=1e-6
+        )
 
 
 def test_score_cam_scores_each_distinct_channel_once(tiny):
@@ -142,8 +164,8 @@ def test_score_cam_scores_each_distinct_channel_once(tiny):
     acts = make_session(expose(model, [tensor]), "cpu", 1).run([tensor], {"input": x})[0]
     for i in range(2):
         info: dict = {}
-        ref = cam.score_cam(forward, card, x[i : i + 1], t[i], acts[i], 3, info=info)
-        np.testing.assert_allclose(maps[i], ref, atol=1e-5)
+        want = ref.score_cam(forward, card, x[i : i + 1], t[i], acts[i], 3, info=info)
+        np.testing.assert_allclose(maps[i], want, atol=1e-5)
         assert results[i][3]["forward_passes"] == info["forward_passes"]
 
 
@@ -152,14 +174,17 @@ def test_projections_from_one_graph(tiny):
     x = images(3, 8)
     layers = [row["name"] for row in card["layers"]]
     new = ProjectionRunner(model, card, layers, 2, images=2, device="cpu", threads=1)
-    old = Projector(model, card, layers, 2, "cpu", 1)
+    old = ref.Projector(model, card, layers, 2, "cpu", 1)
     got = new.project_layers(x, 2)
     for i in range(3):
         want = old.project_layers(x[i : i + 1], 2)
         for layer in layers:
             for a, b in zip(got[layer][i], want[layer][0], strict=True):
                 assert (a["channel"], a["position"], a["bbox"]) == (
-                    b["channel"], b["position"], b["bbox"])
+                    b["channel"],
+                    b["position"],
+                    b["bbox"],
+                )
                 assert a["value"] == pytest.approx(b["value"], rel=1e-6)
                 np.testing.assert_allclose(a["projection"], b["projection"], atol=1e-6)
 
@@ -173,8 +198,12 @@ def effnet(effnet_dir: Path):  # noqa: ANN201
     from PIL import Image
     from skimage import data
 
-    x = np.stack([preprocess(Image.fromarray(getattr(data, name)()), card["preprocess"])
-                  for name in ("chelsea", "coffee")]).astype(np.float32)
+    x = np.stack(
+        [
+            preprocess(Image.fromarray(getattr(data, name)()), card["preprocess"])
+            for name in ("chelsea", "coffee")
+        ]
+    ).astype(np.float32)
     t = make_session(model, "cpu", 2).run(None, {card["input"]["name"]: x})[0].argmax(1)
     return model, card, x, [int(v) for v in t]
 
@@ -184,18 +213,22 @@ def test_effnet_every_gradient_method_matches_its_reference(effnet):
     model, card, x, t = effnet
     job = job_for(model, card, x, t, batch_size=2, samples=3, steps=4)
     graph, _ = cam.build_cam_model(model, card, None, 2)
-    ref = cam.grad_cam_family(make_session(graph, "cpu", 2), card, x, t)
+    cams = ref.grad_cam_family(make_session(graph, "cpu", 2), card, x, t)
     for variant in cam.VARIANTS:
         got, _ = maps_of(job, variant)
-        np.testing.assert_allclose(got, ref[variant], atol=5e-5)
-    for method, policy in [("saliency", "gradient"), ("guided_backprop", "guided"),
-                           ("deconvnet", "deconvnet")]:
+        np.testing.assert_allclose(got, cams[variant], atol=5e-5)
+    for method, policy in [
+        ("saliency", "gradient"),
+        ("guided_backprop", "guided"),
+        ("deconvnet", "deconvnet"),
+    ]:
         got, _ = maps_of(job, method)
-        want = bp.input_gradients(bp.gradient_session(model, policy, 2, "cpu", 2), x, t)
+        want = ref.input_gradients(ref.gradient_session(model, policy, 2, "cpu", 2), x, t)
         np.testing.assert_allclose(got, bp.channel_max_abs(want), rtol=1e-4, atol=1e-6)
     got, _ = maps_of(dataclasses.replace(job, rows=job.rows[:1]), "integrated_gradients")
-    attr, _ = bp.integrated_gradients(bp.gradient_session(model, "gradient", 6, "cpu", 2),
-                                      x[0], t[0], steps=4)
+    attr, _ = ref.integrated_gradients(
+        ref.gradient_session(model, "gradient", 6, "cpu", 2), x[0], t[0], steps=4
+    )
     np.testing.assert_allclose(got[0], np.abs(attr).max(axis=0), rtol=1e-4, atol=1e-6)
 
 
@@ -204,11 +237,11 @@ def test_effnet_projections_match_the_projector(effnet):
     model, card, x, _ = effnet
     layers = spread_layers(card, 2)
     got = ProjectionRunner(model, card, layers, 2, 2, "cpu", 2).project_layers(x, 2)
-    want = Projector(model, card, layers, 2, "cpu", 2)
+    projector = ref.Projector(model, card, layers, 2, "cpu", 2)
     for i in range(2):
-        ref = want.project_layers(x[i : i + 1], 2)
+        want = projector.project_layers(x[i : i + 1], 2)
         for layer in layers:
-            for a, b in zip(got[layer][i], ref[layer][0], strict=True):
+            for a, b in zip(got[layer][i], want[layer][0], strict=True):
                 assert (a["channel"], a["position"]) == (b["channel"], b["position"])
                 scale = np.abs(b["projection"]).max()
                 np.testing.assert_allclose(a["projection"], b["projection"], atol=1e-4 * scale)
