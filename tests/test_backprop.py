@@ -1,4 +1,5 @@
-"""Input-gradient methods on tiny ONNX models against analytic and numpy references."""
+"""Input-gradient methods, as cnnviz explain runs them (the method graphs of `backprop` through
+the one runner), on tiny ONNX models against analytic and numpy references."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import onnx
 import pytest
 from cnnviz.errors import ConfigError
 from cnnviz.methods import backprop as bp
+from cnnviz.methods.explain import METHODS, completeness_error, ig_points
+from cnnviz.runner import Runner, chunk_plan
 from numpy_conv import conv3x3, conv3x3_transpose
 from onnx import TensorProto, helper, numpy_helper
 
@@ -58,8 +61,27 @@ def conv_net(activation: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     return _model(nodes, p), p
 
 
-def session(model, policy="gradient", batch=1):
-    return bp.gradient_session(model, policy, batch=batch, device="cpu", threads=1)
+def gradients(model, x, targets, policy="gradient", images=None) -> dict:  # noqa: ANN001
+    """`signed` [N, 3, H, W] and `map` [N, H, W] of `backprop.gradient_graph`, `images` per call."""
+    graph = bp.gradient_graph(model, policy, images or len(x))
+    return Runner(graph, "cpu", 1).run({"images": x, "targets": np.asarray(targets, np.int64)})
+
+
+def integrated(
+    model, x, target, steps, baseline="zero", method="gausslegendre", pre=None, rows=8
+) -> tuple[np.ndarray, float]:  # noqa: ANN001
+    """([3, H, W] attributions, completeness error) of one image as explain computes them,
+    `rows` path points per call."""
+    alphas, weights = ig_points(method, steps)
+    images, points = chunk_plan(len(alphas), rows)
+    graph = bp.integrated_gradients_graph(model, images, points)
+    base = bp.make_baseline(baseline, x, pre)
+    out = Runner(graph, "cpu", 1).run(
+        {"images": x[None], "targets": np.array([target])},
+        {"alphas": alphas, "weights": weights},
+        {"baseline": base[None]},
+    )
+    return out["signed"][0], completeness_error(out["signed"][0], out["values"][0])
 
 
 def images(n: int) -> np.ndarray:
@@ -84,29 +106,25 @@ def relu_net_gradient(x, t, p, policy):
 def test_saliency_is_abs_gradient_of_linear_model():
     model, w = linear_model()
     x, targets = images(3), [0, 3, 1]
-    grads = bp.input_gradients(session(model, batch=3), x, targets)
-    np.testing.assert_allclose(grads, w[targets], rtol=1e-5, atol=1e-6)
-    sal = bp.saliency(session(model, batch=3), x, targets)
-    assert sal.shape == (3, H, W)
-    np.testing.assert_allclose(sal, np.abs(w[targets]).max(axis=1), rtol=1e-5, atol=1e-6)
+    out = gradients(model, x, targets)
+    np.testing.assert_allclose(out["signed"], w[targets], rtol=1e-5, atol=1e-6)
+    assert out["map"].shape == (3, H, W)
+    np.testing.assert_allclose(out["map"], np.abs(w[targets]).max(axis=1), rtol=1e-5, atol=1e-6)
 
 
 def test_batching_matches_one_at_a_time():
     model, _ = conv_net("Relu")
     x, targets = images(5), [0, 1, 2, 3, 1]
-    one = session(model, "guided", batch=1)
-    two = session(model, "guided", batch=2)  # 5 images: chunks of 2, the last one padded
-    singles = np.concatenate(
-        [bp.guided_backprop(one, x[i : i + 1], [t]) for i, t in enumerate(targets)]
-    )
-    np.testing.assert_allclose(bp.guided_backprop(two, x, targets), singles, atol=1e-6)
+    singles = gradients(model, x, targets, "guided", images=1)["signed"]
+    two = gradients(model, x, targets, "guided", images=2)["signed"]  # the last call padded
+    np.testing.assert_allclose(two, singles, atol=1e-6)
 
 
 def test_guided_and_plain_match_numpy_and_differ():
     model, p = conv_net("Relu")
     x, targets = images(2), [1, 2]
-    plain = bp.input_gradients(session(model, batch=2), x, targets)
-    guided = bp.guided_backprop(session(model, "guided", batch=2), x, targets)
+    plain = gradients(model, x, targets)["signed"]
+    guided = gradients(model, x, targets, "guided")["signed"]
     for i, t in enumerate(targets):
         np.testing.assert_allclose(
             plain[i], relu_net_gradient(x[i], t, p, "gradient"), rtol=1e-4, atol=1e-6
@@ -120,67 +138,85 @@ def test_guided_and_plain_match_numpy_and_differ():
 def test_deconvnet_differs_from_guided():
     model, _ = conv_net("Relu")
     x = images(1)
-    guided = bp.guided_backprop(session(model, "guided"), x, [0])
-    deconv = bp.deconvnet_map(session(model, "deconvnet"), x, [0])
+    guided = gradients(model, x, [0], "guided")["signed"]
+    deconv = gradients(model, x, [0], "deconvnet")["signed"]
     assert deconv.shape == (1, C, H, W)
     assert not np.allclose(guided, deconv)
 
 
 def test_smoothgrad_is_seeded_mean_of_noisy_gradients():
+    from test_method_graphs import job_for
+
     model, _ = conv_net("Relu")
-    x = images(1)[0]
-    s4 = session(model, batch=4)
-    kwargs = dict(samples=6, noise_level=0.2, batch_size=4)
-    a = bp.smoothgrad_gradient(s4, x, 2, seed=3, **kwargs)
-    assert np.array_equal(a, bp.smoothgrad_gradient(s4, x, 2, seed=3, **kwargs))
-    assert not np.allclose(a, bp.smoothgrad_gradient(s4, x, 2, seed=4, **kwargs))
-    noisy = bp.smoothgrad_inputs(x, 6, 0.2, 3)
-    assert abs(float((noisy - x).std()) - 0.2 * float(x.max() - x.min())) < 0.05
-    s1 = session(model)
-    ref = np.mean([bp.input_gradients(s1, n[None], [2])[0] for n in noisy], axis=0)
-    np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-6)
-    heat = bp.smoothgrad(s4, x, 2, seed=3, **kwargs)
-    np.testing.assert_allclose(heat, np.abs(ref).max(axis=0), rtol=1e-4, atol=1e-6)
+    x = images(1)
+    options = dict(samples=6, noise_level=0.2)
+
+    def heat(seed: int) -> np.ndarray:  # explain's SmoothGrad, 4 rows per call: two calls
+        job = job_for(model, {}, x, [2], batch_size=4, seed=seed, **options)
+        return next(METHODS["smoothgrad"](job))[1]
+
+    a = heat(3)
+    assert np.array_equal(a, heat(3))
+    assert not np.allclose(a, heat(4))
+    # the definition: the mean signed gradient at x + sigma * noise, sigma = 0.2 * (max - min)
+    noisy = x[0] + np.float32(0.2 * (x.max() - x.min())) * bp.unit_noise(6, x.shape[1:], 3)
+    assert abs(float((noisy - x[0]).std()) - 0.2 * float(x.max() - x.min())) < 0.05
+    ref = gradients(model, noisy, [2] * 6)["signed"].mean(axis=0)
+    graph = bp.smoothgrad_graph(model, 1, 4, 0.2)  # 6 samples: 4 + 2 (padded with weight 0)
+    signed = Runner(graph, "cpu", 1).run(
+        {"images": x, "targets": np.array([2])},
+        {"noise": bp.unit_noise(6, x.shape[1:], 3), "weights": np.full(6, 1 / 6, np.float32)},
+    )["signed"][0]
+    np.testing.assert_allclose(signed, ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a, np.abs(ref).max(axis=0), rtol=1e-4, atol=1e-6)
 
 
 def test_integrated_gradients_linear_is_exact():
     model, w = linear_model()
     x = images(1)[0]
-    s = session(model, batch=8)
     for method in ("gausslegendre", "riemann_left"):
-        attr, err = bp.integrated_gradients(s, x, 2, steps=10, baseline="zero", method=method)
+        attr, err = integrated(model, x, 2, steps=10, baseline="zero", method=method)
         np.testing.assert_allclose(attr, x * w[2], rtol=1e-4, atol=1e-5)
         assert err < 1e-4
     base = RNG.normal(size=x.shape).astype(np.float32)
-    attr, err = bp.integrated_gradients(s, x, 1, steps=5, baseline=base)
+    attr, err = integrated(model, x, 1, steps=5, baseline=base)
     np.testing.assert_allclose(attr, (x - base) * w[1], rtol=1e-4, atol=1e-5)
     # captum's trapezoid weights sum to 1 - 1/n: kept for agreement, visible in completeness.
-    _, err = bp.integrated_gradients(s, x, 1, steps=10, method="riemann_trapezoid")
+    _, err = integrated(model, x, 1, steps=10, method="riemann_trapezoid")
     assert abs(err - 0.1) < 1e-3
 
 
 def test_integrated_gradients_completeness_on_smooth_model():
     model, _ = conv_net("Tanh")
     x = images(1)[0]
-    s = session(model, batch=8)
-    _, err = bp.integrated_gradients(s, x, 3, steps=16, baseline="zero", batch_size=8)
+    _, err = integrated(model, x, 3, steps=16, baseline="zero")  # 18 points in calls of 8
     assert err < 1e-2
     pre = {"scale": 255.0, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
     black = bp.make_baseline("black", x, pre)
     np.testing.assert_allclose(black[:, 0, 0], [-2.5, -1.6, -1.0], rtol=1e-6)
-    _, err = bp.integrated_gradients(s, x, 3, steps=32, baseline="black", pre=pre)
+    _, err = integrated(model, x, 3, steps=32, baseline="black", pre=pre)
     assert err < 1e-2
 
 
 def test_bad_arguments_are_named():
+    from test_method_graphs import job_for
+
     model, _ = linear_model()
-    s = session(model)
-    with pytest.raises(ConfigError, match="out of range"):
-        bp.saliency(s, images(1), [K])
+    card = {"preprocess": {"scale": 255.0, "mean": [0.5] * 3, "std": [0.25] * 3}}
     with pytest.raises(ConfigError, match="baseline"):
-        bp.integrated_gradients(s, images(1)[0], 0, steps=4, baseline="grey")
+        list(
+            METHODS["integrated_gradients"](
+                job_for(model, card, images(1), [0], steps=4, baseline="grey")
+            )
+        )
     with pytest.raises(ConfigError, match="method"):
-        bp.integrated_gradients(s, images(1)[0], 0, steps=4, method="simpson")
+        list(
+            METHODS["integrated_gradients"](
+                job_for(model, card, images(1), [0], steps=4, method="simpson")
+            )
+        )
+    with pytest.raises(ConfigError, match="samples"):
+        list(METHODS["smoothgrad"](job_for(model, card, images(1), [0], samples=0)))
 
 
 def test_signed_rgb_maps_zero_to_grey():
@@ -199,10 +235,13 @@ def test_final_softmax_is_skipped_and_logits_exposed():
         helper.make_node("Gemm", ["flat", "w"], ["scores"], transB=1),
         helper.make_node("Softmax", ["scores"], ["logits"], axis=1),
     ]
-    s = session(_model(nodes, {"w": w}), batch=4)
+    model = _model(nodes, {"w": w})
     x = images(2)
     np.testing.assert_allclose(
-        bp.input_gradients(s, x, [1, 2]), w.reshape(K, C, H, W)[[1, 2]], rtol=1e-5, atol=1e-6
+        gradients(model, x, [1, 2], images=4)["signed"],
+        w.reshape(K, C, H, W)[[1, 2]],
+        rtol=1e-5,
+        atol=1e-6,
     )
-    attr, err = bp.integrated_gradients(s, x[0], 3, steps=4)  # completeness on the logits
+    _, err = integrated(model, x[0], 3, steps=4, rows=4)  # completeness on the logits
     assert err < 1e-4

@@ -1,5 +1,9 @@
 """Our input-gradient maps against captum's, on the same inputs (slow: torch, real models).
 
+Ours are what `cnnviz explain` runs: `backprop.gradient_graph` per policy and
+`backprop.integrated_gradients_graph` (path points from `explain.ig_points`, chunked by
+`runner.chunk_plan`) through the one runner.
+
 Models: the pretrained EfficientNet-Lite0 (exported by the project, `effnet_dir`) on two photos,
 and a seeded random-weight torchvision VGG16 on 64x64 inputs (its avgpool replaced by Identity
 and the first Linear resized, so the small input exports without adaptive pooling). Each map must
@@ -23,6 +27,8 @@ import numpy as np
 import onnx
 import pytest
 from cnnviz.methods import backprop as bp
+from cnnviz.methods.explain import completeness_error, ig_points
+from cnnviz.runner import Runner, chunk_plan
 
 pytestmark = [
     pytest.mark.slow,
@@ -59,34 +65,37 @@ def compare(module, model: onnx.ModelProto, x: np.ndarray, guided_ref, deconv_re
     xt = torch.from_numpy(x)
     with torch.no_grad():
         targets = [int(t) for t in module(xt).argmax(1)]
-    sessions = {
-        p: bp.gradient_session(model, p, batch=len(x), device="cpu", threads=2)
+    feeds = {"images": x, "targets": np.asarray(targets, np.int64)}
+    out = {
+        p: Runner(bp.gradient_graph(model, p, len(x)), "cpu", 2).run(feeds)
         for p in ("gradient", "guided", "deconvnet")
     }
     ours = {
-        "saliency": bp.saliency(sessions["gradient"], x, targets),
-        "gradient": bp.input_gradients(sessions["gradient"], x, targets),
-        "guided": bp.guided_backprop(sessions["guided"], x, targets),
-        "deconvnet": bp.deconvnet_map(sessions["deconvnet"], x, targets),
+        "saliency": out["gradient"]["map"],
+        "gradient": out["gradient"]["signed"],
+        "guided": out["guided"]["signed"],
+        "deconvnet": out["deconvnet"]["signed"],
     }
     theirs = {
         "saliency": captum_attr.Saliency(module).attribute(xt, target=targets).amax(1),
         "guided": captum_attr.GuidedBackprop(guided_ref).attribute(xt, target=targets),
         "deconvnet": captum_attr.Deconvolution(deconv_ref).attribute(xt, target=targets),
     }
-    ig_session = bp.gradient_session(model, "gradient", batch=IG_STEPS + 2, device="cpu", threads=2)
-    ours["ig"], theirs["ig"], errors = [], [], []
-    for i, t in enumerate(targets):
-        attr, err = bp.integrated_gradients(
-            ig_session, x[i], t, steps=IG_STEPS, method="gausslegendre"
-        )
-        ours["ig"].append(attr)
-        errors.append(err)
-        theirs["ig"].append(
-            captum_attr.IntegratedGradients(module).attribute(
-                xt[i : i + 1], target=t, n_steps=IG_STEPS, method="gausslegendre"
-            )[0]
-        )
+    alphas, weights = ig_points("gausslegendre", IG_STEPS)
+    images, points = chunk_plan(len(alphas), IG_STEPS + 2)  # every path point in one call
+    ig = Runner(bp.integrated_gradients_graph(model, images, points), "cpu", 2).run(
+        feeds,
+        {"alphas": alphas, "weights": weights},
+        {"baseline": bp.make_baseline("zero", x[0])[None]},
+    )
+    ours["ig"] = ig["signed"]
+    errors = [completeness_error(ig["signed"][i], ig["values"][i]) for i in range(len(x))]
+    theirs["ig"] = [
+        captum_attr.IntegratedGradients(module).attribute(
+            xt[i : i + 1], target=t, n_steps=IG_STEPS, method="gausslegendre"
+        )[0]
+        for i, t in enumerate(targets)
+    ]
     corr = {
         k: [pearson(ours[k][i], theirs[k][i].detach().numpy()) for i in range(len(x))]
         for k in theirs

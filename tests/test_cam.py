@@ -1,12 +1,17 @@
-"""Class activation maps on tiny ONNX models against numpy references of their definitions."""
+"""Class activation maps, as cnnviz explain runs them (the method graphs `cam.cam_graph` and
+`cam.scorecam_graphs` through the one runner), on tiny ONNX models against numpy references of
+their definitions written out by hand."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
+import reference_methods as ref
 from cnnviz.errors import ConfigError
 from cnnviz.methods import cam
+from cnnviz.methods.explain import score_channels
+from cnnviz.runner import Runner
 from cnnviz.runtime import make_session
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper
@@ -124,8 +129,16 @@ def _reference_maps(a: np.ndarray, g: np.ndarray) -> dict[str, np.ndarray]:
     return {v: np.array(maps) for v, maps in out.items()}
 
 
+def graph_cams(model, card, x, targets, layer, images, variants=cam.VARIANTS) -> dict:  # noqa: ANN001
+    """What cnnviz explain runs: every variant from one graph, `images` images per call."""
+    graph = cam.cam_graph(model, card, layer, images, variants)
+    out = Runner(graph, "cpu", 1).run({"images": x, "targets": np.asarray(targets, np.int64)})
+    return {**{v: out[v] for v in variants}, "layer": graph.metadata["layer"]}
+
+
 @pytest.fixture(scope="module")
 def net_sessions():
+    """Sessions over the cut vjp graph alone (the engine's A and G, read by the reference)."""
     model1, tensor = cam.build_cam_model(NET, NET_CARD, "conv1", batch=1)
     model2, _ = cam.build_cam_model(NET, NET_CARD, "conv1", batch=2)
     assert tensor == "a1"
@@ -136,11 +149,12 @@ def test_grad_cam_family_matches_numpy_definitions(net_sessions):
     x = RNG.normal(size=(3, C, H, W)).astype(np.float32)
     targets = [0, 2, 3]
     a1, _, logits, g1, _ = _net_numpy(x, targets)
-    a, g, lo = cam.cam_inputs(net_sessions[1], NET_CARD, x, targets, "conv1")
+    a, g, lo = ref.cam_inputs(net_sessions[1], NET_CARD, x, targets, "conv1")
     np.testing.assert_allclose(a, a1, atol=1e-5)
     np.testing.assert_allclose(g, g1, atol=1e-6)
     np.testing.assert_allclose(lo, logits, atol=1e-5)
-    maps = cam.grad_cam_family(net_sessions[1], NET_CARD, x, targets, "conv1")
+    maps = graph_cams(NET, NET_CARD, x, targets, "conv1", images=2)  # one padded call
+    assert maps["layer"] == "a1"
     expected = _reference_maps(a1, g1)
     for v in cam.VARIANTS:
         assert maps[v].shape == (3, H, W) and maps[v].dtype == np.float32
@@ -153,57 +167,45 @@ def test_gradcam_weights_equal_directional_finite_differences(net_sessions):
     from cnnviz.autodiff.finite_diff import gradcam_weights_fd, tail_session
 
     x = RNG.normal(size=(1, C, H, W)).astype(np.float32)
-    a, g, _ = cam.cam_inputs(net_sessions[0], NET_CARD, x, [1], "conv1")
+    a, g, _ = ref.cam_inputs(net_sessions[0], NET_CARD, x, [1], "conv1")
     session, name = tail_session(NET, "a1", threads=1)
     seed = np.eye(K, dtype=np.float32)[1]
     fd = gradcam_weights_fd(session, name, a, seed=seed, eps=1e-2)
-    ours = cam.cam_weights("gradcam", a, g)[0]
+    ours = ref.cam_weights("gradcam", a, g)[0]
     np.testing.assert_allclose(ours, fd, rtol=1e-2, atol=1e-4)
 
 
-def test_default_layer_is_the_last_spatial_conv_and_batches_agree(net_sessions):
+def test_default_layer_is_the_last_spatial_conv_and_batches_agree():
     x = RNG.normal(size=(3, C, H, W)).astype(np.float32)
     targets = [3, 1, 1]
-    model, tensor = cam.build_cam_model(NET, NET_CARD, None, batch=2)
-    assert tensor == "a2"
-    maps = cam.grad_cam_family(make_session(model, "cpu", 1), NET_CARD, x, targets, None)
+    maps = graph_cams(NET, NET_CARD, x, targets, None, images=2, variants=("gradcam",))
+    assert maps["layer"] == "a2"
     _, a2, _, _, g2 = _net_numpy(x, targets)
     expected = _reference_maps(a2, g2)
     np.testing.assert_allclose(maps["gradcam"], expected["gradcam"], atol=2e-5)
-    # conv1 with a batch-2 session (3 images: one padded chunk) == one image at a time.
-    together = cam.grad_cam_family(net_sessions[1], NET_CARD, x, targets, "conv1")
-    for i in range(3):
-        alone = cam.grad_cam_family(
-            net_sessions[0], NET_CARD, x[i : i + 1], targets[i : i + 1], "conv1"
-        )
-        for v in cam.VARIANTS:
-            np.testing.assert_allclose(together[v][i], alone[v][0], atol=1e-6)
+    # conv1 in calls of 2 (3 images: the last call padded) == one image per call.
+    together = graph_cams(NET, NET_CARD, x, targets, "conv1", images=2)
+    alone = graph_cams(NET, NET_CARD, x, targets, "conv1", images=1)
+    for v in cam.VARIANTS:
+        np.testing.assert_allclose(together[v], alone[v], atol=1e-6)
 
 
-def test_wrong_layer_variant_or_target_is_named(net_sessions):
-    x = np.zeros((1, C, H, W), np.float32)
-    with pytest.raises(ConfigError, match="conv2"):
-        cam.grad_cam_family(net_sessions[0], NET_CARD, x, [0], "conv2")
+def test_wrong_layer_or_variant_is_named():
+    with pytest.raises(ConfigError, match="conv9"):
+        cam.cam_graph(NET, NET_CARD, "conv9", 1)
     with pytest.raises(ConfigError, match="nope"):
-        cam.grad_cam_family(net_sessions[0], NET_CARD, x, [0], "conv1", variants=("nope",))
-    with pytest.raises(ConfigError, match="out of range"):
-        cam.grad_cam_family(net_sessions[0], NET_CARD, x, [K], "conv1")
+        cam.cam_graph(NET, NET_CARD, "conv1", 1, variants=("nope",))
 
 
 def test_interpolation_matches_the_textbook_formula():
+    """`cam.interpolation_matrix`, the upsampling weights of every CAM graph."""
     m = RNG.normal(size=(3, 5))
     np.testing.assert_allclose(
-        cam.resize_bilinear(m[None], (11, 7))[0], _bilinear_naive(m, (11, 7)), atol=1e-12
+        ref.resize_bilinear(m[None], (11, 7))[0], _bilinear_naive(m, (11, 7)), atol=1e-12
     )
-    corners = cam.resize_bilinear(m[None], (9, 9), align_corners=True)[0]
+    corners = ref.resize_bilinear(m[None], (9, 9), align_corners=True)[0]
     assert np.allclose(corners[[0, 0, -1, -1], [0, -1, 0, -1]], m[[0, 0, -1, -1], [0, -1, 0, -1]])
     assert np.allclose(corners[::4, ::2], m)  # 9 = 2 * (5 - 1) + 1 columns, 4 * (3 - 1) + 1 rows
-
-
-def test_guided_grad_cam_is_the_product():
-    cams = RNG.random((2, H, W)).astype(np.float32)
-    guided = RNG.normal(size=(2, C, H, W)).astype(np.float32)
-    np.testing.assert_allclose(cam.guided_grad_cam(cams, guided), cams[:, None] * guided)
 
 
 # ---- Score-CAM on a model whose answer is known -------------------------------------------------
@@ -252,25 +254,37 @@ def _score_cam_reference(x: np.ndarray, a: np.ndarray, target: int) -> np.ndarra
 
 
 @pytest.fixture(scope="module")
-def quad_session():
-    from cnnviz.graph import expose
+def quad_runners():
+    """explain._scorecam's three graphs: the layer's maps, the channel scores (4 masked inputs
+    per call), the weighted maps finished."""
+    acts, scores, finish, tensor = cam.scorecam_graphs(QUAD, QUAD_CARD, "quad", 1, 4)
+    assert tensor == "A"
+    return tuple(Runner(g, "cpu", 1) for g in (acts, scores, finish))
 
-    return make_session(expose(QUAD, ["A"]), "cpu", 1)
+
+def _score_cam(runners, x: np.ndarray, target: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(map [H, W], layer maps [C, h, w], counts) as cnnviz explain computes Score-CAM."""
+    acts_runner, scorer, finisher = runners
+    acts = acts_runner.run({"images": x})["acts"]
+    weights, counts = score_channels(scorer, x, target, acts[0])
+    return finisher.run({"acts": acts, "weights": weights[None]})["map"][0], acts[0], counts
 
 
-def test_score_cam_finds_the_region_and_matches_the_definition(quad_session):
+def test_score_cam_finds_the_region_and_matches_the_definition(quad_runners):
     x = RNG.uniform(0.5, 1.0, size=(1, C, H, W)).astype(np.float32)
-    a = quad_session.run(["A"], {"input": x})[0][0]
-    info: dict = {}
-    heat = cam.score_cam(quad_session, QUAD_CARD, x, 0, a, batch_size=4, info=info)
+    heat, a, counts = _score_cam(quad_runners, x, 0)
     assert heat.shape == (H, W) and heat.dtype == np.float32
     assert heat[:4, :4].sum() / heat.sum() > 0.99
     assert heat[:4, :4].min() > 0.4
     np.testing.assert_allclose(heat, _score_cam_reference(x, a, 0), atol=1e-5)
     # 4 distinct quadrant masks + the blank input for the all-zero channel; channel 4 = channel 0.
-    assert info == {"channels": 6, "constant": 1, "forward_passes": 5}
-    plain = cam.score_cam(quad_session, QUAD_CARD, x, 0, a, batch_size=1, dedupe=False)
+    assert counts == {"channels": 6, "constant": 1, "forward_passes": 5}
+    # every channel scored (no dedupe; 6 channels in calls of 4): the same map
+    _, scorer, finisher = quad_runners
+    scores = scorer.run({"images": x, "targets": np.array([0])}, {"lowres": a})["scores"][0]
+    weights = cam.score_weights(scores.astype(np.float64)).astype(np.float32)
+    plain = finisher.run({"acts": a[None], "weights": weights[None]})["map"][0]
     np.testing.assert_allclose(heat, plain, atol=1e-5)
     # Class 1 does not depend on the image: equal weights, so the map is the sum of the maps.
-    flat = cam.score_cam(quad_session, QUAD_CARD, x, 1, a, batch_size=64)
+    flat, _, _ = _score_cam(quad_runners, x, 1)
     np.testing.assert_allclose(flat, _minmax(x[0, 0] * Q.sum(0).astype(np.float64)), atol=1e-5)

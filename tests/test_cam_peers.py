@@ -1,5 +1,9 @@
 """CAM methods and occlusion against pytorch-grad-cam and captum on the same torch models.
 
+cnnviz's side is what `cnnviz explain` runs: the method graphs (`cam.cam_graph`,
+`cam.scorecam_graphs` with `explain.score_channels`, `occlusion.occlusion_graph`) through the
+one runner.
+
 Models: the pretrained EfficientNet-Lite0 (224x224, head ReLU6 1280x7x7) and a seeded
 random-weight torchvision VGG16 at 64x64 (avgpool dropped and the first Linear resized so the
 small input fits; last conv ReLU 512x4x4). torch, pytorch_grad_cam and captum are oracles only.
@@ -17,7 +21,9 @@ pytest.importorskip("pytorch_grad_cam")
 oracle = pytest.importorskip("torch_oracle")
 
 from cnnviz.methods import cam  # noqa: E402
-from cnnviz.methods.occlusion import occlusion  # noqa: E402
+from cnnviz.methods.explain import score_channels  # noqa: E402
+from cnnviz.methods.occlusion import occlusion_graph, patch_counts, patch_origins  # noqa: E402
+from cnnviz.runner import Runner, chunk_plan  # noqa: E402
 from cnnviz.runtime import make_session  # noqa: E402
 
 EGYPTIAN_CAT, WINDOW_SCREEN = 285, 904
@@ -105,6 +111,13 @@ def vgg():
     }
 
 
+def _cams(case, x, targets, images, variants=cam.VARIANTS) -> dict[str, np.ndarray]:
+    """{variant: [N, H, W]} from one CAM graph, `images` images per call."""
+    graph = cam.cam_graph(case["model"], case["card"], None, images, variants)
+    feeds = {"images": x, "targets": np.asarray(targets, np.int64)}
+    return Runner(graph, "cpu", 2).run(feeds)
+
+
 def _peer_maps(case, peer_class, x, targets, **attrs) -> np.ndarray:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -125,8 +138,7 @@ def test_grad_cam_family_matches_pytorch_grad_cam(name, request):
 
     case = request.getfixturevalue(name)
     x, targets = case["x"][:2], case["targets"][:2]
-    model, _ = cam.build_cam_model(case["model"], case["card"], None, batch=1)  # two runs
-    ours = cam.grad_cam_family(make_session(model, "cpu", 2), case["card"], x, targets, None)
+    ours = _cams(case, x, targets, images=1)  # two calls
     for variant, peer in [
         ("gradcam", GradCAM),
         ("gradcampp", GradCAMPlusPlus),
@@ -160,13 +172,15 @@ def test_score_cam_matches_pytorch_grad_cam(name, request):
 
     case = request.getfixturevalue(name)
     x, target = case["x"][:1], case["targets"][0]
-    model, _ = cam.build_cam_model(case["model"], case["card"], None, batch=1)
-    a, _, _ = cam.cam_inputs(make_session(model, "cpu", 2), case["card"], x, [target], None)
+    graphs = cam.scorecam_graphs(case["model"], case["card"], None, 1, 32)  # 32 masks per call
+    acts_runner, scorer, finisher = (Runner(g, "cpu", 2) for g in graphs[:3])
+    acts = acts_runner.run({"images": x})["acts"]
     subset = slice(0, None, 8)
-    info: dict = {}
-    ours = cam.score_cam(
-        case["forward"], case["card"], x, target, a[0, subset], batch_size=32, info=info
-    )
+    weights, info = score_channels(scorer, x, target, acts[0, subset])
+    # the other channels weigh 0: the finished map is the subset's weighted sum
+    every = np.zeros(acts.shape[:2], np.float32)
+    every[0, subset] = weights
+    ours = finisher.run({"acts": acts, "weights": every})["map"][0]
     theirs = _peer_maps(case, SubsetScoreCAM, x, [target], batch_size=32, channels=subset)[0]
     assert _pearson(ours, theirs) >= 0.99, info
     assert info["forward_passes"] <= info["channels"] + 1
@@ -177,7 +191,14 @@ def test_occlusion_matches_captum(name, window, stride, request):
     captum = pytest.importorskip("captum.attr")
     case = request.getfixturevalue(name)
     x, target = case["x"][:1], case["targets"][0]
-    ours = occlusion(case["forward"], case["card"], x[0], target, window, stride, batch_size=32)
+    size = x.shape[-2:]
+    origins = patch_origins(size, window, stride)
+    images, points = chunk_plan(len(origins), 32)  # as explain: rows per call
+    graph = occlusion_graph(case["model"], case["card"], images, points, window)
+    out = Runner(graph, "cpu", 2).run(
+        {"images": x, "targets": np.array([target])}, {"origins": origins}
+    )
+    ours = out["total"][0] / np.maximum(patch_counts(size, window, stride), 1)
     probs = torch.nn.Sequential(case["net"], torch.nn.Softmax(dim=1)).eval()
     theirs = (
         captum.Occlusion(probs)
@@ -198,18 +219,10 @@ def test_occlusion_matches_captum(name, window, stride, request):
 
 
 def test_grad_cam_on_the_cat_is_on_the_cat_and_depends_on_the_class(effnet):
-    card, x = effnet["card"], effnet["x"][:1]
+    x = effnet["x"][:1]
     assert effnet["targets"][0] == EGYPTIAN_CAT
-    model, _ = cam.build_cam_model(effnet["model"], card, None, batch=2)
-    session = make_session(model, "cpu", 2)
-    maps = cam.grad_cam_family(
-        session,
-        card,
-        np.repeat(x, 2, 0),
-        [EGYPTIAN_CAT, WINDOW_SCREEN],
-        None,
-        variants=("gradcam",),
-    )["gradcam"]
+    maps = _cams(effnet, np.repeat(x, 2, 0), [EGYPTIAN_CAT, WINDOW_SCREEN], 2, ("gradcam",))
+    maps = maps["gradcam"]
     # The face (eyes, nose, cheeks) on the 224x224 stretch of chelsea: 45% of the picture.
     face = (slice(40, 200), slice(30, 170))
     assert maps[0][face].sum() / maps[0].sum() >= 0.6

@@ -1,4 +1,5 @@
-"""Occlusion on a tiny ONNX model whose answer is known, against a loop over the definition."""
+"""Occlusion, as cnnviz explain runs it (`occlusion.occlusion_graph` through the one runner), on a
+tiny ONNX model whose answer is known, against a loop over the definition."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import numpy as np
 import onnx
 import pytest
 from cnnviz.errors import ConfigError
-from cnnviz.methods.occlusion import occlusion, window_starts
-from cnnviz.runtime import make_session
+from cnnviz.methods.explain import METHODS
+from cnnviz.methods.occlusion import window_starts
 from onnx import TensorProto, helper, numpy_helper
+from test_method_graphs import job_for
 
 C, H, W = 3, 10, 10
 RNG = np.random.default_rng(5)
@@ -18,7 +20,10 @@ REGION = (slice(2, 6), slice(4, 8))
 WEIGHTS = np.zeros((3, C, H, W), np.float32)
 WEIGHTS[0, 0][REGION] = 4.0 / 16
 WEIGHTS[2, 1] = 1.0 / 50
-CARD = {"input": {"name": "input"}, "output": {"name": "logits", "kind": "logits"}}
+CARD = {
+    "input": {"name": "input"},
+    "output": {"name": "logits", "kind": "logits", "num_classes": 3},
+}
 
 
 def _model() -> onnx.ModelProto:
@@ -35,9 +40,12 @@ def _model() -> onnx.ModelProto:
     return model
 
 
-@pytest.fixture(scope="module")
-def session():
-    return make_session(_model(), "cpu", 1)
+def occlusion(
+    x: np.ndarray, targets: list[int], window: int, stride: int, batch_size: int
+) -> np.ndarray:
+    """[N, H, W]: explain's occlusion maps of the images x [N, C, H, W]."""
+    job = job_for(_model(), CARD, x, targets, batch_size, window=window, stride=stride)
+    return np.stack([raw for _, raw, _, _ in METHODS["occlusion"](job)])
 
 
 def _prob(x: np.ndarray, target: int) -> float:
@@ -62,10 +70,10 @@ def _reference(x: np.ndarray, target: int, window: int, stride: int) -> np.ndarr
     return total / count
 
 
-def test_occlusion_is_high_on_the_region_only(session):
+def test_occlusion_is_high_on_the_region_only():
     x = RNG.uniform(0.5, 1.0, size=(C, H, W)).astype(np.float32)
     x[1] = 0  # so that no other logit depends on the image either
-    heat = occlusion(session, CARD, x, 0, window=2, stride=2, batch_size=8)
+    heat = occlusion(x[None], [0], window=2, stride=2, batch_size=8)[0]
     assert heat.shape == (H, W) and heat.dtype == np.float32
     inside = np.zeros((H, W), bool)
     inside[REGION] = True
@@ -75,11 +83,13 @@ def test_occlusion_is_high_on_the_region_only(session):
 
 
 @pytest.mark.parametrize(("window", "stride"), [(3, 2), (4, 3), (10, 1)])
-def test_occlusion_matches_the_definition_and_batching(session, window, stride):
-    x = RNG.normal(size=(C, H, W)).astype(np.float32)
-    expected = _reference(x, 2, window, stride)
-    for batch_size in (1, 5, 1000):
-        heat = occlusion(session, CARD, x, 2, window=window, stride=stride, batch_size=batch_size)
+def test_occlusion_matches_the_definition_and_batching(window, stride):
+    """Three images: 16 rows per call (an image's patches over two calls), 50 (two images per
+    call, the last call padded), 1000 (everything in one call)."""
+    x = RNG.normal(size=(3, C, H, W)).astype(np.float32)
+    expected = [_reference(image, 2, window, stride) for image in x]
+    for batch_size in (1, 50, 1000):
+        heat = occlusion(x, [2, 2, 2], window=window, stride=stride, batch_size=batch_size)
         np.testing.assert_allclose(heat, expected, atol=1e-6)
 
 

@@ -1,9 +1,11 @@
-"""Deconvnet projections on a tiny conv-relu-maxpool-conv-relu net against a numpy deconvnet."""
+"""Deconvnet projections, as cnnviz explain runs them (`projections.projection_graph` through
+`ProjectionRunner`), on a tiny conv-relu-maxpool-conv-relu net against a numpy deconvnet."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import reference_methods as ref
 from cnnviz.methods import projections as pj
 from cnnviz.methods.shard_maps import ProjectionWriter
 from numpy_conv import conv3x3, conv3x3_transpose
@@ -72,16 +74,17 @@ def deconvnet(x, channel):
 
 def test_projection_equals_numpy_deconvnet_and_stays_in_receptive_field():
     x = RNG.normal(size=(3, S, S)).astype(np.float32)
-    items = pj.project_channels(tiny_model(), CARD, x, "conv2", [0, 3, 5], device="cpu", threads=1)
+    runner = pj.ProjectionRunner(tiny_model(), CARD, ["conv2"], 6, 1, device="cpu", threads=1)
+    items = runner.project_layers(x[None])["conv2"][0]  # all six channels, strongest first
     _, _, a2 = forward(x)
-    assert [it["channel"] for it in items] == [0, 3, 5]
+    assert [it["channel"] for it in items] == list(np.argsort(-a2.reshape(6, -1).max(axis=1)))
     for it in items:
-        ref, pos = deconvnet(x, it["channel"])
+        ref_proj, pos = deconvnet(x, it["channel"])
         assert tuple(it["position"]) == pos
         assert abs(it["value"] - a2[it["channel"]][pos]) < 1e-4
         proj = it["projection"]
         assert proj.shape == (3, S, S)
-        np.testing.assert_allclose(proj, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(proj, ref_proj, rtol=1e-4, atol=1e-5 * np.abs(ref_proj).max())
         # receptive field by hand: conv2 (3x3) covers pooled rows y-1..y+1 = conv1 rows
         # 2y-2..2y+3; conv1 (3x3) adds one each side: input rows 2y-3..2y+4 (same for columns)
         lo = [max(0, 2 * p - 3) for p in pos]
@@ -95,19 +98,18 @@ def test_projection_equals_numpy_deconvnet_and_stays_in_receptive_field():
 
 
 def test_top_k_are_the_strongest_channels_for_each_image(tmp_path):
-    images = RNG.normal(size=(2, 3, S, S)).astype(np.float32)
-    projector = pj.Projector(
-        tiny_model(), CARD, ["conv1", "conv2"], batch=4, device="cpu", threads=1
-    )
-    results = projector.project(images, "conv2", 3)  # 6 seeds through a batch-4 session
+    images = RNG.normal(size=(3, 3, S, S)).astype(np.float32)
+    runner = pj.ProjectionRunner(tiny_model(), CARD, ["conv1", "conv2"], 3, 2, "cpu", 1)
+    projected = runner.project_layers(images)  # 3 images in calls of 2, the last one padded
+    results = projected["conv2"]
     for image, items in zip(images, results, strict=True):
         peaks = forward(image)[2].reshape(6, -1).max(axis=1)
         assert [it["channel"] for it in items] == list(np.argsort(-peaks)[:3])
         assert [it["value"] for it in items] == sorted((it["value"] for it in items), reverse=True)
         for it in items:  # batched projections equal the numpy reference, image by image
-            ref, _ = deconvnet(image, it["channel"])
+            want, _ = deconvnet(image, it["channel"])
             np.testing.assert_allclose(
-                it["projection"], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max()
+                it["projection"], want, rtol=1e-4, atol=1e-5 * np.abs(want).max()
             )
     display = RNG.integers(0, 256, size=(S, S, 3), dtype=np.uint8)
     writer = ProjectionWriter(tmp_path, "tiny", 1, 3, (S, S))
@@ -116,11 +118,12 @@ def test_top_k_are_the_strongest_channels_for_each_image(tmp_path):
     stack = np.load(tmp_path / "projections.npy")
     assert stack.shape == (1, 3, 3, S, S)
     restored = stack[0, 0].astype(np.float32) * row["channels"][0]["scale"]
-    np.testing.assert_allclose(restored, results[0][0]["projection"],
-                               atol=1e-3 * np.abs(results[0][0]["projection"]).max())
+    np.testing.assert_allclose(
+        restored, results[0][0]["projection"], atol=1e-3 * np.abs(results[0][0]["projection"]).max()
+    )
     assert pj.projection_grid(display, results[0]).shape[1] == 2 * 112 + 4
-    first = projector.project(images[:1], "conv1", 2)[0]
-    assert len(first) == 2 and first[0]["value"] >= first[1]["value"]
+    first = projected["conv1"][0]
+    assert len(first) == 3 and first[0]["value"] >= first[1]["value"] >= first[2]["value"]
 
 
 def test_ties_at_a_relu6_ceiling_are_broken_by_the_pre_activation():
@@ -129,7 +132,44 @@ def test_ties_at_a_relu6_ceiling_are_broken_by_the_pre_activation():
     act[0, 1, 1] = 6.0
     pre = act.copy()
     pre[0, 1, 1], pre[2, 0, 0] = 9.0, 7.0
-    assert pj.top_channels(act, 3) == [0, 1, 2]
-    assert pj.top_channels(act, 2, pre) == [0, 2]
-    _, info = pj.unit_seeds(act, [0], pre)
+    assert ref.top_channels(act, 3) == [0, 1, 2]
+    assert ref.top_channels(act, 2, pre) == [0, 2]
+    _, info = ref.unit_seeds(act, [0], pre)
     assert info[0]["position"] == [1, 1] and info[0]["value"] == 6.0
+
+
+def test_the_graph_breaks_relu6_ties_as_the_definition():
+    """conv -> ReLU6 with large weights: most channels peak at exactly 6; the graph picks the
+    channels and positions the step-by-step reference picks from the pre-activation."""
+    rng = np.random.default_rng(2)
+    p = {
+        "w": rng.normal(0, 2.0, size=(8, 3, 3, 3)).astype(np.float32),
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(6.0, np.float32),
+        "wf": rng.normal(size=(5, 8)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["a"]),
+        helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wf"], ["logits"], transB=1),
+    ]
+    x_info = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    y_info = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])
+    model = finish_model(nodes, p, [x_info], [y_info])
+    card = {
+        "name": "relu6",
+        "input": {"name": "input"},
+        "layers": [{"name": "conv", "tensor": "a", "conv_output": "c"}],
+    }
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    got = pj.ProjectionRunner(model, card, ["conv"], 4, 2, "cpu", 1).project_layers(x)["conv"]
+    want = ref.Projector(model, card, ["conv"], 4).project(x, "conv", 4)
+    for g, w in zip(got, want, strict=True):
+        assert sum(it["value"] == 6.0 for it in w) >= 2  # ties at the ceiling are really there
+        assert [(it["channel"], it["position"]) for it in g] == [
+            (it["channel"], it["position"]) for it in w
+        ]
+        for a, b in zip(g, w, strict=True):
+            np.testing.assert_allclose(a["projection"], b["projection"], atol=1e-5)

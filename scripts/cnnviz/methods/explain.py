@@ -1,6 +1,6 @@
 """`cnnviz explain`: one method over one shard of images, for one model.
 
-The job loads the model once, builds the one or two sessions the method needs, runs every
+The job loads the model once, builds the method's graph (one runner, cnnviz.runner), runs every
 (image, target class) pair of the shard in batches, and writes the maps as one array file per
 method and shard with an index (`shard_maps`; pictures are drawn later by `cnnviz render`,
 cnnviz.pictures). A failure that belongs to one image or to
@@ -63,16 +63,6 @@ class Job:
     @property
     def row_targets(self) -> list[int]:
         return [t for _, t in self.rows]
-
-    def session(self, policy: str | None = None, batch: int | None = None):  # noqa: ANN201
-        """A forward session (policy None) or an input-gradient session under `policy`."""
-        from ..runtime import make_session
-
-        if policy is None:
-            return make_session(self.model, self.device, self.threads)
-        return backprop.gradient_session(
-            self.model, policy, batch or self.batch_size, self.device, self.threads, self.fallback
-        )
 
 
 def picture(job: Job, index: int, raw: np.ndarray, signed: np.ndarray | None) -> np.ndarray:
@@ -221,11 +211,17 @@ def _integrated_gradients(job: Job) -> Iterator[Result]:
         _row_feeds(job), {"alphas": alphas, "weights": weights}, {"baseline": baseline[None]}
     )
     for r, (i, _) in enumerate(job.rows):
-        attributions, values = out["signed"][r], out["values"][r].astype(np.float64)
-        delta = values[-1] - values[-2]
-        error = abs(float(attributions.astype(np.float64).sum()) - delta) / max(abs(delta), 1e-12)
-        raw = backprop.channel_max_abs(attributions)
+        error = completeness_error(out["signed"][r], out["values"][r])
+        raw = backprop.channel_max_abs(out["signed"][r])
         yield i, raw, None, {"steps": steps, "completeness_error": error}
+
+
+def completeness_error(attributions: np.ndarray, values: np.ndarray) -> float:
+    """|sum(attributions) - (f(x) - f(x0))| / |f(x) - f(x0)| for one image's IG attributions
+    and its target logits at the path points, whose last two are x0 and x (`ig_points`)."""
+    delta = float(values[-1]) - float(values[-2])
+    total = float(np.asarray(attributions, np.float64).sum())
+    return abs(total - delta) / max(abs(delta), 1e-12)
 
 
 def ig_points(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
