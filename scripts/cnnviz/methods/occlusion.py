@@ -6,7 +6,9 @@ pixel is the drop p_t(x) - p_t(occluded) averaged over the patches that cover it
 Occlusion with sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
 baselines=0 on the softmax of the logits: captum places ceil((H - window) / stride) + 1 windows
 per axis, so the last one may stick out of the image and is cut at the border, and every pixel is
-covered. All occluded copies run through one session in batches of `batch_size`.
+covered. The occluded copies are made and scored in one graph (`occlusion_graph`, run by the one
+runner, cnnviz.runner), a call's worth of patches at a time; the step-by-step definition it is
+tested against lives in the tests (tests/reference_methods.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from ..errors import ConfigError
 from ..methodgraph import FLOAT, INT64
@@ -34,66 +35,6 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return [i * stride for i in range(math.ceil((size - window) / stride) + 1)]
 
 
-def _probabilities(outputs: np.ndarray, kind: str) -> np.ndarray:
-    out = np.asarray(outputs, dtype=np.float64)
-    if kind == "probabilities":
-        return out
-    out = np.exp(out - out.max(axis=1, keepdims=True))
-    return out / out.sum(axis=1, keepdims=True)
-
-
-def occlusion(
-    session: ort.InferenceSession,
-    card: dict[str, Any],
-    image: np.ndarray,
-    target: int,
-    window: int = 32,
-    stride: int = 16,
-    batch_size: int = 64,
-    baseline: float = 0.0,
-) -> np.ndarray:
-    """float32 [H, W]: the mean drop in p(target) over the patches covering each pixel.
-
-    `session`: a plain forward session of the model (free batch axis); image: [3, H, W] already
-    preprocessed. Positive where hiding the pixel lowers the target's probability.
-    """
-    x = np.asarray(image, dtype=np.float32).reshape(np.shape(image)[-3:])
-    _, height, width = x.shape
-    boxes = [
-        (top, left)
-        for top in window_starts(height, window, stride)
-        for left in window_starts(width, window, stride)
-    ]
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    in_name = card.get("input", {}).get("name")
-    in_name = in_name if in_name in inputs else inputs[0]
-    out_name = card.get("output", {}).get("name")
-    out_name = out_name if out_name in outputs else outputs[0]
-    kind = card.get("output", {}).get("kind", "logits")
-
-    drops = np.zeros(len(boxes))
-    reference = None
-    step = max(1, batch_size)
-    for start in range(-1, len(boxes), step):  # row -1: the unoccluded image, in the first run
-        part = boxes[max(start, 0) : start + step]
-        batch = np.repeat(x[None], len(part) + (start < 0), axis=0)
-        for row, (top, left) in enumerate(part, start=int(start < 0)):
-            batch[row, :, top : top + window, left : left + window] = baseline
-        probs = _probabilities(session.run([out_name], {in_name: batch})[0], kind)[:, target]
-        if start < 0:
-            reference, probs = probs[0], probs[1:]
-        drops[max(start, 0) : max(start, 0) + len(part)] = probs
-    drops = reference - drops
-
-    total = np.zeros((height, width))
-    count = np.zeros((height, width))
-    for drop, (top, left) in zip(drops, boxes, strict=True):
-        total[top : top + window, left : left + window] += drop
-        count[top : top + window, left : left + window] += 1
-    return (total / np.maximum(count, 1)).astype(np.float32)
-
-
 # ---- occlusion as one graph (cnnviz.methodgraph; run by cnnviz.runner.Runner) -----------------
 OUTSIDE = 1 << 30  # a padded point's patch origin: a patch that covers nothing
 
@@ -102,8 +43,11 @@ def patch_origins(size: tuple[int, int], window: int, stride: int) -> np.ndarray
     """[P, 2] int64 (top, left) of every patch, row by row (captum's order)."""
     height, width = size
     return np.array(
-        [(top, left) for top in window_starts(height, window, stride)
-         for left in window_starts(width, window, stride)],
+        [
+            (top, left)
+            for top in window_starts(height, window, stride)
+            for left in window_starts(width, window, stride)
+        ],
         dtype=np.int64,
     )
 
@@ -116,8 +60,14 @@ def patch_counts(size: tuple[int, int], window: int, stride: int) -> np.ndarray:
     return count
 
 
-def occlusion_graph(model: onnx.ModelProto, card: dict[str, Any], images: int, points: int,
-                    window: int, baseline: float = 0.0):  # noqa: ANN201 - MethodGraph
+def occlusion_graph(
+    model: onnx.ModelProto,
+    card: dict[str, Any],
+    images: int,
+    points: int,
+    window: int,
+    baseline: float = 0.0,
+):  # noqa: ANN201 - MethodGraph
     """Occlusion as one graph. Per image x: the call's `points` patches (per-point input
     `origins` [P, 2]) give the rows x with patch p set to `baseline`, plus x itself; the model
     scores every row; out `total` [B, H, W] = sum_p (p_t(x) - p_t(x with patch p)) * patch_p,
@@ -139,8 +89,13 @@ def occlusion_graph(model: onnx.ModelProto, card: dict[str, Any], images: int, p
 
     tops = b.op("Slice", [origins, b.ints([0]), b.ints([1]), b.ints([1])])
     lefts = b.op("Slice", [origins, b.ints([1]), b.ints([2]), b.ints([1])])
-    patch = b.op("Mul", [b.reshape(inside(tops, height), [points, height, 1]),
-                         b.reshape(inside(lefts, width), [points, 1, width])])  # [P, H, W]
+    patch = b.op(
+        "Mul",
+        [
+            b.reshape(inside(tops, height), [points, height, 1]),
+            b.reshape(inside(lefts, width), [points, 1, width]),
+        ],
+    )  # [P, H, W]
     keep = b.reshape(b.op("Sub", [b.f(1.0), patch]), [1, points, 1, height, width])
     hidden = b.op("Mul", [b.reshape(x, [images, 1, *dims]), keep])
     if baseline:
@@ -157,12 +112,19 @@ def occlusion_graph(model: onnx.ModelProto, card: dict[str, Any], images: int, p
     if card.get("output", {}).get("kind", "logits") != "probabilities":
         scores = b.op("Softmax", [scores], axis=1)
     target_rows = one_hot(b, repeat_rows(b, t, [images], points + 1), classes, [classes])
-    p = b.reshape(b.reduce("ReduceSum", b.op("Mul", [scores, target_rows]), [1]),
-                  [images, points + 1])
+    p = b.reshape(
+        b.reduce("ReduceSum", b.op("Mul", [scores, target_rows]), [1]), [images, points + 1]
+    )
     reference = b.op("Slice", [p, b.ints([0]), b.ints([1]), b.ints([1])])
     hidden_p = b.op("Slice", [p, b.ints([1]), b.ints([points + 1]), b.ints([1])])
     drops = b.op("Sub", [reference, hidden_p])  # [B, P]
     total = b.op("MatMul", [drops, b.reshape(patch, [points, height * width])])
     b.output("total", b.reshape(total, [images, height, width]))
-    return MethodGraph(b.build("occlusion"), images, points, point_inputs=("origins",),
-                       summed=("total",), point_padding={"origins": OUTSIDE})
+    return MethodGraph(
+        b.build("occlusion"),
+        images,
+        points,
+        point_inputs=("origins",),
+        summed=("total",),
+        point_padding={"origins": OUTSIDE},
+    )
