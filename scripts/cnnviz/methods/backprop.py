@@ -206,6 +206,27 @@ def _image_inputs(b, model: onnx.ModelProto, images: int) -> tuple[str, str, lis
     return x, t, dims
 
 
+def _point_gradients(
+    b, model: onnx.ModelProto, rows_x: str, t: str, images: int, points: int, dims, fallback: str
+) -> tuple[dict[str, str], str]:
+    """Inline the plain gradient at the rows `rows_x` [images, points, *dims] (row (i, p): image
+    i's point p, seeded at image i's target); (the inlined names, the gradients reshaped to
+    [images, points, *dims])."""
+    from ..methodgraph import repeat_rows
+
+    rows = images * points
+    names = _inline_gradient(
+        b,
+        model,
+        b.reshape(rows_x, [rows, *dims]),
+        repeat_rows(b, t, [images], points),
+        rows,
+        "gradient",
+        fallback,
+    )
+    return names, b.reshape(names["grad"], [images, points, *dims])
+
+
 def gradient_graph(model: onnx.ModelProto, policy: str, images: int, fallback: str = "error"):  # noqa: ANN201 - MethodGraph
     """Saliency / guided backprop / deconvnet as one graph: images [B, 3, H, W] and targets [B]
     in; `signed` (the input gradient of each target logit under `policy`) and `map` (its max
@@ -227,7 +248,7 @@ def smoothgrad_graph(
     (max x - min x)) for the call's `points` noise samples; out: `signed` = sum_p weight_p *
     gradient at row p (weight 1/samples; 0 for a padded point), summed by the runner over calls.
     The unit noise [P, 3, H, W] is a per-point input, drawn once per job on the host (seeded)."""
-    from ..methodgraph import FLOAT, GraphBuilder, MethodGraph, repeat_rows
+    from ..methodgraph import FLOAT, GraphBuilder, MethodGraph
 
     b = GraphBuilder.for_model(model)
     x, t, dims = _image_inputs(b, model, images)
@@ -246,17 +267,7 @@ def smoothgrad_graph(
             b.op("Mul", [b.reshape(sigma, [images, 1, *one]), noise]),
         ],
     )
-    rows = images * points
-    names = _inline_gradient(
-        b,
-        model,
-        b.reshape(noisy, [rows, *dims]),
-        repeat_rows(b, t, [images], points),
-        rows,
-        "gradient",
-        fallback,
-    )
-    grads = b.reshape(names["grad"], [images, points, *dims])
+    names, grads = _point_gradients(b, model, noisy, t, images, points, dims, fallback)
     weighted = b.op("Mul", [grads, b.reshape(weights, [1, points, *one])])
     b.output("signed", b.reduce("ReduceSum", weighted, [1]))
     return MethodGraph(
@@ -272,7 +283,7 @@ def integrated_gradients_graph(
     by the runner over calls) and `values` [B, P], the target logit at each row (for the
     completeness check: the end points are points with weight 0). The baseline x0 [1, 3, H, W]
     is fixed for the job; alphas and weights [P] are per-point inputs."""
-    from ..methodgraph import FLOAT, GraphBuilder, MethodGraph, repeat_rows
+    from ..methodgraph import FLOAT, GraphBuilder, MethodGraph
 
     b = GraphBuilder.for_model(model)
     x, t, dims = _image_inputs(b, model, images)
@@ -290,19 +301,10 @@ def integrated_gradients_graph(
             ),
         ],
     )
-    rows = images * points
-    names = _inline_gradient(
-        b,
-        model,
-        b.reshape(path, [rows, *dims]),
-        repeat_rows(b, t, [images], points),
-        rows,
-        "gradient",
-        fallback,
-    )
-    grads = b.reshape(names["grad"], [images, points, *dims])
+    names, grads = _point_gradients(b, model, path, t, images, points, dims, fallback)
     total = b.reduce("ReduceSum", b.op("Mul", [grads, b.reshape(weights, [1, points, *one])]), [1])
     b.output("signed", b.op("Mul", [total, delta]))
+    rows = images * points
     picked = b.reduce(
         "ReduceSum",
         b.op("Mul", [b.reshape(names["value"], [rows, -1]), b.reshape(names["seeds"], [rows, -1])]),
