@@ -176,9 +176,11 @@ def test_preprocess_math_by_hand():
     for c in range(3):
         expected = (pixels[..., c] / 255.0 - PRE["mean"][c]) / PRE["std"][c]
         np.testing.assert_allclose(x[c], expected, rtol=1e-5, atol=1e-6)
+    # BGR: mean/std are given in the model's order (mean[0] for B); the input stays RGB (the
+    # exported graph reverses the channels), so B = channel 2 gets mean[0]
     bgr = preprocess(image, {**PRE, "channel_order": "BGR"})
     expected_b = (pixels[..., 2] / 255.0 - PRE["mean"][0]) / PRE["std"][0]
-    np.testing.assert_allclose(bgr[0], expected_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bgr[2], expected_b, rtol=1e-5, atol=1e-6)
 
 
 def test_center_crop_geometry():

@@ -56,6 +56,7 @@ def _export(args: argparse.Namespace) -> None:
         preprocess=spec.get("preprocess"),
         labels=spec.get("labels"),
         threads=args.threads,
+        output=spec.get("output"),
     )
 
 

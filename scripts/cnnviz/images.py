@@ -249,16 +249,27 @@ def display_image(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
 
 
 def preprocess(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
-    """float32 [3, H, W] model input: crop, / scale, (x - mean) / std, channel order.
+    """float32 [3, H, W] model input, channels in RGB order: crop, / scale, (x - mean) / std.
 
-    With channel_order BGR the channels are reversed first; mean and std are then given in the
-    model's own channel order (mean[0] applies to the model's first channel, B).
+    This is the input of every exported model.onnx, whatever the model was made for: a model
+    for BGR (channel_order), NHWC (layout), grey or uint8 input gets its input adapter in the
+    graph at export (export/onnx_io.py), so maps come back in image coordinates and RGB.
     """
+    scale, mean, std = normalization(pre)
     pixels = display_image(image, pre).astype(np.float32)
+    x = (pixels / scale - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+def normalization(pre: dict[str, Any]) -> tuple[np.float32, np.ndarray, np.ndarray]:
+    """(scale, mean, std) per RGB channel: x = (pixels / scale - mean) / std.
+
+    The config gives mean and std in the model's own channel order (with channel_order BGR,
+    mean[0] applies to B); they are returned in RGB order, since the channel reversal happens
+    in the model's input adapter. One value (a grey model) applies to all three channels.
+    """
     order = str(pre.get("channel_order", "RGB")).upper()
-    if order == "BGR":
-        pixels = pixels[..., ::-1]
-    elif order != "RGB":
+    if order not in ("RGB", "BGR"):
         raise ConfigError(
             f"preprocess.channel_order {order!r} is not RGB or BGR; fix the model's preprocess "
             "in the config (models.<name>.preprocess.channel_order)"
@@ -266,8 +277,10 @@ def preprocess(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
     scale = np.float32(pre.get("scale", 255.0))
     mean = np.asarray(pre.get("mean", [0.0, 0.0, 0.0]), dtype=np.float32)
     std = np.asarray(pre.get("std", [1.0, 1.0, 1.0]), dtype=np.float32)
-    x = (pixels / scale - mean) / std
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+    mean, std = np.broadcast_to(mean, (3,)).copy(), np.broadcast_to(std, (3,)).copy()
+    if order == "BGR":
+        mean, std = mean[::-1].copy(), std[::-1].copy()
+    return scale, mean, std
 
 
 # --------------------------------------------------------------------------- finding inputs

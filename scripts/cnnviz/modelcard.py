@@ -42,6 +42,12 @@ def load_card(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
         gaps = [key for key in LAYER_KEYS if key not in layer]
         if gaps:
             raise ModelError(f"{path}: layers[{i}] lacks {', '.join(gaps)}; rerun the export step")
+    pre, entry = card["preprocess"], card["input"]
+    if str(pre.get("channel_order", "RGB")).upper() == "BGR" and "channel_order" not in entry:
+        raise ModelError(
+            f"{path}: written by an older cnnviz, whose model.onnx takes BGR (today's takes RGB "
+            "and reverses the channels in the graph); rerun the export step"
+        )
     classes = card["output"].get("num_classes")
     if classes is not None and len(card["labels"]) != classes:
         raise ModelError(

@@ -29,9 +29,17 @@ from ..graph import (
 )
 from ..modelcard import save_card
 from .labels import check_count, default_labels, read_labels
+from .onnx_io import (
+    RAW_PIXELS,
+    InputSpec,
+    adapt_input,
+    fix_image_size,
+    read_input,
+    select_output,
+    to_model_input,
+)
 from .sources import (
     DEFAULT_PREPROCESS,
-    check_image_input,
     check_weights,
     efficientnet_lite0,
     load_onnx_file,
@@ -56,12 +64,17 @@ def export_model(
     labels: list[str] | str | None = None,
     verify_image: np.ndarray | None = None,
     threads: int | None = None,
+    output: str | None = None,
 ) -> dict[str, Any]:
     """Write `out_dir/model.onnx` and `out_dir/model.json`; return the card.
 
     `preprocess` overrides keys of the source's own preprocessing; `labels` replaces its class
     names. `verify_image` (HxWx3 uint8, default skimage's chelsea) is the photo on which ONNX
-    Runtime must reproduce torch's logits.
+    Runtime must reproduce torch's logits. `output` names the graph output holding the class
+    scores of an onnx: model with several.
+
+    The model.onnx written always takes float32 [N, 3, H, W] RGB (see `onnx_io`): an onnx:
+    model made for NHWC, BGR, grey, float16 or uint8 input gets an input adapter in front.
     """
     out_dir = Path(out_dir)
     where = f"model {name!r} ({source})"
@@ -69,8 +82,8 @@ def export_model(
     started = time.perf_counter()
     image, image_name = _verify_photo(verify_image)
     if kind == "onnx":
-        model, data, pre, class_names, output_kind, verification = _from_onnx(
-            arg, where, preprocess, labels, image, image_name, threads
+        model, data, pre, class_names, output_kind, verification, input_entry = _from_onnx(
+            arg, where, preprocess, labels, image, image_name, threads, output
         )
         weights_kind = "file"
         exporter_info: dict[str, Any] = {"torch": None, "dynamo": None}
@@ -80,6 +93,7 @@ def export_model(
             kind, arg, weights, exporter, where, preprocess, labels, image, image_name, threads
         )
         output_kind, weights_kind = "logits", weights
+        input_entry = _input_entry(model)
         from .torch_export import torch_version
 
         exporter_info = {"torch": torch_version(), "dynamo": exporter == "dynamo"}
@@ -92,7 +106,7 @@ def export_model(
         "onnx": ONNX_FILE,
         "sha256": hashlib.sha256(data).hexdigest(),
         "opset": _opset(model),
-        "input": _input_entry(model),
+        "input": input_entry,
         "output": {
             "name": model.graph.output[0].name,
             "kind": output_kind,
@@ -182,28 +196,38 @@ def _from_onnx(
     image: Any,
     image_name: str,
     threads: int | None,
-) -> tuple[onnx.ModelProto, bytes, dict, list[str], str, dict]:
+    output: str | None = None,
+) -> tuple[onnx.ModelProto, bytes, dict, list[str], str, dict, dict]:
     model, path = load_onnx_file(arg)
     if model.ir_version > 10:
         model.ir_version = 10
-    dims = check_image_input(model, path)
+    spec = read_input(model, path, (preprocess or {}).get("layout"))
     _ort_session(model, threads, f"ONNX model {path}")  # loads at all?
+    model = select_output(model, output, where)
     model, stripped = strip_softmax(model)
     model = dequantized_views(model)  # a quantized conv's layer picture, as float
     pre = _merge_preprocess(DEFAULT_PREPROCESS, preprocess)
-    if isinstance(dims[2], int) and isinstance(dims[3], int):
+    pre["layout"] = spec.layout
+    if spec.dtype == "uint8":
+        pre = _raw_pixels(pre, preprocess, where)
+    declared = spec.size
+    if all(isinstance(v, int) for v in declared):
         if preprocess is None or "size" not in preprocess:
-            pre["size"] = [dims[2], dims[3]]
-        elif list(pre["size"]) != [dims[2], dims[3]]:
+            pre["size"] = list(declared)
+        elif list(pre["size"]) != list(declared):
             raise ModelError(
                 f"{where}: preprocess.size {pre['size']} does not match the model's input "
-                f"{dims}; set size to [{dims[2]}, {dims[3]}]"
+                f"{spec.dims}; set size to {list(declared)}"
             )
     if pre.get("resize") == "center_crop" and "resize_to" not in (preprocess or {}):
         pre["resize_to"] = int(round(max(pre["size"]) * 256 / 224))  # torchvision's 224/256
     check_preprocess(pre, where)
-    model = _fixed_image_size(model, dims, pre["size"])
-    model = _symbolic_batch_if_possible(model, dims, pre, threads)
+    if not all(isinstance(v, int) for v in declared):
+        log.info("%s: dynamic height/width fixed to %s (preprocess.size)", where, pre["size"])
+    given = fix_image_size(model, spec, pre["size"])
+    order = str(pre.get("channel_order", "RGB")).upper()
+    model, adapter = adapt_input(given, spec, order)
+    model = _symbolic_batch_if_possible(model, spec.dims, pre, threads)
     try:
         model = record_shapes(model)  # static shapes where inference stops (com.microsoft ops)
     except Exception as exc:  # noqa: BLE001 - shapes are a help, not a requirement
@@ -215,6 +239,7 @@ def _from_onnx(
         raise ModelError(
             f"{where}: the model's output {model.graph.output[0].name!r} has shape "
             f"{list(out.shape)}; cnnviz needs class scores shaped [batch, classes]"
+            + (f" (set {_key(where, 'output')} to the output that holds them)" if output else "")
         )
     if not np.all(np.isfinite(out)):
         raise ModelError(f"{where}: the model's output on the {image_name} photo is not finite")
@@ -226,13 +251,15 @@ def _from_onnx(
     num_classes = int(out.shape[1])
     class_names = read_labels(labels, where) if labels is not None else default_labels(num_classes)
     check_count(class_names, num_classes, where)
-    verification = {
+    verification: dict[str, Any] = {
         "reference": None,
         "image": image_name,
         "max_abs_diff": None,
         "tolerance": None,
         "top1": _top1(out[0], class_names, probabilities=output_kind == "probabilities"),
     }
+    if adapter:
+        verification.update(_check_adapter(given, batch, out, spec, order, where, threads))
     notes = ["final Softmax removed: the output is the logits"] if stripped else []
     quantized = quantized_ops(model)
     if quantized:
@@ -243,30 +270,53 @@ def _from_onnx(
         verification["quantized_ops"] = quantized
     if notes:
         verification["note"] = "; ".join(notes)
-    return model, data, pre, class_names, output_kind, verification
+    entry = {**_input_entry(model), "model_input": spec.entry(order), "adapter": adapter}
+    return model, data, pre, class_names, output_kind, verification, entry
 
 
-def _fixed_image_size(
-    model: onnx.ModelProto, dims: list[int | str], size: list[int]
-) -> onnx.ModelProto:
-    """Pin a dynamic height/width to the preprocessing size (the card's `preprocess.size`).
+def _raw_pixels(pre: dict, given: dict | None, where: str) -> dict:
+    """A uint8 input takes raw 0..255 pixels: scale 1, mean 0, std 1 (any other is refused)."""
+    clash = [
+        key
+        for key, value in RAW_PIXELS.items()
+        if key in (given or {}) and np.any(np.asarray(given[key], float) != np.asarray(value))
+    ]
+    if clash:
+        raise ConfigError(
+            f"{where}: the model's input is uint8 (raw 0..255 pixels, any normalization is "
+            f"inside the graph), but {_key(where, 'preprocess')} sets {', '.join(clash)}; "
+            "remove them from the config"
+        )
+    return {**pre, **copy.deepcopy(RAW_PIXELS)}
 
-    Every image reaches the model at that size anyway, and the gradient engine and the layer
-    table need static shapes below the batch axis.
-    """
-    if isinstance(dims[2], int) and isinstance(dims[3], int):
-        return model
-    out = copy.deepcopy(model)
-    name = input_name(out)
-    value = next(v for v in out.graph.input if v.name == name)
-    for axis, length in ((2, size[0]), (3, size[1])):
-        dim = value.type.tensor_type.shape.dim[axis]
-        if not dim.HasField("dim_value"):
-            dim.Clear()
-            dim.dim_value = int(length)
-    del out.graph.value_info[:]  # intermediate shapes recorded with the symbols are stale
-    log.info("input %r: dynamic height/width fixed to %s (preprocess.size)", name, size)
-    return out
+
+def _check_adapter(
+    given: onnx.ModelProto,
+    batch: np.ndarray,
+    out: np.ndarray,
+    spec: InputSpec,
+    order: str,
+    where: str,
+    threads: int | None,
+) -> dict[str, Any]:
+    """The adapted graph against the model as given, fed the same photo in its own input."""
+    expected = _ort_logits(given, to_model_input(batch, spec, order), threads)
+    if expected.shape != out.shape:  # a final Softmax was stripped from `out` only: compare
+        return {}  # pragma: no cover - select_output/strip_softmax run before adapting
+    diff = float(np.max(np.abs(out - expected)))
+    tolerance = 1e-5 * max(1.0, float(np.max(np.abs(expected))))
+    if not diff <= tolerance:
+        raise ModelError(
+            f"{where}: the model fed through cnnviz's input adapter differs from the model as "
+            f"given by {diff:.3g} (tolerance {tolerance:.3g}); check preprocess.layout and "
+            "channel_order"
+        )
+    return {"reference": "the model's own input", "max_abs_diff": diff, "tolerance": tolerance}
+
+
+def _key(where: str, key: str) -> str:
+    name = where.split("'")[1] if where.count("'") >= 2 else "<name>"
+    return f"models.{name}.{key}"
 
 
 def _symbolic_batch_if_possible(
@@ -320,6 +370,12 @@ def check_preprocess(pre: dict, where: str) -> None:
             raise ConfigError(
                 f"{where}: {key}.resize_to {pre['resize_to']} is smaller than the crop size "
                 f"{size[0]}x{size[1]}; set resize_to >= {max(size)} in the config"
+            )
+    for stat in ("mean", "std"):
+        if len(np.atleast_1d(pre.get(stat, [0.0]))) not in (1, 3):
+            raise ConfigError(
+                f"{where}: {key}.{stat} {pre.get(stat)} has neither 3 values (one per channel) "
+                "nor 1 (all channels); fix it in the config"
             )
     if str(pre.get("channel_order", "RGB")).upper() not in ("RGB", "BGR"):
         raise ConfigError(
@@ -397,7 +453,8 @@ def _input_entry(model: onnx.ModelProto) -> dict[str, Any]:
     value = next(v for v in model.graph.input if v.name == name)
     dims = value.type.tensor_type.shape.dim
     shape = [int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
-    return {"name": name, "shape": shape, "dtype": "float32"}
+    return {"name": name, "shape": shape, "dtype": "float32", "layout": "NCHW",
+            "channel_order": "RGB"}  # fmt: skip
 
 
 def _opset(model: onnx.ModelProto) -> int:

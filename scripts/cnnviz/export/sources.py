@@ -223,38 +223,3 @@ def load_onnx_file(path_text: str) -> tuple[onnx.ModelProto, Path]:
             "model (export or download it again) and that source: onnx:<path> names it"
         ) from exc
     return model, path
-
-
-def check_image_input(model: onnx.ModelProto, path: Path) -> list[int | str]:
-    """The input's shape when it is float NCHW with 3 channels; ModelError otherwise."""
-    from ..graph import input_name
-
-    name = input_name(model)
-    inits = {t.name for t in model.graph.initializer}
-    others = [v.name for v in model.graph.input if v.name not in inits and v.name != name]
-    if others:
-        raise ModelError(
-            f"ONNX model {path}: it has {len(others) + 1} inputs ({name!r} and "
-            f"{', '.join(map(repr, others))}); cnnviz feeds one image input. Export the model "
-            "with the other inputs fixed (constants or initializers), or wrap it in one that is"
-        )
-    value = next(v for v in model.graph.input if v.name == name)
-    tensor = value.type.tensor_type
-    dims: list[int | str] = [
-        int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
-        for d in tensor.shape.dim
-    ]
-    problem = ""
-    if tensor.elem_type != onnx.TensorProto.FLOAT:
-        problem = f"type {onnx.TensorProto.DataType.Name(tensor.elem_type)} (float32 needed)"
-    elif len(dims) != 4:
-        problem = "a rank other than 4"
-    elif dims[1] != 3:
-        layout = " (NHWC? export it channels-first)" if dims[3] == 3 else ""
-        problem = f"{dims[1]} channels in dim 1{layout}"
-    if problem:
-        raise ModelError(
-            f"ONNX model {path}: input {name!r} has shape {dims} with {problem}; cnnviz needs "
-            "one float32 image input shaped [batch, 3, height, width] (NCHW, RGB or BGR)"
-        )
-    return dims

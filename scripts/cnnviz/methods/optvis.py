@@ -314,11 +314,10 @@ class Normalization:
 
     @classmethod
     def from_preprocess(cls, pre: dict) -> Normalization:
-        return cls(
-            tuple(float(v) for v in pre.get("mean", (0.0, 0.0, 0.0))),
-            tuple(float(v) for v in pre.get("std", (1.0, 1.0, 1.0))),
-            float(pre.get("scale", 255.0)),
-        )
+        from ..images import normalization
+
+        scale, mean, std = normalization(pre)  # RGB order, as images.preprocess
+        return cls(tuple(map(float, mean)), tuple(map(float, std)), float(scale))
 
     def _coef(self, dtype) -> tuple[np.ndarray, np.ndarray]:
         gain = (255.0 / self.scale) / np.asarray(self.std, dtype=np.float64)

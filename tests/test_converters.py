@@ -1,0 +1,316 @@
+"""Models as other converters lay them out (issue 16, items 2 and 4), each beside its twin.
+
+Built with onnx.helper the way tf2onnx/Keras exports, Caffe conversions and raw-pixel exports
+write them: an NHWC input with a Transpose to NCHW, BatchNormalization unfolded into Mul/Add,
+an explicit constant Pad, a Softmax output; BGR input with mean subtraction in 0..255; a uint8
+NHWC input Cast to float with the normalization (Sub/Mul) inside the graph. Each has a twin:
+the same weights laid out as cnnviz's own input (NCHW, RGB, float), so the twin computes the
+same function of the image. Through export, gradcheck and every per-image method, the
+converter-style model's maps must equal the twin's, in image coordinates (the input is not
+square, so a transposed map has the wrong shape) and with signed channels in RGB order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cnnviz import modelcard
+from cnnviz.autodiff.gradcheck import gradcheck
+from cnnviz.errors import ConfigError, ModelError
+from cnnviz.export import export_model
+from cnnviz.images import stage_shard
+from cnnviz.methods.explain import METHODS, explain_shard
+from cnnviz.methods.shard_maps import read_array, read_index, read_shard_maps
+from onnx import TensorProto, helper
+from onnx_build import finish_model
+from PIL import Image
+
+H, W = 20, 16  # not square: a map in the wrong layout has the wrong shape
+CLASSES = 5
+MEAN_BGR = [104.0, 117.0, 123.0]
+PIXEL_MEAN = np.array([124.0, 116.0, 104.0], np.float32)  # RGB, 0..255
+PIXEL_STD = np.array([58.0, 57.0, 57.5], np.float32)
+OPTIONS = {"samples": 2, "steps": 4, "window": 4, "stride": 4, "batch_size": 4}
+SIGNED = {"guided_backprop", "deconvnet", "guided_gradcam"}
+
+
+def _weights(seed: int = 7) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    gamma, beta = rng.uniform(0.5, 1.5, 8), rng.normal(0, 0.1, 8)
+    mean, var = rng.normal(0, 0.1, 8), rng.uniform(0.5, 1.5, 8)
+    scale = gamma / np.sqrt(var + 1e-3)
+    return {
+        "w1": (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(f32),
+        "bn_mul": scale.astype(f32).reshape(1, 8, 1, 1),  # BN unfolded (tf2onnx, Keras)
+        "bn_add": (beta - mean * scale).astype(f32).reshape(1, 8, 1, 1),
+        "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+        "w2": (rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(f32),
+        "fc": (rng.standard_normal((CLASSES, 8)) * 0.5).astype(f32),
+        "fc_b": rng.normal(0, 0.1, CLASSES).astype(f32),
+    }
+
+
+def _body(x: str, weights: dict[str, np.ndarray], pad_mode: str = "constant") -> list:
+    """NCHW float `x` -> Conv -> Mul/Add (BN) -> Relu -> Pad -> Conv/2 -> Relu -> GAP -> Gemm."""
+    return [
+        helper.make_node("Conv", [x, "w1"], ["c1"], name="conv1/Conv2D", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c1", "bn_mul"], ["bn1"], name="bn1/mul"),
+        helper.make_node("Add", ["bn1", "bn_add"], ["bn2"], name="bn1/add"),
+        helper.make_node("Relu", ["bn2"], ["r1"], name="conv1/Relu"),
+        helper.make_node("Pad", ["r1", "pads"], ["p1"], name="pad2/Pad", mode=pad_mode),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], name="conv2/Conv2D", strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="conv2/Relu"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fc_b"], ["logits"], transB=1, name="dense/MatMul"),
+        helper.make_node("Softmax", ["logits"], ["predictions"], axis=1),
+    ]
+
+
+def _model(nodes, weights, x, name: str) -> onnx.ModelProto:
+    y = helper.make_tensor_value_info(
+        "predictions", TensorProto.FLOAT, [x.type.tensor_type.shape.dim[0].dim_param or 1, CLASSES]
+    )
+    return finish_model(nodes, weights, [x], [y], name=name)
+
+
+def keras_style(nhwc: bool, pad_mode: str = "constant") -> onnx.ModelProto:
+    """tf2onnx / Keras: input_1 [N, H, W, 3] -> Transpose -> body -> Softmax."""
+    weights = _weights()
+    if not nhwc:
+        x = helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["N", 3, H, W])
+        return _model(_body("input_1", weights, pad_mode), weights, x, "keras_twin")
+    x = helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["unk__0", H, W, 3])
+    to_nchw = helper.make_node("Transpose", ["input_1"], ["nchw"], perm=[0, 3, 1, 2])
+    return _model([to_nchw, *_body("nchw", weights, pad_mode)], weights, x, "keras")
+
+
+def caffe_style(bgr: bool) -> onnx.ModelProto:
+    """A Caffe conversion: data [1, 3, H, W], BGR, mean subtracted in 0..255 (on the host).
+    The twin takes RGB: its first conv reads the input channels in reverse."""
+    weights = _weights()
+    if not bgr:
+        weights["w1"] = np.ascontiguousarray(weights["w1"][:, ::-1])
+    x = helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, H, W])
+    return _model(_body("data", weights), weights, x, "caffe" if bgr else "caffe_twin")
+
+
+def uint8_style(uint8: bool) -> onnx.ModelProto:
+    """Raw pixels: image uint8 [N, H, W, 3] -> Cast -> Sub mean -> Mul 1/std -> Transpose ->
+    body. The twin takes float NCHW 0..255 pixels with the same Sub/Mul per channel."""
+    weights = _weights()
+    if uint8:
+        x = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", H, W, 3])
+        shape = (1, 1, 1, 3)
+        head = [
+            helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", ["pixels", "pixel_mean"], ["centred"]),
+            helper.make_node("Mul", ["centred", "pixel_gain"], ["scaled"]),
+            helper.make_node("Transpose", ["scaled"], ["nchw"], perm=[0, 3, 1, 2]),
+        ]
+    else:
+        x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, H, W])
+        shape = (1, 3, 1, 1)
+        head = [
+            helper.make_node("Sub", ["image", "pixel_mean"], ["centred"]),
+            helper.make_node("Mul", ["centred", "pixel_gain"], ["nchw"]),
+        ]
+    weights["pixel_mean"] = PIXEL_MEAN.reshape(shape)
+    weights["pixel_gain"] = (1 / PIXEL_STD).reshape(shape)
+    return _model([*head, *_body("nchw", weights)], weights, x, "raw" if uint8 else "raw_twin")
+
+
+STRETCH = {"resize": "stretch"}
+# name -> (model, twin, model's preprocess, twin's preprocess)
+PAIRS = {
+    "keras": (
+        lambda: keras_style(True),
+        lambda: keras_style(False),
+        {**STRETCH, "scale": 127.5, "mean": [1.0] * 3, "std": [1.0] * 3},
+        {**STRETCH, "scale": 127.5, "mean": [1.0] * 3, "std": [1.0] * 3},
+    ),
+    "caffe": (
+        lambda: caffe_style(True),
+        lambda: caffe_style(False),
+        {**STRETCH, "scale": 1.0, "mean": MEAN_BGR, "std": [1.0] * 3, "channel_order": "BGR"},
+        {**STRETCH, "scale": 1.0, "mean": MEAN_BGR[::-1], "std": [1.0] * 3},
+    ),
+    "raw": (
+        lambda: uint8_style(True),
+        lambda: uint8_style(False),
+        dict(STRETCH),
+        {**STRETCH, "scale": 1.0, "mean": [0.0] * 3, "std": [1.0] * 3},
+    ),
+}
+ADAPTED = {
+    "keras": ("NHWC", "RGB", "float32"),
+    "caffe": ("NCHW", "BGR", "float32"),
+    "raw": ("NHWC", "RGB", "uint8"),
+}
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _photos(folder: Path, n: int = 2) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(11)
+    paths = []
+    for i in range(n):
+        picture = rng.integers(0, 256, (27, 22, 3), dtype=np.uint8)  # stretched to 20 x 16
+        paths.append(folder / f"photo{i}.png")
+        Image.fromarray(picture).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every pair exported, and one shard of two photos staged."""
+    root = tmp_path_factory.mktemp("converters")
+    dirs = {}
+    for name, (make, make_twin, pre, twin_pre) in PAIRS.items():
+        for suffix, build, given in (("", make, pre), ("_twin", make_twin, twin_pre)):
+            src = _save(build(), root / f"{name}{suffix}.onnx")
+            dirs[name + suffix] = root / "models" / (name + suffix)
+            export_model(name + suffix, f"onnx:{src}", dirs[name + suffix], preprocess=given)
+    manifest = root / "images" / "shards" / "s000.json"
+    stage_shard(_photos(root / "photos"), root / "images", manifest)
+    return {"root": root, "dirs": dirs, "manifest": manifest}
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_export_records_the_models_input_and_feeds_cnnviz_input(exported, name) -> None:
+    card = modelcard.load_card(exported["dirs"][name])
+    twin = modelcard.load_card(exported["dirs"][f"{name}_twin"])
+    layout, order, dtype = ADAPTED[name]
+    own = card["input"]["model_input"]
+    assert (own["layout"], own["channel_order"], own["dtype"]) == (layout, order, dtype)
+    assert card["input"]["shape"][1:] == [3, H, W] and card["input"]["dtype"] == "float32"
+    assert card["input"]["adapter"] and not twin["input"]["adapter"]
+    assert card["preprocess"]["size"] == [H, W] and card["preprocess"]["layout"] == layout
+    # the adapted graph reproduces the model as given, fed its own input, on the photo
+    verification = card["verification"]
+    assert verification["reference"] == "the model's own input"
+    assert verification["max_abs_diff"] <= verification["tolerance"]
+    assert verification["top1"] == twin["verification"]["top1"]
+    assert card["output"]["kind"] == "logits"  # the final Softmax is stripped
+    assert [row["name"] for row in card["layers"]] == [row["name"] for row in twin["layers"]]
+
+
+def test_a_uint8_model_takes_raw_pixels(exported) -> None:
+    card = modelcard.load_card(exported["dirs"]["raw"])
+    assert {k: card["preprocess"][k] for k in ("scale", "mean", "std")} == {
+        "scale": 1.0, "mean": [0.0] * 3, "std": [1.0] * 3
+    }  # fmt: skip
+    assert "Cast" in " ".join(card["input"]["adapter"])
+    graph = onnx.load(str(exported["dirs"]["raw"] / "model.onnx")).graph
+    assert not [n for n in graph.node if n.op_type == "Cast"]  # cut off: the input is float
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_gradcheck_passes_on_the_adapted_model(exported, name) -> None:
+    result = gradcheck(exported["dirs"][name], samples=200, op_samples=32, max_instances=2)
+    assert result["passed"], json.dumps(result, indent=1)[:3000]
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_every_method_gives_the_twins_maps_in_image_coordinates(exported, name) -> None:
+    root = exported["root"]
+    for method in sorted(METHODS):
+        out = {}
+        for model in (name, f"{name}_twin"):
+            folder = root / "explain" / model / method
+            summary = explain_shard(exported["dirs"][model], exported["manifest"], method, folder,
+                                    dict(OPTIONS), device="cpu", batch_size=2)  # fmt: skip
+            assert not summary["failed"], (model, method, summary["failed"])
+            rows, maps = read_shard_maps(folder)
+            assert maps.shape == (2, H, W), (model, method, maps.shape)
+            index = read_index(folder)
+            signed = read_array(folder, index, "signed") if "signed" in index["arrays"] else None
+            out[model] = (rows, maps, signed)
+        (rows, maps, signed), (twin_rows, twin_maps, twin_signed) = out.values()
+        assert [r["target"] for r in rows] == [r["target"] for r in twin_rows], method
+        scale = max(1e-6, float(np.abs(twin_maps).max()))
+        np.testing.assert_allclose(maps, twin_maps, atol=2e-4 * scale, err_msg=method)
+        assert (signed is None) == (method not in SIGNED)
+        if signed is not None:  # RGB order: a swapped channel would differ from the twin's
+            assert signed.shape == twin_signed.shape == (2, 3, H, W), method
+            np.testing.assert_allclose(
+                signed.astype(np.float32), twin_signed.astype(np.float32), atol=2e-3,
+                err_msg=method,
+            )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- input errors
+
+
+def test_layout_is_detected_or_asked_for(tmp_path) -> None:
+    from cnnviz.export.onnx_io import read_input
+
+    def value(shape, elem=TensorProto.FLOAT):
+        x = helper.make_tensor_value_info("x", elem, shape)
+        y = helper.make_tensor_value_info("y", elem, shape)
+        return helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])],
+                                                   "g", [x], [y]))  # fmt: skip
+
+    assert read_input(value(["N", 3, "h", "w"]), "m").layout == "NCHW"
+    assert read_input(value(["N", "h", "w", 3]), "m").layout == "NHWC"
+    assert read_input(value([1, 1, 28, 28]), "m").channels == 1
+    with pytest.raises(ModelError, match=r"both dim 1 and dim 3.*preprocess\.layout"):
+        read_input(value([1, 3, 8, 3]), "m")
+    with pytest.raises(ModelError, match=r"symbolic.*preprocess\.layout"):
+        read_input(value(["N", "c", "h", "w"]), "m")
+    spec = read_input(value(["N", "c", "h", "w"]), "m", layout="NHWC")
+    assert (spec.layout, spec.channels, spec.dims[3]) == ("NHWC", 3, 3)
+    with pytest.raises(ModelError, match="preprocess.layout NHWC puts the channels in dim 3"):
+        read_input(value([1, 3, 8, 8]), "m", layout="NHWC")
+    with pytest.raises(ModelError, match="uint8, read by Relu"):
+        x = helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 8, 8, 3])
+        y = helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 8, 8, 3])
+        read_input(helper.make_model(helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])), "m")  # fmt: skip
+
+
+def test_a_uint8_model_refuses_a_normalization(tmp_path) -> None:
+    src = _save(uint8_style(True), tmp_path / "raw.onnx")
+    with pytest.raises(ConfigError, match=r"uint8.*models\.raw\.preprocess sets mean"):
+        export_model("raw", f"onnx:{src}", tmp_path / "out",
+                     preprocess={"mean": [0.5] * 3})  # fmt: skip
+
+
+def test_several_outputs_need_output(tmp_path) -> None:
+    model = keras_style(True)
+    model.graph.output.append(
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["unk__0", CLASSES])
+    )
+    src = _save(model, tmp_path / "two.onnx")
+    with pytest.raises(
+        ModelError, match=r"2 outputs \('predictions', 'logits'\).*models\.two\.output"
+    ):
+        export_model("two", f"onnx:{src}", tmp_path / "out")
+    with pytest.raises(ModelError, match="'scores' is not one of"):
+        export_model("two", f"onnx:{src}", tmp_path / "out", output="scores")
+    card = export_model("two", f"onnx:{src}", tmp_path / "out", output="logits")
+    assert card["output"]["name"] == "logits" and card["output"]["kind"] == "logits"
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    assert [o.name for o in graph.output] == ["logits"]
+    assert not [n for n in graph.node if n.op_type == "Softmax"]  # only 'predictions' needed it
+
+
+def test_a_grey_model_sees_the_luma_of_the_image(tmp_path) -> None:
+    weights = _weights()
+    weights["w1"] = np.ascontiguousarray(weights["w1"][:, :1])
+    x = helper.make_tensor_value_info("gray", TensorProto.FLOAT, ["N", 1, H, W])
+    src = _save(_model(_body("gray", weights), weights, x, "grey"), tmp_path / "grey.onnx")
+    pre = {**STRETCH, "scale": 255.0, "mean": [0.5], "std": [0.25]}
+    card = export_model("grey", f"onnx:{src}", tmp_path / "out", preprocess=pre)
+    assert card["input"]["model_input"]["channel_order"] == "grey"
+    assert card["verification"]["max_abs_diff"] <= card["verification"]["tolerance"]
+    assert gradcheck(tmp_path / "out", samples=200, op_samples=32, max_instances=2)["passed"]
