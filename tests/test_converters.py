@@ -314,3 +314,70 @@ def test_a_grey_model_sees_the_luma_of_the_image(tmp_path) -> None:
     assert card["input"]["model_input"]["channel_order"] == "grey"
     assert card["verification"]["max_abs_diff"] <= card["verification"]["tolerance"]
     assert gradcheck(tmp_path / "out", samples=200, op_samples=32, max_instances=2)["passed"]
+
+
+# --------------------------------------------------------------------------- the workflow
+
+
+def _two_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A Keras export that also names its logits: two graph outputs."""
+    model.graph.output.append(
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["unk__0", CLASSES])
+    )
+    return model
+
+
+@pytest.mark.slow
+def test_the_workflow_runs_converter_models_end_to_end(tmp_path) -> None:
+    """One Snakemake run: the three converter-style models as onnx: sources with their
+    preprocess (and output) settings, beside the Keras model's twin; maps in image coordinates
+    and the Keras model's maps equal to its twin's."""
+    import yaml
+    from cluster.workflow_runs import snakemake
+
+    _save(_two_outputs(keras_style(True)), tmp_path / "keras.onnx")
+    _save(keras_style(False), tmp_path / "keras_twin.onnx")
+    _save(caffe_style(True), tmp_path / "caffe.onnx")
+    _save(uint8_style(True), tmp_path / "raw.onnx")
+    _photos(tmp_path / "photos")
+    models = {
+        "keras": {"source": "onnx:keras.onnx", "preprocess": PAIRS["keras"][2],
+                  "output": "predictions"},
+        "keras_twin": {"source": "onnx:keras_twin.onnx", "preprocess": PAIRS["keras"][3]},
+        "caffe": {"source": "onnx:caffe.onnx", "preprocess": PAIRS["caffe"][2]},
+        "raw": {"source": "onnx:raw.onnx", "preprocess": {**PAIRS["raw"][2], "layout": "NHWC"}},
+    }  # fmt: skip
+    config = {
+        "output": "results",
+        "threads": 1,
+        "shard_size": 2,
+        "batch_size": 2,
+        "images": {"samples": [], "paths": ["photos"]},
+        "models": models,
+        "methods": {"enabled": ["gradcam", "saliency", "guided_backprop", "occlusion"],
+                    "occlusion": {"window": 4, "stride": 4}},
+        "activations": {"layers": "all"},
+        "filters": {"enabled": False},
+        "atlas": {"enabled": False},
+        "metrics": {"enabled": False},
+    }  # fmt: skip
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config, sort_keys=False))
+    done = snakemake(tmp_path, configfile)
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert "failed on bad input" not in done.stdout, done.stdout[-6000:]
+    results = tmp_path / "results"
+    for model in models:
+        card = modelcard.load_card(results / "models" / model)
+        assert card["input"]["shape"][1:] == [3, H, W]
+        assert (results / "report" / f"{model}.html").is_file()
+        for method in config["methods"]["enabled"]:
+            maps = read_shard_maps(results / model / method / "s000")[1]
+            assert maps.shape == (2, H, W), (model, method)
+    keras = modelcard.load_card(results / "models" / "keras")  # output: predictions, its
+    assert keras["output"]["name"] == "logits"  # Softmax stripped: the logits are the scores
+    assert "Softmax removed" in keras["verification"]["note"]
+    for method in config["methods"]["enabled"]:
+        got = read_shard_maps(results / "keras" / method / "s000")[1]
+        twin = read_shard_maps(results / "keras_twin" / method / "s000")[1]
+        np.testing.assert_allclose(got, twin, atol=2e-4 * float(np.abs(twin).max()))
