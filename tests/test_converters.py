@@ -192,7 +192,7 @@ def test_export_records_the_models_input_and_feeds_cnnviz_input(exported, name) 
     layout, order, dtype = ADAPTED[name]
     own = card["input"]["model_input"]
     assert (own["layout"], own["channel_order"], own["dtype"]) == (layout, order, dtype)
-    assert card["input"]["shape"][1:] == [3, H, W] and card["input"]["dtype"] == "float32"
+    assert card["input"]["shape"] == ["batch", 3, H, W] and card["input"]["dtype"] == "float32"
     assert card["input"]["adapter"] and not twin["input"]["adapter"]
     assert card["preprocess"]["size"] == [H, W] and card["preprocess"]["layout"] == layout
     # the adapted graph reproduces the model as given, fed its own input, on the photo
