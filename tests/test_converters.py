@@ -381,3 +381,21 @@ def test_the_workflow_runs_converter_models_end_to_end(tmp_path) -> None:
         got = read_shard_maps(results / "keras" / method / "s000")[1]
         twin = read_shard_maps(results / "keras_twin" / method / "s000")[1]
         np.testing.assert_allclose(got, twin, atol=2e-4 * float(np.abs(twin).max()))
+
+
+def test_a_final_sigmoid_is_stripped_and_predictions_apply_it(tmp_path) -> None:
+    from cnnviz.methods.predictions import predict
+    from cnnviz.runtime import make_session
+
+    model = keras_style(True)
+    final = next(n for n in model.graph.node if n.op_type == "Softmax")
+    final.op_type = "Sigmoid"
+    del final.attribute[:]
+    src = _save(model, tmp_path / "multilabel.onnx")
+    card = export_model("ml", f"onnx:{src}", tmp_path / "out", preprocess=PAIRS["keras"][2])
+    assert card["output"] == {"name": "logits", "kind": "sigmoid_logits", "num_classes": CLASSES}
+    assert "Sigmoid removed" in card["verification"]["note"]
+    x = np.random.default_rng(2).uniform(-1, 1, (3, 3, H, W)).astype(np.float32)
+    probs = predict(make_session(tmp_path / "out" / "model.onnx", "cpu"), card, list(x))
+    given = make_session(src, "cpu").run(None, {"input_1": x.transpose(0, 2, 3, 1).copy()})[0]
+    np.testing.assert_allclose(probs, given, rtol=1e-5, atol=1e-6)

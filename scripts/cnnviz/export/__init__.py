@@ -36,6 +36,7 @@ from .onnx_io import (
     fix_image_size,
     read_input,
     select_output,
+    strip_sigmoid,
     to_model_input,
 )
 from .sources import (
@@ -180,7 +181,7 @@ def _from_torch(
         "image": image_name,
         "max_abs_diff": diff,
         "tolerance": tolerance,
-        "top1": _top1(got[0], class_names, probabilities=False),
+        "top1": _top1(got[0], class_names, "logits"),
     }
     return model, data, pre, class_names, verification
 
@@ -205,6 +206,7 @@ def _from_onnx(
     _ort_session(model, threads, f"ONNX model {path}")  # loads at all?
     model = select_output(model, output, where)
     model, stripped = strip_softmax(model)
+    model, sigmoid = strip_sigmoid(model)
     model = dequantized_views(model)  # a quantized conv's layer picture, as float
     pre = _merge_preprocess(DEFAULT_PREPROCESS, preprocess)
     pre["layout"] = spec.layout
@@ -248,6 +250,7 @@ def _from_onnx(
         np.all(out >= 0) and np.all(out <= 1) and np.allclose(sums, 1, atol=1e-3)
     )
     output_kind = "probabilities" if looks_like_probs and not stripped else "logits"
+    output_kind = "sigmoid_logits" if sigmoid else output_kind
     num_classes = int(out.shape[1])
     class_names = read_labels(labels, where) if labels is not None else default_labels(num_classes)
     check_count(class_names, num_classes, where)
@@ -256,11 +259,13 @@ def _from_onnx(
         "image": image_name,
         "max_abs_diff": None,
         "tolerance": None,
-        "top1": _top1(out[0], class_names, probabilities=output_kind == "probabilities"),
+        "top1": _top1(out[0], class_names, output_kind),
     }
     if adapter:
         verification.update(_check_adapter(given, batch, out, spec, order, where, threads))
     notes = ["final Softmax removed: the output is the logits"] if stripped else []
+    if sigmoid:
+        notes.append("final Sigmoid removed: the output is the logits (each class's own)")
     quantized = quantized_ops(model)
     if quantized:
         notes.append(
@@ -438,9 +443,11 @@ def _ort_logits(
     return np.concatenate(parts).astype(np.float32)
 
 
-def _top1(scores: np.ndarray, labels: list[str], probabilities: bool) -> dict[str, Any]:
-    if probabilities:
+def _top1(scores: np.ndarray, labels: list[str], kind: str) -> dict[str, Any]:
+    if kind == "probabilities":
         probs = scores.astype(np.float64)
+    elif kind == "sigmoid_logits":
+        probs = 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
     else:
         shifted = np.exp(scores.astype(np.float64) - scores.max())
         probs = shifted / shifted.sum()

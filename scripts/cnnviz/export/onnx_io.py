@@ -381,3 +381,22 @@ def _subgraph_names(node: onnx.NodeProto) -> set[str]:
 
 def _model_name(where: str) -> str:
     return where.split("'")[1] if where.count("'") >= 2 else "<name>"
+
+
+def strip_sigmoid(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
+    """Make the logits the output when it is a final Sigmoid (a multi-label classifier's
+    independent probabilities); (model, stripped?). The seed then picks a class's logit, as
+    for a final Softmax."""
+    output = model.graph.output[0]
+    producer = next((n for n in model.graph.node if output.name in n.output), None)
+    if producer is None or producer.op_type != "Sigmoid":
+        return model, False
+    logits = producer.input[0]
+    if any(logits in n.input for n in model.graph.node if n is not producer):
+        return model, False  # the logits feed something else too: keep the graph as it is
+    out = copy.deepcopy(model)
+    kept = [n for n in out.graph.node if output.name not in n.output]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    out.graph.output[0].name = logits  # elementwise: same type and shape
+    return out, True

@@ -33,8 +33,11 @@ def predict(
         session, {card["input"]["name"]: batch}, [card["output"]["name"]], batch_size
     )
     out = out.reshape(len(batch), -1).astype(np.float64)
-    if card["output"].get("kind", "logits") == "logits":
+    kind = card["output"].get("kind", "logits")
+    if kind == "logits":
         out = softmax(out)
+    elif kind == "sigmoid_logits":  # a multi-label model's final Sigmoid, removed at export
+        out = 1.0 / (1.0 + np.exp(-out))
     return out.astype(np.float32)
 
 
