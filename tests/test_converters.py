@@ -399,3 +399,25 @@ def test_a_final_sigmoid_is_stripped_and_predictions_apply_it(tmp_path) -> None:
     probs = predict(make_session(tmp_path / "out" / "model.onnx", "cpu"), card, list(x))
     given = make_session(src, "cpu").run(None, {"input_1": x.transpose(0, 2, 3, 1).copy()})[0]
     np.testing.assert_allclose(probs, given, rtol=1e-5, atol=1e-6)
+
+
+def test_a_float16_input_is_fed_through_a_cast(exported, tmp_path) -> None:
+    model = keras_style(True)
+    graph = model.graph
+    graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    first = next(n for n in graph.node if n.op_type == "Transpose")
+    first.input[0] = "input_f32"
+    graph.node.insert(0, helper.make_node("Cast", ["input_1"], ["input_f32"], to=TensorProto.FLOAT))
+    src = _save(model, tmp_path / "half.onnx")
+    out = tmp_path / "half"
+    card = export_model("half", f"onnx:{src}", out, preprocess=PAIRS["keras"][2])
+    assert card["input"]["model_input"]["dtype"] == "float16"
+    assert "float32 to float16 (Cast)" in card["input"]["adapter"]
+    summary = explain_shard(out, exported["manifest"], "saliency", tmp_path / "s", {}, device="cpu")
+    assert not summary["failed"]
+    twin_dir = exported["dirs"]["keras_twin"]
+    explain_shard(twin_dir, exported["manifest"], "saliency", tmp_path / "t", {}, device="cpu")
+    twin = read_shard_maps(tmp_path / "t")[1]
+    maps = read_shard_maps(tmp_path / "s")[1]
+    assert maps.shape == twin.shape == (2, H, W)  # equal up to float16's rounding of the input
+    np.testing.assert_allclose(maps, twin, atol=0.02 * float(twin.max()))
