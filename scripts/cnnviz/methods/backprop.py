@@ -115,9 +115,10 @@ def make_baseline(
         if pre is None:
             raise ConfigError(f"baseline {baseline!r} needs the model's preprocessing (pre=...)")
         pixel = 0.0 if baseline == "black" else 255.0
-        scale = float(pre.get("scale", 255.0))
-        mean = np.asarray(pre.get("mean", [0.0] * 3), np.float32).reshape(-1, 1, 1)
-        std = np.asarray(pre.get("std", [1.0] * 3), np.float32).reshape(-1, 1, 1)
+        from ..images import normalization
+
+        scale, mean, std = normalization(pre)  # RGB order, as the model input
+        mean, std = mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
         return np.broadcast_to((pixel / scale - mean) / std, image.shape).astype(np.float32)
     raise ConfigError(
         f"integrated gradients baseline {baseline!r}: use 'zero', 'black', 'white', a number or "
