@@ -421,3 +421,21 @@ def test_a_float16_input_is_fed_through_a_cast(exported, tmp_path) -> None:
     maps = read_shard_maps(tmp_path / "s")[1]
     assert maps.shape == twin.shape == (2, H, W)  # equal up to float16's rounding of the input
     np.testing.assert_allclose(maps, twin, atol=0.02 * float(twin.max()))
+
+
+
+def test_filter_pictures_of_a_bgr_model_are_the_twins(exported) -> None:
+    """Activation maximization runs in RGB pixel space through the adapter: the BGR model and
+    its RGB twin (mean/std given in each one's own order) reach the same picture."""
+    from cnnviz.methods.filters import optimize_filters
+
+    pictures = []
+    for name in ("caffe", "caffe_twin"):
+        card = modelcard.load_card(exported["dirs"][name])
+        model = onnx.load(str(exported["dirs"][name] / "model.onnx"))
+        result = optimize_filters(model, card["layers"][-1]["tensor"], [0, 3], mode="seed",
+                                  steps=6, preprocess=card["preprocess"], device="cpu",
+                                  threads=1)  # fmt: skip
+        pictures.append(result.raw)
+    assert pictures[0].shape == (2, H, W, 3)
+    np.testing.assert_allclose(pictures[0], pictures[1], atol=1e-4)
