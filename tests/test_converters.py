@@ -423,7 +423,6 @@ def test_a_float16_input_is_fed_through_a_cast(exported, tmp_path) -> None:
     np.testing.assert_allclose(maps, twin, atol=0.02 * float(twin.max()))
 
 
-
 def test_filter_pictures_of_a_bgr_model_are_the_twins(exported) -> None:
     """Activation maximization runs in RGB pixel space through the adapter: the BGR model and
     its RGB twin (mean/std given in each one's own order) reach the same picture."""
