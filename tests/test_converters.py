@@ -438,3 +438,27 @@ def test_filter_pictures_of_a_bgr_model_are_the_twins(exported) -> None:
         pictures.append(result.raw)
     assert pictures[0].shape == (2, H, W, 3)
     np.testing.assert_allclose(pictures[0], pictures[1], atol=1e-4)
+
+
+def test_a_batch_pinned_by_a_reshape_is_made_dynamic(exported, tmp_path) -> None:
+    """tf2onnx with a fixed batch of 1: the input says 1 and a Reshape to [1, 8] says it again."""
+    model = keras_style(True)
+    graph = model.graph
+    for value in (graph.input[0], graph.output[0]):
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    flatten = next(n for n in graph.node if n.op_type == "Flatten")
+    flatten.op_type = "Reshape"
+    flatten.input.append("flat_shape")
+    graph.initializer.append(helper.make_tensor("flat_shape", TensorProto.INT64, [2], [1, 8]))
+    out = tmp_path / "pinned"
+    card = export_model("p", f"onnx:{_save(model, tmp_path / 'p.onnx')}", out,
+                        preprocess=PAIRS["keras"][2])  # fmt: skip
+    assert card["input"]["shape"][0] == "batch"
+    summary = explain_shard(out, exported["manifest"], "saliency", tmp_path / "s", {},
+                            device="cpu", batch_size=2)  # fmt: skip
+    assert not summary["failed"]
+    twin_dir = exported["dirs"]["keras_twin"]
+    explain_shard(twin_dir, exported["manifest"], "saliency", tmp_path / "t", {}, device="cpu")
+    twin = read_shard_maps(tmp_path / "t")[1]
+    np.testing.assert_allclose(read_shard_maps(tmp_path / "s")[1], twin, atol=1e-4 * twin.max())

@@ -38,6 +38,7 @@ from .onnx_io import (
     select_output,
     strip_sigmoid,
     to_model_input,
+    unpin_reshapes,
 )
 from .sources import (
     DEFAULT_PREPROCESS,
@@ -327,19 +328,32 @@ def _key(where: str, key: str) -> str:
 def _symbolic_batch_if_possible(
     model: onnx.ModelProto, dims: list[int | str], pre: dict, threads: int | None
 ) -> onnx.ModelProto:
-    """Make a fixed batch dim symbolic when the graph still computes the same per image."""
+    """Make a fixed batch dim symbolic when the graph still computes the same per image.
+
+    Converters often pin the batch inside the graph too (tf2onnx, Keras: a Reshape to
+    [1, 1280]); such a Reshape's leading 1 becomes 0 (ONNX: "copy the input's dim"), kept
+    only when every image of a batch of two still gets its own scores.
+    """
     if not isinstance(dims[0], int):
         return _name_batch(model)
-    trial = _name_batch(model, clear_fixed=True)
     x = np.random.default_rng(0).standard_normal((2, 3, *pre["size"])).astype(np.float32)
-    try:
-        both = _ort_logits(trial, x, threads)
-        one = _ort_logits(trial, x[:1], threads)
-    except Exception:  # noqa: BLE001 - the graph hard-codes its batch: keep it fixed
-        return model
-    if both.shape[0] == 2 and np.allclose(both[:1], one, rtol=1e-4, atol=1e-5):
-        return trial
+    trial = _name_batch(model, clear_fixed=True)
+    for candidate in (trial, unpin_reshapes(trial, dims[0])):
+        if candidate is not None and _same_per_image(candidate, x, threads):
+            if candidate is not trial:
+                log.info("Reshapes that fixed the batch at %d made batch-free", dims[0])
+            return candidate
     return model
+
+
+def _same_per_image(model: onnx.ModelProto, x: np.ndarray, threads: int | None) -> bool:
+    try:
+        both = _ort_logits(model, x, threads)
+        each = [_ort_logits(model, x[i : i + 1], threads) for i in range(len(x))]
+    except Exception:  # noqa: BLE001 - the graph hard-codes its batch
+        return False
+    singles = np.concatenate(each)
+    return both.shape == singles.shape and np.allclose(both, singles, rtol=1e-4, atol=1e-5)
 
 
 def _name_batch(model: onnx.ModelProto, clear_fixed: bool = False) -> onnx.ModelProto:

@@ -400,3 +400,31 @@ def strip_sigmoid(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     out.graph.node.extend(kept)
     out.graph.output[0].name = logits  # elementwise: same type and shape
     return out, True
+
+
+def unpin_reshapes(model: onnx.ModelProto, batch: int) -> onnx.ModelProto | None:
+    """A copy where each Reshape to a constant shape that starts with `batch` copies its
+    input's leading dim instead (0), or None when there is none. The caller checks that the
+    graph still computes the same per image."""
+    out = copy.deepcopy(model)
+    graph = out.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    fresh = _Fresh({n for node in graph.node for n in [*node.input, *node.output]} | set(consts))
+    changed = False
+    for node in graph.node:
+        allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
+        if node.op_type != "Reshape" or len(node.input) < 2 or allowzero or node.input[0] in consts:
+            continue
+        shape = consts.get(node.input[1])
+        if shape is None or shape.ndim != 1 or len(shape) < 2 or int(shape[0]) != batch:
+            continue
+        unpinned = shape.astype(np.int64).copy()
+        unpinned[0] = 0
+        name = fresh(f"{node.input[1]}_batch_free")
+        graph.initializer.append(numpy_helper.from_array(unpinned, name))
+        node.input[1] = name
+        changed = True
+    return out if changed else None
