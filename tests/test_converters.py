@@ -462,3 +462,40 @@ def test_a_batch_pinned_by_a_reshape_is_made_dynamic(exported, tmp_path) -> None
     explain_shard(twin_dir, exported["manifest"], "saliency", tmp_path / "t", {}, device="cpu")
     twin = read_shard_maps(tmp_path / "t")[1]
     np.testing.assert_allclose(read_shard_maps(tmp_path / "s")[1], twin, atol=1e-4 * twin.max())
+
+
+def test_a_batch_the_graph_fixes_runs_one_image_per_call(exported, tmp_path) -> None:
+    """A batch of 1 that no Reshape rewrite frees (a Reshape to [8] and an Unsqueeze): the card
+    says so, predictions and the gradient methods feed one image per call, occlusion fails by
+    name."""
+    from cnnviz.methods.predictions import predict_shard
+
+    model = keras_style(True)
+    graph = model.graph
+    for value in (graph.input[0], graph.output[0]):
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    flatten = next(n for n in graph.node if n.op_type == "Flatten")
+    flatten.op_type = "Reshape"
+    flatten.input.append("flat_shape")
+    gemm = next(n for n in graph.node if n.op_type == "Gemm")
+    gemm.input[0] = "f1"
+    graph.node.insert(list(graph.node).index(gemm),
+                      helper.make_node("Unsqueeze", ["f", "axis0"], ["f1"]))  # fmt: skip
+    graph.initializer.extend([
+        helper.make_tensor("flat_shape", TensorProto.INT64, [1], [8]),
+        helper.make_tensor("axis0", TensorProto.INT64, [1], [0]),
+    ])  # fmt: skip
+    out = tmp_path / "fixed"
+    card = export_model("f", f"onnx:{_save(model, tmp_path / 'f.onnx')}", out,
+                        preprocess=PAIRS["keras"][2])  # fmt: skip
+    assert card["input"]["shape"][0] == 1 and "fixes its batch at 1" in card["verification"]["note"]
+    predict_shard(out, exported["manifest"], tmp_path / "p.json", device="cpu", batch_size=2)
+    assert len(json.loads((tmp_path / "p.json").read_text())["images"]) == 2
+    for method in ("saliency", "smoothgrad", "scorecam"):
+        summary = explain_shard(out, exported["manifest"], method, tmp_path / method,
+                                dict(OPTIONS), device="cpu", batch_size=2)  # fmt: skip
+        assert len(summary["maps"]) == 2 and not summary["failed"], method
+    summary = explain_shard(out, exported["manifest"], "occlusion", tmp_path / "o", dict(OPTIONS),
+                            device="cpu", batch_size=2)  # fmt: skip
+    assert "fixed batch size 1" in summary["failed"][0]["error"]

@@ -119,7 +119,11 @@ def run_batched(
     outputs: list[str] | None = None,
     batch_size: int = 16,
 ) -> list[np.ndarray]:
-    """Run `session` over the leading axis of every feed in chunks, concatenating the results."""
+    """Run `session` over the leading axis of every feed in chunks, concatenating the results.
+
+    A graph whose batch is fixed (a model exported for batch 1) gets chunks of that size."""
+    fixed = [i.shape[0] for i in session.get_inputs() if i.name in feeds and i.shape]
+    batch_size = min([batch_size, *(d for d in fixed if isinstance(d, int) and d > 0)])
     total = len(next(iter(feeds.values())))
     chunks: list[list[np.ndarray]] = []
     for start in range(0, total, batch_size):

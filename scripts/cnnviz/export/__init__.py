@@ -267,6 +267,14 @@ def _from_onnx(
     notes = ["final Softmax removed: the output is the logits"] if stripped else []
     if sigmoid:
         notes.append("final Sigmoid removed: the output is the logits (each class's own)")
+    fixed = _input_entry(model)["shape"][0]
+    if isinstance(fixed, int):
+        notes.append(
+            f"the graph fixes its batch at {fixed} (it could not be made dynamic): jobs feed "
+            f"{fixed} image(s) per call, and occlusion needs a dynamic batch; re-export the model "
+            "with a dynamic batch axis for speed and occlusion"
+        )
+        log.warning("%s: %s", where, notes[-1])
     quantized = quantized_ops(model)
     if quantized:
         notes.append(

@@ -132,7 +132,7 @@ def _scorecam(job: Job) -> Iterator[Result]:
     in a third."""
     from .cam import scorecam_graphs
 
-    rows = int(job.options.get("batch_size", 64))  # masked inputs per call
+    rows = max_rows(job.card, int(job.options.get("batch_size", 64)))  # masked inputs per call
     images, _ = _images_per_call(job)
     acts_graph, scores_graph, finish_graph, tensor = scorecam_graphs(
         job.model, job.card, _cam_layer(job), images, rows
@@ -232,6 +232,12 @@ def ig_points(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     return alphas, np.concatenate([weights, [0.0, 0.0]]).astype(np.float32)
 
 
+def max_rows(card: dict[str, Any], rows: int) -> int:
+    """`rows`, or fewer when the model's graph fixes its batch (export could not free it)."""
+    fixed = card["input"]["shape"][0]
+    return min(rows, fixed) if isinstance(fixed, int) and fixed > 0 else rows
+
+
 def _occlusion(job: Job) -> Iterator[Result]:
     from .occlusion import occlusion_graph, patch_counts, patch_origins
 
@@ -239,7 +245,7 @@ def _occlusion(job: Job) -> Iterator[Result]:
     size = tuple(job.inputs.shape[-2:])
     origins = patch_origins(size, window, stride)
     # forward passes only: twice the rows of a gradient call fit in the same memory
-    rows = max(job.batch_size, 16)
+    rows = max_rows(job.card, max(job.batch_size, 16))
     images, points = _images_per_call(dataclasses.replace(job, batch_size=rows), len(origins))
     graph = occlusion_graph(job.model, job.card, images, points, window)
     out = _runner(job, graph).run(_row_feeds(job), {"origins": origins})
@@ -296,6 +302,7 @@ def load_job(
         inputs.append(preprocess(image, card["preprocess"]))
         views.append(original_view(image, card["preprocess"]))
     batch = np.stack(inputs) if inputs else np.zeros((0, 3, *card["preprocess"]["size"]), "f4")
+    batch_size = max_rows(card, batch_size)
     job = Job(model, card, ids, batch, views, [], options, device, threads, batch_size)
     if not ids:
         return job, failed
