@@ -312,6 +312,7 @@ def test_a_grey_model_sees_the_luma_of_the_image(tmp_path) -> None:
     pre = {**STRETCH, "scale": 255.0, "mean": [0.5], "std": [0.25]}
     card = export_model("grey", f"onnx:{src}", tmp_path / "out", preprocess=pre)
     assert card["input"]["model_input"]["channel_order"] == "grey"
+    assert "0.299 R + 0.587 G + 0.114 B" in card["input"]["adapter"][0]
     assert card["verification"]["max_abs_diff"] <= card["verification"]["tolerance"]
     assert gradcheck(tmp_path / "out", samples=200, op_samples=32, max_instances=2)["passed"]
 

@@ -226,13 +226,15 @@ def adapt_input(
         )
     else:
         targets, target_type = [spec.name], spec.elem_type
-    ops_needed = (spec.layout, spec.channels, _order(spec.channels, channel_order)) != (
+    order = _order(spec.channels, channel_order)
+    as_is = (spec.layout, spec.channels, order, target_type) == (
         "NCHW",
         3,
         "RGB",
-    ) or target_type != TensorProto.FLOAT
+        TensorProto.FLOAT,
+    )
     # With no op to prepend, the float tensor after a uint8 input's Cast is the input itself.
-    new_input = targets[0] if not ops_needed and len(targets) == 1 else fresh(ADAPTED_INPUT)
+    new_input = targets[0] if as_is and len(targets) == 1 else fresh(ADAPTED_INPUT)
     cur = new_input
     if spec.channels == 1:
         w = numpy_helper.from_array(np.asarray(LUMA, np.float32).reshape(1, 3, 1, 1), fresh("luma"))
@@ -251,8 +253,8 @@ def adapt_input(
                 helper.make_node("ReduceSum", [weighted], [grey], axes=[1], keepdims=1, name=grey)
             )
         cur = grey
-        steps.append(f"RGB to grey ({' R + '.join(map(str, LUMA))} B, Pillow's luma)")
-    elif _order(3, channel_order) == "BGR":
+        steps.append("RGB to grey ({} R + {} G + {} B, Pillow's luma)".format(*LUMA))
+    elif order == "BGR":
         parts = [fresh(f"cnnviz_{c}") for c in "RGB"]
         split_args: dict = {"axis": 1}
         split_inputs = [cur]
