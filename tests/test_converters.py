@@ -12,6 +12,7 @@ square, so a transposed map has the wrong shape) and with signed channels in RGB
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -375,6 +376,8 @@ def test_the_workflow_runs_converter_models_end_to_end(tmp_path) -> None:
         for method in config["methods"]["enabled"]:
             maps = read_shard_maps(results / model / method / "s000")[1]
             assert maps.shape == (2, H, W), (model, method)
+    page = (results / "report" / "raw.html").read_text(encoding="utf-8")
+    assert "adapter: uint8 input: its Cast to float32 is cut off" in html.unescape(page)
     keras = modelcard.load_card(results / "models" / "keras")  # output: predictions, its
     assert keras["output"]["name"] == "logits"  # Softmax stripped: the logits are the scores
     assert "Softmax removed" in keras["verification"]["note"]

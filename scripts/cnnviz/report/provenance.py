@@ -38,7 +38,7 @@ def describe_io(io: dict[str, Any] | None) -> str:
     parts = [str(io.get("name", ""))]
     if "shape" in io:
         parts.append("[" + ", ".join(map(str, io["shape"])) + "]")
-    for key in ("dtype", "kind", "num_classes"):
+    for key in ("dtype", "layout", "channel_order", "kind", "num_classes"):
         if key in io:
             parts.append(f"{key} {io[key]}")
     return " ".join(parts)
@@ -50,7 +50,16 @@ def describe_verification(v: dict[str, Any] | None) -> str:
     text = f"against {v.get('reference', '?')} on {v.get('image', '?')}"
     if v.get("max_abs_diff") is not None:  # None for onnx: sources (no reference to check)
         text += f": max |diff| {v['max_abs_diff']:.3g} (tolerance {v.get('tolerance', '?')})"
+    if v.get("note"):
+        text += f"; {v['note']}"
     return text
+
+
+def _own_input(entry: dict[str, Any]) -> str:
+    """What the model was made for and the adapter export put in front (export/onnx_io.py)."""
+    if not entry.get("adapter"):
+        return ""
+    return f"{describe_io(entry.get('model_input'))}; adapter: {'; '.join(entry['adapter'])}"
 
 
 def model_rows(results_dir: Path, name: str, card: dict[str, Any] | None) -> list[tuple[str, str]]:
@@ -68,6 +77,7 @@ def model_rows(results_dir: Path, name: str, card: dict[str, Any] | None) -> lis
         ("sha256", f"{checksum or 'unknown'} ({check})"),
         ("opset", card.get("opset", "")),
         ("input", describe_io(card.get("input"))),
+        ("model's own input", _own_input(card.get("input") or {})),
         ("output", describe_io(card.get("output"))),
         ("preprocess", ", ".join(f"{k} {v}" for k, v in pre.items())),
         ("conv layers", len(card.get("layers", [])) if card else ""),
