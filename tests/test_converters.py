@@ -503,3 +503,17 @@ def test_a_batch_the_graph_fixes_runs_one_image_per_call(exported, tmp_path) -> 
     summary = explain_shard(out, exported["manifest"], "occlusion", tmp_path / "o", dict(OPTIONS),
                             device="cpu", batch_size=2)  # fmt: skip
     assert "fixed batch size 1" in summary["failed"][0]["error"]
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_deconvnet_projections_are_the_twins_in_rgb(exported, tmp_path, name) -> None:
+    """The atlas' projections (deconvnet from a layer's top units back to the image)."""
+    got = []
+    for model in (name, f"{name}_twin"):
+        folder = tmp_path / model
+        summary = explain_shard(exported["dirs"][model], exported["manifest"], "projections",
+                                folder, {"layers": "auto", "top_k": 2}, device="cpu")  # fmt: skip
+        assert not summary["failed"], summary["failed"]
+        got.append(np.asarray(read_array(folder, read_index(folder), "projections"), np.float32))
+    assert got[0].shape[0] == 2 and got[0].shape[-3:] == (3, H, W)
+    np.testing.assert_allclose(got[0], got[1], atol=2e-3)
