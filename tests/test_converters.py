@@ -517,3 +517,19 @@ def test_deconvnet_projections_are_the_twins_in_rgb(exported, tmp_path, name) ->
         got.append(np.asarray(read_array(folder, read_index(folder), "projections"), np.float32))
     assert got[0].shape[0] == 2 and got[0].shape[-3:] == (3, H, W)
     np.testing.assert_allclose(got[0], got[1], atol=2e-3)
+
+
+def test_a_dynamic_nhwc_size_is_pinned_to_preprocess_size(exported, tmp_path) -> None:
+    model = keras_style(True)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for axis, symbol in ((1, "height"), (2, "width")):
+        dims[axis].Clear()
+        dims[axis].dim_param = symbol
+    pre = {**PAIRS["keras"][2], "size": [H, W]}
+    card = export_model("d", f"onnx:{_save(model, tmp_path / 'd.onnx')}", tmp_path / "d",
+                        preprocess=pre)  # fmt: skip
+    assert card["input"]["shape"] == ["batch", 3, H, W]
+    assert card["input"]["model_input"]["shape"] == ["unk__0", H, W, 3]
+    summary = explain_shard(tmp_path / "d", exported["manifest"], "gradcam", tmp_path / "g", {},
+                            device="cpu")  # fmt: skip
+    assert not summary["failed"] and read_shard_maps(tmp_path / "g")[1].shape == (2, H, W)
