@@ -59,12 +59,16 @@ def _weights(seed: int = 7) -> dict[str, np.ndarray]:
 def _body(x: str, weights: dict[str, np.ndarray], pad_mode: str = "constant") -> list:
     """NCHW float `x` -> Conv -> Mul/Add (BN) -> Relu -> Pad -> Conv/2 -> Relu -> GAP -> Gemm."""
     return [
-        helper.make_node("Conv", [x, "w1"], ["c1"], name="conv1/Conv2D", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", [x, "w1"], ["c1"], name="conv1/Conv2D", pads=[1, 1, 1, 1], kernel_shape=[3, 3]
+        ),
         helper.make_node("Mul", ["c1", "bn_mul"], ["bn1"], name="bn1/mul"),
         helper.make_node("Add", ["bn1", "bn_add"], ["bn2"], name="bn1/add"),
         helper.make_node("Relu", ["bn2"], ["r1"], name="conv1/Relu"),
         helper.make_node("Pad", ["r1", "pads"], ["p1"], name="pad2/Pad", mode=pad_mode),
-        helper.make_node("Conv", ["p1", "w2"], ["c2"], name="conv2/Conv2D", strides=[2, 2]),
+        helper.make_node(
+            "Conv", ["p1", "w2"], ["c2"], name="conv2/Conv2D", strides=[2, 2], kernel_shape=[3, 3]
+        ),
         helper.make_node("Relu", ["c2"], ["r2"], name="conv2/Relu"),
         helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),
@@ -533,3 +537,17 @@ def test_a_dynamic_nhwc_size_is_pinned_to_preprocess_size(exported, tmp_path) ->
     summary = explain_shard(tmp_path / "d", exported["manifest"], "gradcam", tmp_path / "g", {},
                             device="cpu")  # fmt: skip
     assert not summary["failed"] and read_shard_maps(tmp_path / "g")[1].shape == (2, H, W)
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_receptive_fields_go_through_the_adapter(exported, name) -> None:
+    """The graph walk (atlas boxes) passes the adapter's Split/Concat and Transposes and the
+    model's own Transpose back: each layer's field is its twin's."""
+    from cnnviz.receptive import receptive_field
+
+    models = [onnx.load(str(exported["dirs"][m] / "model.onnx")) for m in (name, f"{name}_twin")]
+    layers = modelcard.load_card(exported["dirs"][name])["layers"]
+    for layer in layers:
+        fields = [receptive_field(m, layer["tensor"]) for m in models]
+        assert fields[0] == fields[1], layer["name"]
+    assert receptive_field(models[0], layers[-1]["tensor"])[0].size == 5  # two 3x3 convs

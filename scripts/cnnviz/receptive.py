@@ -67,6 +67,15 @@ class _Unsupported(NamedTuple):
     reason: str
 
 
+class _Moved(NamedTuple):
+    """A tensor whose axes are permuted from [N, C, spatial...]: its axis i is that form's
+    axis perm[i] (an NHWC tensor: perm (0, 2, 3, 1)). Elementwise ops keep it; a Transpose
+    back gives the fields again (a converter's NHWC input, export's input adapter)."""
+
+    fields: _Fields
+    perm: tuple[int, ...]
+
+
 def receptive_field(
     model: onnx.ModelProto, tensor: str, input_size: Sequence[int] | None = None
 ) -> tuple[Field, ...]:
@@ -130,6 +139,9 @@ def _walk(model: onnx.ModelProto, tensor: str, input_size: Sequence[int] | None)
                          f"image input {source!r}: it has no receptive field")
     if isinstance(result, _Unsupported):
         raise ModelError(f"no receptive field for tensor {tensor!r}: {result.reason}")
+    if isinstance(result, _Moved):
+        raise ModelError(f"no receptive field for tensor {tensor!r}: its axes are permuted "
+                         "(not [N, C, spatial...]); ask for a tensor after the Transpose back")
     return result
 
 
@@ -177,9 +189,18 @@ def _node_fields(
     if broken is not None:
         return broken
     where = f"{node.op_type} node {node.name!r}"
+    if any(isinstance(v, _Moved) for v in inputs):
+        return _moved(node, inputs, where)
     try:
         data = fields.get(node.input[0]) if node.input else None
         op = node.op_type
+        if op == "Transpose" and data is not None:
+            return _transpose(node, data)
+        if op == "Split" and data is not None:
+            rank = 2 + len(data)
+            if (int(_attrs(node).get("axis", 0)) + rank) % rank != 1:
+                return _Unsupported(f"{where} splits along a spatial axis")
+            return data  # channel groups: each sees what the input saw
         if op in WINDOW_OPS and data is not None:
             return _window(node, data, constants)
         if op in GLOBAL_OPS and data is not None:
@@ -209,6 +230,42 @@ def _node_fields(
         return _Unsupported(str(error))
     return _Unsupported(f"{where} is not supported (supported: windows {WINDOW_OPS}, global "
                         "pools, Pad, elementwise ops, Concat along channels)")
+
+
+def _transpose(node: onnx.NodeProto, data: _Fields) -> _Fields | _Moved:
+    rank = 2 + len(data)
+    perm = tuple(int(p) for p in _attrs(node).get("perm", reversed(range(rank))))
+    if perm[:2] == (0, 1):  # spatial axes reordered among themselves
+        return tuple(data[p - 2] for p in perm[2:])
+    return _Moved(data, perm)
+
+
+def _moved(node: onnx.NodeProto, inputs: list, where: str) -> _Fields | _Moved | _Unsupported:
+    """A node on a permuted tensor: a Transpose (back), or ops that keep every position's own
+    value (first-input and elementwise ops, all their image inputs in the same layout)."""
+    image_inputs = [v for v in inputs if v is not None]
+    data = inputs[0] if isinstance(inputs[0], _Moved) else None
+    op = node.op_type
+    if op == "Transpose" and data is not None and len(image_inputs) == 1:
+        rank = len(data.perm)
+        perm = [int(p) for p in _attrs(node).get("perm", reversed(range(rank)))]
+        composed = tuple(data.perm[p] for p in perm)
+        if composed == tuple(range(rank)):
+            return data.fields
+        if composed[:2] == (0, 1):
+            return tuple(data.fields[p - 2] for p in composed[2:])
+        return _Moved(data.fields, composed)
+    if op in FIRST_INPUT_OPS and data is not None and len(image_inputs) == 1:
+        return data
+    if op in ELEMENTWISE_OPS and all(isinstance(v, _Moved) for v in image_inputs):
+        if len({v.perm for v in image_inputs}) == 1:
+            try:
+                union = _union([v.fields for v in image_inputs], where)
+                return _Moved(union, image_inputs[0].perm)
+            except ModelError as error:
+                return _Unsupported(str(error))
+    return _Unsupported(f"{where} on a tensor with permuted axes (after a Transpose) is not "
+                        "supported")
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
