@@ -11,9 +11,12 @@ walked from the image input to the tensor, composing each node:
 - GlobalAveragePool / GlobalMaxPool / GlobalLpPool, InstanceNormalization and Reduce* over the
   spatial axes: every unit sees the whole image (size = image extent, stride 0, offset 0);
 - elementwise ops pass the field through; ops with several tensor inputs (Add, Mul, Concat
-  along channels, ...) take the union of their branches. A broadcast operand of spatial extent 1
-  next to a full map (a squeeze-and-excitation gate, a per-channel scale) is left out: it
-  modulates the unit but is not where its local evidence comes from.
+  along channels, ...) take the union of their branches; a Split along channels passes it. A
+  broadcast operand of spatial extent 1 next to a full map (a squeeze-and-excitation gate, a
+  per-channel scale) is left out: it modulates the unit but is not where its local evidence
+  comes from;
+- Transpose: one that moves the channel axis (NCHW <-> NHWC: a converter's layout, export's
+  input adapter) leaves a permuted tensor that elementwise ops keep until a Transpose back.
 
 Anything else on the way (Resize, Reshape, Slice, ConvTranspose, ...) raises ModelError naming
 the node: the field is then not known, and callers fall back to what the data shows.
