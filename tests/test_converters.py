@@ -551,3 +551,26 @@ def test_receptive_fields_go_through_the_adapter(exported, name) -> None:
         fields = [receptive_field(m, layer["tensor"]) for m in models]
         assert fields[0] == fields[1], layer["name"]
     assert receptive_field(models[0], layers[-1]["tensor"])[0].size == 5  # two 3x3 convs
+
+
+def test_caffe_scores_shaped_n_c_1_1_are_flattened(exported, tmp_path) -> None:
+    """A Caffe SqueezeNet-style head: 1x1 conv classifier, global pool, Softmax -> [1, C, 1, 1]."""
+    weights = _weights()
+    weights["w3"] = np.random.default_rng(4).standard_normal((CLASSES, 8, 1, 1)).astype("f4")
+    nodes = _body("data", weights)[:7] + [
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], kernel_shape=[1, 1], name="conv10"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["pool10"]),
+        helper.make_node("Softmax", ["pool10"], ["prob"], axis=1),
+    ]
+    x = helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, H, W])
+    y = helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, CLASSES, 1, 1])
+    src = _save(finish_model(nodes, weights, [x], [y]), tmp_path / "squeeze.onnx")
+    card = export_model("sq", f"onnx:{src}", tmp_path / "sq", preprocess=PAIRS["caffe"][2])
+    assert card["output"]["num_classes"] == CLASSES and card["output"]["kind"] == "logits"
+    assert "flattened to [batch, classes]" in card["verification"]["note"]
+    assert card["verification"]["max_abs_diff"] <= card["verification"]["tolerance"]
+    assert gradcheck(tmp_path / "sq", samples=200, op_samples=32, max_instances=2)["passed"]
+    for method in ("gradcam", "saliency"):
+        summary = explain_shard(tmp_path / "sq", exported["manifest"], method, tmp_path / method,
+                                {}, device="cpu")  # fmt: skip
+        assert not summary["failed"] and read_shard_maps(tmp_path / method)[1].shape == (2, H, W)

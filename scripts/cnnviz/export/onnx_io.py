@@ -430,3 +430,21 @@ def unpin_reshapes(model: onnx.ModelProto, batch: int) -> onnx.ModelProto | None
         node.input[1] = name
         changed = True
     return out if changed else None
+
+
+def flatten_scores(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The class scores [N, C, 1, 1] of a model whose classifier is a 1x1 conv or a global pool
+    (Caffe conversions: SqueezeNet, NiN) as [N, C]: a Flatten after the output."""
+    out = copy.deepcopy(model)
+    graph = out.graph
+    old = graph.output[0]
+    used = {n for node in graph.node for n in [*node.input, *node.output]}
+    name = _Fresh(used | {t.name for t in graph.initializer})(f"{old.name}_flat")
+    graph.node.append(helper.make_node("Flatten", [old.name], [name], axis=1, name=name))
+    dims = old.type.tensor_type.shape.dim
+    shape = [d.dim_param or d.dim_value or None for d in dims[:2]] if len(dims) >= 2 else None
+    flat = helper.make_tensor_value_info(name, old.type.tensor_type.elem_type, shape)
+    graph.value_info.append(old)
+    graph.output.pop()
+    graph.output.append(flat)
+    return out
