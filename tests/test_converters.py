@@ -574,3 +574,13 @@ def test_caffe_scores_shaped_n_c_1_1_are_flattened(exported, tmp_path) -> None:
         summary = explain_shard(tmp_path / "sq", exported["manifest"], method, tmp_path / method,
                                 {}, device="cpu")  # fmt: skip
         assert not summary["failed"] and read_shard_maps(tmp_path / method)[1].shape == (2, H, W)
+
+
+def test_gradcheck_of_a_converters_file_goes_through_the_adapter(tmp_path) -> None:
+    """`cnnviz gradcheck raw.onnx` on the uint8 file itself (no export): fed float pixels."""
+    from cnnviz.cli import main
+
+    src = _save(uint8_style(True), tmp_path / "raw.onnx")
+    out = tmp_path / "check.json"
+    assert main(["gradcheck", "--model", str(src), "--samples", "200", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["passed"]

@@ -115,6 +115,14 @@ def load_model(path: str | Path) -> tuple[onnx.ModelProto, dict | None, Path]:
         model = onnx.load(str(onnx_path))
     except Exception as err:  # noqa: BLE001 - any parse error means "not an ONNX model"
         raise ModelError(f"{onnx_path} is not a readable ONNX model: {err}") from err
+    if card is None:  # a converter's file (NHWC, uint8 ...): checked as export will feed it
+        from ..export.onnx_io import adapt_input, read_input
+
+        try:
+            spec = read_input(model, onnx_path)
+        except ModelError:
+            return model, card, onnx_path  # not an image input: checked as it is
+        model = adapt_input(model, spec, "RGB")[0]
     return model, card, onnx_path
 
 
