@@ -210,24 +210,7 @@ def _from_onnx(
     model, stripped = strip_softmax(model)
     model, sigmoid = strip_sigmoid(model)
     model = dequantized_views(model)  # a quantized conv's layer picture, as float
-    pre = _merge_preprocess(DEFAULT_PREPROCESS, preprocess)
-    pre["layout"] = spec.layout
-    if spec.dtype == "uint8":
-        pre = _raw_pixels(pre, preprocess, where)
-    declared = spec.size
-    if all(isinstance(v, int) for v in declared):
-        if preprocess is None or "size" not in preprocess:
-            pre["size"] = list(declared)
-        elif list(pre["size"]) != list(declared):
-            raise ModelError(
-                f"{where}: preprocess.size {pre['size']} does not match the model's input "
-                f"{spec.dims}; set size to {list(declared)}"
-            )
-    if pre.get("resize") == "center_crop" and "resize_to" not in (preprocess or {}):
-        pre["resize_to"] = int(round(max(pre["size"]) * 256 / 224))  # torchvision's 224/256
-    check_preprocess(pre, where)
-    if not all(isinstance(v, int) for v in declared):
-        log.info("%s: dynamic height/width fixed to %s (preprocess.size)", where, pre["size"])
+    pre = _onnx_preprocess(spec, preprocess, where)
     given = fix_image_size(model, spec, pre["size"])
     order = str(pre.get("channel_order", "RGB")).upper()
     model, adapter = adapt_input(given, spec, order)
@@ -270,7 +253,25 @@ def _from_onnx(
     }
     if adapter:
         verification.update(_check_adapter(given, batch, out, spec, order, where, threads))
-    notes = ["final Softmax removed: the output is the logits"] if stripped else []
+    notes = _changes(model, stripped, sigmoid, flattened, where)
+    quantized = quantized_ops(model)
+    if quantized:
+        notes.append(
+            f"quantized (integer) graph: {', '.join(quantized)}; the gradient methods need a "
+            "float model (no gradient through integer ops): export the float model for them"
+        )
+        verification["quantized_ops"] = quantized
+    if notes:
+        verification["note"] = "; ".join(notes)
+    entry = {**_input_entry(model), "model_input": spec.entry(order), "adapter": adapter}
+    return model, data, pre, class_names, output_kind, verification, entry
+
+
+def _changes(
+    model: onnx.ModelProto, softmax: bool, sigmoid: bool, flattened: bool, where: str
+) -> list[str]:
+    """The card's notes on what export changed at the output, and on a batch left fixed."""
+    notes = ["final Softmax removed: the output is the logits"] if softmax else []
     if sigmoid:
         notes.append("final Sigmoid removed: the output is the logits (each class's own)")
     if flattened:
@@ -283,17 +284,31 @@ def _from_onnx(
             "with a dynamic batch axis for speed and occlusion"
         )
         log.warning("%s: %s", where, notes[-1])
-    quantized = quantized_ops(model)
-    if quantized:
-        notes.append(
-            f"quantized (integer) graph: {', '.join(quantized)}; the gradient methods need a "
-            "float model (no gradient through integer ops): export the float model for them"
-        )
-        verification["quantized_ops"] = quantized
-    if notes:
-        verification["note"] = "; ".join(notes)
-    entry = {**_input_entry(model), "model_input": spec.entry(order), "adapter": adapter}
-    return model, data, pre, class_names, output_kind, verification, entry
+    return notes
+
+
+def _onnx_preprocess(spec: InputSpec, given: dict | None, where: str) -> dict:
+    """The card's preprocess of an onnx: model: the config's over the defaults, the size the
+    input declares, raw pixels for a uint8 input, the layout read from the input."""
+    pre = _merge_preprocess(DEFAULT_PREPROCESS, given)
+    pre["layout"] = spec.layout
+    if spec.dtype == "uint8":
+        pre = _raw_pixels(pre, given, where)
+    declared = spec.size
+    if all(isinstance(v, int) for v in declared):
+        if given is None or "size" not in given:
+            pre["size"] = list(declared)
+        elif list(pre["size"]) != list(declared):
+            raise ModelError(
+                f"{where}: preprocess.size {pre['size']} does not match the model's input "
+                f"{spec.dims}; set size to {list(declared)}"
+            )
+    else:
+        log.info("%s: dynamic height/width fixed to %s (preprocess.size)", where, pre["size"])
+    if pre.get("resize") == "center_crop" and "resize_to" not in (given or {}):
+        pre["resize_to"] = int(round(max(pre["size"]) * 256 / 224))  # torchvision's 224/256
+    check_preprocess(pre, where)
+    return pre
 
 
 def _raw_pixels(pre: dict, given: dict | None, where: str) -> dict:
