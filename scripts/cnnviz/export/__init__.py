@@ -34,13 +34,11 @@ from .onnx_io import (
     InputSpec,
     adapt_input,
     fix_image_size,
-    flatten_scores,
     read_input,
-    select_output,
-    strip_sigmoid,
     to_model_input,
     unpin_reshapes,
 )
+from .outputs import flatten_scores, select_output, strip_sigmoid
 from .sources import (
     DEFAULT_PREPROCESS,
     check_weights,

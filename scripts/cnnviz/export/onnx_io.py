@@ -1,4 +1,4 @@
-"""The image input and the class-score output of an onnx: model, as converters make them.
+"""The image input of an onnx: model, as converters make it (the output: outputs.py).
 
 Every step after export feeds a model one kind of input: float32 [N, 3, H, W], channels in RGB
 order, normalized on the host by `images.preprocess` -- so every map, gradient and projection is
@@ -209,7 +209,7 @@ def adapt_input(
     opset = next((int(o.version) for o in out.opset_import if o.domain in ("", "ai.onnx")), 13)
     used = {n for node in graph.node for n in [*node.input, *node.output]}
     used |= {v.name for v in [*graph.input, *graph.output]} | {t.name for t in graph.initializer}
-    fresh = _Fresh(used)
+    fresh = FreshNames(used)
     steps: list[str] = []
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -301,7 +301,7 @@ def adapt_input(
     return out, steps
 
 
-class _Fresh:
+class FreshNames:
     """Names not yet used in the graph."""
 
     def __init__(self, used: set[str]) -> None:
@@ -330,80 +330,6 @@ def to_model_input(batch: np.ndarray, spec: InputSpec, channel_order: str) -> np
     return np.ascontiguousarray(x.astype(spec.dtype))
 
 
-# --------------------------------------------------------------------------- outputs
-
-
-def select_output(model: onnx.ModelProto, wanted: str | None, where: str) -> onnx.ModelProto:
-    """The model with one graph output, the class scores: `wanted` (config `output:`), else the
-    only one; the nodes only other outputs needed are dropped."""
-    names = [o.name for o in model.graph.output]
-    key = f"models.{_model_name(where)}.output"
-    if wanted is not None and wanted not in names:
-        raise ModelError(
-            f"{where}: {key} {wanted!r} is not one of the model's outputs "
-            f"({', '.join(map(repr, names))}); set it to the one that holds the class scores"
-        )
-    if wanted is None:
-        if len(names) == 1:
-            return model
-        raise ModelError(
-            f"{where}: the model has {len(names)} outputs ({', '.join(map(repr, names))}); "
-            f"set {key} in the config to the one that holds the class scores"
-        )
-    if names == [wanted]:
-        return model
-    out = copy.deepcopy(model)
-    graph = out.graph
-    keep = [o for o in graph.output if o.name == wanted]
-    del graph.output[:]
-    graph.output.extend(keep)
-    needed = {wanted}
-    live: list[onnx.NodeProto] = []
-    for node in reversed(list(graph.node)):
-        if any(o in needed for o in node.output):
-            live.append(node)
-            needed |= set(node.input) | _subgraph_names(node)
-    del graph.node[:]
-    graph.node.extend(reversed(live))
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    return out
-
-
-def _subgraph_names(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs (If/Loop/Scan bodies) read from the outer graph."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            for inner in sub.node:
-                names |= set(inner.input) | _subgraph_names(inner)
-    return names
-
-
-def _model_name(where: str) -> str:
-    return where.split("'")[1] if where.count("'") >= 2 else "<name>"
-
-
-def strip_sigmoid(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """Make the logits the output when it is a final Sigmoid (a multi-label classifier's
-    independent probabilities); (model, stripped?). The seed then picks a class's logit, as
-    for a final Softmax."""
-    output = model.graph.output[0]
-    producer = next((n for n in model.graph.node if output.name in n.output), None)
-    if producer is None or producer.op_type != "Sigmoid":
-        return model, False
-    logits = producer.input[0]
-    if any(logits in n.input for n in model.graph.node if n is not producer):
-        return model, False  # the logits feed something else too: keep the graph as it is
-    out = copy.deepcopy(model)
-    kept = [n for n in out.graph.node if output.name not in n.output]
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    out.graph.output[0].name = logits  # elementwise: same type and shape
-    return out, True
-
-
 def unpin_reshapes(model: onnx.ModelProto, batch: int) -> onnx.ModelProto | None:
     """A copy where each Reshape to a constant shape that starts with `batch` copies its
     input's leading dim instead (0), or None when there is none. The caller checks that the
@@ -414,7 +340,9 @@ def unpin_reshapes(model: onnx.ModelProto, batch: int) -> onnx.ModelProto | None
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    fresh = _Fresh({n for node in graph.node for n in [*node.input, *node.output]} | set(consts))
+    fresh = FreshNames(
+        {n for node in graph.node for n in [*node.input, *node.output]} | set(consts)
+    )
     changed = False
     for node in graph.node:
         allowzero = next((a.i for a in node.attribute if a.name == "allowzero"), 0)
@@ -430,21 +358,3 @@ def unpin_reshapes(model: onnx.ModelProto, batch: int) -> onnx.ModelProto | None
         node.input[1] = name
         changed = True
     return out if changed else None
-
-
-def flatten_scores(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The class scores [N, C, 1, 1] of a model whose classifier is a 1x1 conv or a global pool
-    (Caffe conversions: SqueezeNet, NiN) as [N, C]: a Flatten after the output."""
-    out = copy.deepcopy(model)
-    graph = out.graph
-    old = graph.output[0]
-    used = {n for node in graph.node for n in [*node.input, *node.output]}
-    name = _Fresh(used | {t.name for t in graph.initializer})(f"{old.name}_flat")
-    graph.node.append(helper.make_node("Flatten", [old.name], [name], axis=1, name=name))
-    dims = old.type.tensor_type.shape.dim
-    shape = [d.dim_param or d.dim_value or None for d in dims[:2]] if len(dims) >= 2 else None
-    flat = helper.make_tensor_value_info(name, old.type.tensor_type.elem_type, shape)
-    graph.value_info.append(old)
-    graph.output.pop()
-    graph.output.append(flat)
-    return out
