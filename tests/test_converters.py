@@ -26,7 +26,7 @@ from cnnviz.export import export_model
 from cnnviz.images import stage_shard
 from cnnviz.methods.explain import METHODS, explain_shard
 from cnnviz.methods.shard_maps import read_array, read_index, read_shard_maps
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx_build import finish_model
 from PIL import Image
 
@@ -130,6 +130,49 @@ def uint8_style(uint8: bool) -> onnx.ModelProto:
     return _model([*head, *_body("nchw", weights)], weights, x, "raw" if uint8 else "raw_twin")
 
 
+def tf2onnx_unoptimized() -> onnx.ModelProto:
+    """tf2onnx without its optimizer: NHWC between the convs, a Transpose on each side of
+    every Conv, BN's Mul/Add with [1, 1, 1, C] constants, Pad on NHWC, GAP as ReduceMean."""
+    weights = _weights()
+    weights["bn_mul"] = weights["bn_mul"].reshape(1, 1, 1, 8)
+    weights["bn_add"] = weights["bn_add"].reshape(1, 1, 1, 8)
+    weights["pads"] = np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64)
+    weights["hw"] = np.array([1, 2], np.int64)
+
+    def transpose(x: str, y: str, perm: list[int]) -> onnx.NodeProto:
+        return helper.make_node("Transpose", [x], [y], perm=perm)
+
+    nchw, nhwc = [0, 3, 1, 2], [0, 2, 3, 1]
+    nodes = [
+        transpose("input_1", "x_nchw", nchw),
+        helper.make_node("Conv", ["x_nchw", "w1"], ["c1"], name="conv1/Conv2D", pads=[1] * 4,
+                         kernel_shape=[3, 3]),
+        transpose("c1", "c1_nhwc", nhwc),
+        helper.make_node("Mul", ["c1_nhwc", "bn_mul"], ["bn1"]),
+        helper.make_node("Add", ["bn1", "bn_add"], ["bn2"]),
+        helper.make_node("Relu", ["bn2"], ["r1"]),
+        helper.make_node("Pad", ["r1", "pads"], ["p1"]),
+        transpose("p1", "p1_nchw", nchw),
+        helper.make_node("Conv", ["p1_nchw", "w2"], ["c2"], name="conv2/Conv2D", strides=[2, 2],
+                         kernel_shape=[3, 3]),
+        transpose("c2", "c2_nhwc", nhwc),
+        helper.make_node("Relu", ["c2_nhwc"], ["r2"]),
+        helper.make_node("ReduceMean", ["r2", "hw"], ["g"], keepdims=0),
+        helper.make_node("Gemm", ["g", "fc", "fc_b"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["predictions"], axis=1),
+    ]  # fmt: skip
+    x = helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["unk__0", H, W, 3])
+    y = helper.make_tensor_value_info("predictions", TensorProto.FLOAT, ["unk__0", CLASSES])
+    model = helper.make_model(
+        helper.make_graph(nodes, "tf2onnx", [x], [y],
+                          [numpy_helper.from_array(v, k) for k, v in weights.items()]),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )  # fmt: skip
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 STRETCH = {"resize": "stretch"}
 # name -> (model, twin, model's preprocess, twin's preprocess)
 PAIRS = {
@@ -145,6 +188,12 @@ PAIRS = {
         {**STRETCH, "scale": 1.0, "mean": MEAN_BGR, "std": [1.0] * 3, "channel_order": "BGR"},
         {**STRETCH, "scale": 1.0, "mean": MEAN_BGR[::-1], "std": [1.0] * 3},
     ),
+    "tf2onnx": (
+        tf2onnx_unoptimized,
+        lambda: keras_style(False),
+        {**STRETCH, "scale": 127.5, "mean": [1.0] * 3, "std": [1.0] * 3},
+        {**STRETCH, "scale": 127.5, "mean": [1.0] * 3, "std": [1.0] * 3},
+    ),
     "raw": (
         lambda: uint8_style(True),
         lambda: uint8_style(False),
@@ -156,6 +205,7 @@ ADAPTED = {
     "keras": ("NHWC", "RGB", "float32"),
     "caffe": ("NCHW", "BGR", "float32"),
     "raw": ("NHWC", "RGB", "uint8"),
+    "tf2onnx": ("NHWC", "RGB", "float32"),
 }
 
 
@@ -206,7 +256,11 @@ def test_export_records_the_models_input_and_feeds_cnnviz_input(exported, name) 
     assert verification["max_abs_diff"] <= verification["tolerance"]
     assert verification["top1"] == twin["verification"]["top1"]
     assert card["output"]["kind"] == "logits"  # the final Softmax is stripped
-    assert [row["name"] for row in card["layers"]] == [row["name"] for row in twin["layers"]]
+    assert [(row["name"], row["activation"]) for row in card["layers"]] == [
+        (row["name"], row["activation"]) for row in twin["layers"]
+    ]  # a Transpose between a conv and its activation moved away (export/transposes.py)
+    graph = onnx.load(str(exported["dirs"][name] / "model.onnx")).graph
+    assert not [n for n in graph.node if n.op_type == "Transpose"]  # they all cancelled
 
 
 def test_a_uint8_model_takes_raw_pixels(exported) -> None:
@@ -584,3 +638,34 @@ def test_gradcheck_of_a_converters_file_goes_through_the_adapter(tmp_path) -> No
     out = tmp_path / "check.json"
     assert main(["gradcheck", "--model", str(src), "--samples", "200", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["passed"]
+
+
+def test_sinking_transposes_keeps_the_values() -> None:
+    """export/transposes.py on the cases it rewrites: a constant on the left of a Sub, a Clip,
+    a Reduce with keepdims (the Transpose stays after it), a Transpose left that meets none."""
+    from cnnviz.export.transposes import sink_transposes
+    from cnnviz.runtime import make_session
+
+    rng = np.random.default_rng(9)
+    weights = {
+        "c": rng.standard_normal((1, 5, 1, 3)).astype(np.float32),  # [N, H, W, C] broadcast
+        "lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32),
+        "axes": np.array([2], np.int64), "pads": np.array([0, 1, 0, 0, 0, 0, 2, 0], np.int64),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Sub", ["c", "t"], ["s"]),
+        helper.make_node("Clip", ["s", "lo", "hi"], ["k"]),
+        helper.make_node("Pad", ["k", "pads"], ["p"]),
+        helper.make_node("ReduceSum", ["p", "axes"], ["y"], keepdims=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 5, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6, 1, 3])
+    model = finish_model(nodes, weights, [x], [y])
+    sunk = sink_transposes(model)
+    ops = [n.op_type for n in sunk.graph.node]
+    assert ops == ["Sub", "Clip", "Pad", "ReduceSum", "Transpose"], ops
+    feed = {"x": rng.standard_normal((2, 3, 5, 4)).astype(np.float32)}
+    want = make_session(model, "cpu").run(None, feed)[0]
+    got = make_session(sunk, "cpu").run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

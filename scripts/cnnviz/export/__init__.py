@@ -47,6 +47,7 @@ from .sources import (
     parse_source,
     torchvision_model,
 )
+from .transposes import sink_transposes
 
 __all__ = ["export_model"]
 
@@ -212,6 +213,8 @@ def _from_onnx(
     given = fix_image_size(model, spec, pre["size"])
     order = str(pre.get("channel_order", "RGB")).upper()
     model, adapter = adapt_input(given, spec, order)
+    if adapter:  # the adapter's Transpose meets the model's own; checked below (_check_adapter)
+        model = sink_transposes(model)
     model = _symbolic_batch_if_possible(model, spec.dims, pre, threads)
     try:
         model = record_shapes(model)  # static shapes where inference stops (com.microsoft ops)
