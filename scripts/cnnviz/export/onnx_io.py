@@ -12,7 +12,8 @@ detected from the shape, or `preprocess.layout`) and prepends a small adapter
       -> Transpose to NHWC -> Cast to float16 / float64 -> the model's own input tensor
 
 The adapter is made of ops the gradient engine has rules for, so gradients, occlusion and
-projections all reach the image through it. A uint8 input has no gradient: its Cast to float is
+projections all reach the image through it (its Transpose then cancels against the model's own
+Transpose back to NCHW: export/transposes.py). A uint8 input has no gradient: its Cast to float is
 cut off and the Cast's float output is fed (from the adapter) instead; the host's pixels are
 then the raw 0..255 values (scale 1, mean 0, std 1), which are exact integers in float32, so the
 model computes what it computes on uint8 pixels. The card records both inputs and the adapter.
