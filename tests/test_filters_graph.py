@@ -82,7 +82,7 @@ def test_gather_rule_fd_constant_indices(axis):
     inp = [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["batch", 4, 3])]
     model = model_of(nodes, inp, [numpy_helper.from_array(idx, "idx")])
     grad_model = check_rule(model, {"x": x})
-    assert "ScatterND" in og.op_types(grad_model)
+    assert "ScatterElements" in og.op_types(grad_model)
 
 
 def test_gather_rule_fd_computed_and_scalar_indices():

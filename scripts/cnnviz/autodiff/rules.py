@@ -419,16 +419,19 @@ def max_pool(ctx, node, gys):
     strides, dil, _ = window_geometry(node, xs, kernel)
     overlapping = any(k * d > s for k, s, d in zip(kernel, strides, dil, strict=True))
     if ctx.opset < 16 and overlapping:
-        raise refuse(node, "overlapping windows need ScatterND(reduction='add') from opset 16")
+        raise refuse(node, "overlapping windows need a scatter-add (opset >= 16)")
     keep = {k: v for k, v in a.items() if k != "storage_order"}
     _, indices = ctx.op_multi("MaxPool", [x], 2, **keep)
-    flat = int(np.prod(xs))
-    scatter = {"reduction": "add"} if ctx.opset >= 16 else {}
-    gx = ctx.op(
-        "ScatterND",
-        [ctx.zeros([flat], x), ctx.reshape(indices, [-1, 1]), ctx.reshape(gys[0], [-1])],
-        **scatter,
-    )
+    flat, n = int(np.prod(xs)), int(np.prod(ctx.shape(node.output[0])))
+    if overlapping:  # one input can win several windows: their gradients add up
+        from .rules_sampling import scatter_add
+
+        gx = scatter_add(ctx, [flat], x, ctx.reshape(indices, [-1]), ctx.reshape(gys[0], [-1]), n)
+    else:  # every input wins at most one window: a plain scatter, any opset
+        gx = ctx.op(
+            "ScatterND",
+            [ctx.zeros([flat], x), ctx.reshape(indices, [-1, 1]), ctx.reshape(gys[0], [-1])],
+        )
     return [ctx.reshape(gx, xs)]
 
 

@@ -1,8 +1,12 @@
 """Backward rules of the resampling ops: Gather and GatherElements (registered into `RULES`).
 
 A gather reads data at computed positions; its adjoint scatter-adds each output's gradient back
-to the position it was read from (ScatterND / ScatterElements with reduction='add', opset 16+;
-both have CUDA kernels). Indices are integers and never get an adjoint. Feature visualization
+to the position it was read from: ScatterElements with reduction='add' (opset 16+, CUDA kernels
+from 16). Never ScatterND(add): ONNX Runtime's CPU kernel splits the updates over its intra-op
+threads with no guard against two of them adding to one position (onnxruntime#18048), so with
+repeated indices (two taps reading one pixel, overlapping pooling windows) it loses updates,
+differently on every run; ScatterElements' CPU kernel adds in one pass. `scatter_add` is the one
+place that writes it. Indices are integers and never get an adjoint. Feature visualization
 builds its bilinear resampling (rotation, scale, jitter) from one Gather of four taps.
 """
 
@@ -12,7 +16,18 @@ import numpy as np
 
 from .rules import _axis, refuse, register
 
-SCATTER_ADD_OPSET = 16  # ScatterND / ScatterElements gained reduction='add' in opset 16
+SCATTER_ADD_OPSET = 16  # ScatterElements gained reduction='add' in opset 16
+
+
+def scatter_add(ctx, shape: list[int], like: str, indices: str, updates: str, n: int) -> str:
+    """zeros(shape) with updates[i, ...] added at row indices[i] (int64 [n]) along axis 0, for
+    updates of shape [n] + shape[1:]; repeated indices add up (deterministically, see above)."""
+    rows = ctx.reshape(indices, [n] + [1] * (len(shape) - 1))
+    if len(shape) > 1:
+        rows = ctx.op("Expand", [rows, ctx.ints([n, *shape[1:]])])
+    return ctx.op(
+        "ScatterElements", [ctx.zeros(shape, like), rows, updates], axis=0, reduction="add"
+    )
 
 
 def _nonnegative(ctx, indices: str, dim: int) -> str:
@@ -22,7 +37,7 @@ def _nonnegative(ctx, indices: str, dim: int) -> str:
         fixed = np.where(value < 0, value + dim, value).astype(np.int64)
         return ctx.const(fixed, "idx")
     if ctx.np_dtype(indices) != np.int64:
-        indices = ctx.op("Cast", [indices], to=7)  # ScatterND takes int64 indices only
+        indices = ctx.op("Cast", [indices], to=7)  # one index type for every caller
     negative = ctx.op("Cast", [ctx.op("Less", [indices, ctx.ints([0])])], to=7)  # int64
     return ctx.op("Add", [indices, ctx.op("Mul", [negative, ctx.ints([dim])])])
 
@@ -36,7 +51,7 @@ def _check_opset(ctx, node) -> None:
 def gather(ctx, node, gys):
     """out[pre, i..., post] = data[pre, idx[i...], post]; the adjoint adds out's gradient back.
 
-    The gathered axis is moved to the front so one ScatterND (indices [n, 1]) serves any axis.
+    The gathered axis is moved to the front so one scatter along axis 0 serves any axis.
     """
     _check_opset(ctx, node)
     data, indices = node.input[:2]
@@ -53,9 +68,8 @@ def gather(ctx, node, gys):
     if perm != list(range(len(perm))):
         g = ctx.op("Transpose", [g], perm=perm)
     g = ctx.reshape(g, [n, *pre, *post])
-    idx = ctx.reshape(_nonnegative(ctx, indices, ds[axis]), [n, 1])
-    front = [ds[axis], *pre, *post]
-    scattered = ctx.op("ScatterND", [ctx.zeros(front, data), idx, g], reduction="add")
+    idx = ctx.reshape(_nonnegative(ctx, indices, ds[axis]), [n])
+    scattered = scatter_add(ctx, [ds[axis], *pre, *post], data, idx, g, n)
     if axis:  # [D_a] + pre + post -> pre + [D_a] + post
         back = list(range(1, axis + 1)) + [0] + list(range(axis + 1, rank))
         scattered = ctx.op("Transpose", [scattered], perm=back)

@@ -23,7 +23,7 @@ Adam / normalized-step update. `GraphJob` runs it with ONNX Runtime I/O binding:
 (parameters, Adam's m and v, the step index, the curves) stays on the device between steps and
 is read back once, at the end. Engine "numpy" is the earlier host loop (the model's gradient from
 `LayerObjective`, the rest in numpy, `optvis`), kept as the reference the graph is tested
-against and for models below opset 16 (the resampling's adjoint needs ScatterND's add).
+against and for models below opset 16 (the resampling's adjoint needs ScatterElements' add).
 All filters of a chunk are one batch: item i's seed selects its own channel, so a chunk of 16
 filters costs one batched forward + backward per step. Every filter draws its start and its
 transforms from its own stream, seeded by (seed, channel), so a filter's picture does not depend
@@ -56,7 +56,7 @@ REDIRECTED = ("Relu", "Clip")  # activations whose zero-gradient region can trap
 REDIRECT_STEPS = 16  # lucid redirects ReLU gradients for its first 16 steps
 OBJECTIVES = ("auto", "activation", "filter")
 ENGINES = ("graph", "numpy")
-GRAPH_OPSET = 16  # the step graph's resampling adjoint is a ScatterND(add), opset 16+
+GRAPH_OPSET = 16  # the step graph's resampling adjoint is a ScatterElements(add), opset 16+
 
 
 @dataclass
