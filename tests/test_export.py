@@ -253,7 +253,10 @@ def test_efficientnet_card(effnet_dir):
     model = onnx.load(str(effnet_dir / "model.onnx"))
     assert card["sha256"] == _sha256(effnet_dir / "model.onnx")
     assert card["source"] == "efficientnet-lite0" and card["weights"] == "pretrained"
-    assert card["input"] == {"name": "input", "shape": ["batch", 3, 224, 224], "dtype": "float32"}
+    assert card["input"] == {
+        "name": "input", "shape": ["batch", 3, 224, 224], "dtype": "float32",
+        "layout": "NCHW", "channel_order": "RGB",
+    }  # fmt: skip
     assert card["output"] == {"name": "logits", "kind": "logits", "num_classes": 1000}
     assert len(card["labels"]) == 1000 and card["labels"][285] == "Egyptian cat"
     assert card["preprocess"]["resize"] == "stretch"

@@ -21,7 +21,7 @@ WEIGHTS = np.zeros((3, C, H, W), np.float32)
 WEIGHTS[0, 0][REGION] = 4.0 / 16
 WEIGHTS[2, 1] = 1.0 / 50
 CARD = {
-    "input": {"name": "input"},
+    "input": {"name": "input", "shape": ["batch", C, H, W]},
     "output": {"name": "logits", "kind": "logits", "num_classes": 3},
 }
 
