@@ -94,6 +94,8 @@ def vjp(
 def _differentiate(ctx: Context, graph, adjoints: dict[str, list[str]], fallback: str) -> list:
     """Run the rules in reverse topological order; returns the nodes done by the fallback."""
     approximate = []
+    if fallback != "finite-differences":
+        _refuse_missing_rules(ctx, graph)
     for node in reversed(list(graph.node)):
         if not any(o in ctx.active_tensors for o in node.output):
             continue
@@ -102,7 +104,7 @@ def _differentiate(ctx: Context, graph, adjoints: dict[str, list[str]], fallback
             continue
         ctx.scope = f"bwd/{node.name or node.op_type}"
         rule = POLICIES[ctx.policy].get(node.op_type) or RULES.get(node.op_type)
-        if rule is None or node.domain not in ("", "ai.onnx"):
+        if _without_rule(ctx, node):
             rule = _fallback_rule(ctx, node, fallback)
             approximate.append(node.name or node.op_type)
         for name, g in zip(node.input, rule(ctx, node, gys), strict=False):
@@ -150,6 +152,50 @@ def _total(ctx: Context, adjoints: dict[str, list[str]], name: str) -> str | Non
     if len(parts) > 1:
         parts[:] = [ctx.op("Sum", parts)]
     return parts[0]
+
+
+def _without_rule(ctx: Context, node: onnx.NodeProto) -> bool:
+    rule = POLICIES[ctx.policy].get(node.op_type) or RULES.get(node.op_type)
+    return rule is None or node.domain not in ("", "ai.onnx")
+
+
+def _refuse_missing_rules(ctx: Context, graph) -> None:
+    """Every op on the differentiated path that has no rule, in one error (not the first one
+    met): which could use the finite-difference fallback, and the way out for the rest."""
+    missing: dict[str, list[str]] = {}
+    elementwise: set[str] = set()
+    for node in graph.node:
+        needs_rule = any(o in ctx.active_tensors for o in node.output) and any(
+            ctx.active(i) for i in node.input
+        )
+        if needs_rule and _without_rule(ctx, node):
+            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            missing.setdefault(op, []).append(repr(node.name))
+            if elementwise_input(ctx, node) is not None:
+                elementwise.add(op)
+    if not missing:
+        return
+    ops = "; ".join(
+        f"{op} ({len(names)} node{'s' * (len(names) > 1)}: {', '.join(names[:3])}"
+        f"{' ...' if len(names) > 3 else ''})"
+        for op, names in missing.items()
+    )
+    ways = []
+    if elementwise:
+        ways.append(
+            f"{', '.join(sorted(elementwise))} could use fallback: finite-differences "
+            "(in-graph central differences, maps marked approximate)"
+        )
+    if set(missing) - elementwise:
+        ways.append(
+            f"{', '.join(sorted(set(missing) - elementwise))}: the finite-difference fallback "
+            "only covers elementwise ops, so cut the graph after them (differentiate w.r.t. a "
+            "later tensor) or add a rule to cnnviz/autodiff/rules.py"
+        )
+    raise UnsupportedOpError(
+        f"no backward rule for {len(missing)} op type{'s' * (len(missing) > 1)} of this model: "
+        f"{ops}. {'; '.join(ways)}"
+    )
 
 
 def _fallback_rule(ctx: Context, node: onnx.NodeProto, fallback: str):
