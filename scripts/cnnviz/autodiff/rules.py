@@ -568,8 +568,9 @@ def _pad(ctx, g: str, begins, ends) -> str:
 @register("Pad")
 def pad(ctx, node, gys):
     a = attrs_of(node)
-    if a.get("mode", "constant") != "constant":
-        raise refuse(node, f"mode={a['mode']!r} (only constant padding has a rule)")
+    mode = a.get("mode", "constant")
+    if mode not in ("constant", "edge", "reflect", "wrap"):
+        raise refuse(node, f"mode={mode!r}")
     only_first_input(ctx, node, "pads/value")
     x = node.input[0]
     xs = ctx.shape(x)
@@ -587,6 +588,11 @@ def pad(ctx, node, gys):
     full = [0] * (2 * rank)
     for k, ax in enumerate(axes):
         full[ax], full[rank + ax] = pads[k], pads[len(axes) + k]
+    if mode != "constant":  # edge, reflect, wrap: a gather, see rules_spatial
+        from .rules_spatial import pad_adjoint
+
+        gx = pad_adjoint(ctx, node, gys[0], list(xs), full, mode)
+        return [gx] + [None] * (len(node.input) - 1)
     ys = ctx.shape(node.output[0])
     starts = [max(p, 0) for p in full[:rank]]
     ends = [ys[i] - max(full[rank + i], 0) for i in range(rank)]
@@ -664,3 +670,4 @@ def _python_slice(start: int, end: int, step: int, dim: int) -> slice:
     return slice(start, end if end >= 0 else None, step)
 
 from . import rules_sampling  # noqa: E402, F401  (Gather, GatherElements: scatter-add)
+from . import rules_spatial  # noqa: E402, F401  (Pad modes, Resize, reductions, norms)
