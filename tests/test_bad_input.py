@@ -65,7 +65,7 @@ def write_bad_images(folder: Path) -> dict[str, str]:
 def bad_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     workdir = tmp_path_factory.mktemp("bad")
     tiny_classifier(workdir / "dynamic.onnx", classes=4, dynamic_size=True)
-    tiny_classifier(workdir / "norule.onnx", classes=4, extra_op="Softplus")
+    tiny_classifier(workdir / "norule.onnx", classes=4, extra_op="Softsign")
     (workdir / "broken.onnx").write_bytes(b"this is not an ONNX protobuf \x00\x01\x02" * 20)
     bad_images = write_bad_images(workdir / "photos")
     spec = {"preprocess": {"size": [32, 32], "resize": "stretch"}, "labels": LABELS}
@@ -174,10 +174,10 @@ def test_an_op_without_a_rule_fails_the_gradient_methods_by_name(bad_run) -> Non
     folder = bad_run["results"] / "norule" / "saliency" / "s000"
     failed = [f for f in json.loads((folder / "failed.json").read_text()) if "stage" not in f]
     no_rule = [f for f in failed if MISSING_CLASS not in f["error"]]
-    assert no_rule and all("Softplus" in f["error"] for f in no_rule)
+    assert no_rule and all("Softsign" in f["error"] for f in no_rule)
     assert "finite-differences" in no_rule[0]["error"]  # says what to do
     page = text_of(bad_run["pages"]["norule"])
-    assert "Softplus" in page
+    assert "Softsign" in page
 
 
 def test_a_missing_class_is_named_per_image_and_the_other_target_runs(bad_run) -> None:

@@ -18,20 +18,20 @@ from test_activations import _staged, tiny_model, write_model_dir
 SIGNED = {"guided_backprop", "deconvnet", "guided_gradcam"}
 
 
-def with_softplus(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The tiny model with a Softplus (an op without a backward rule) after its first block."""
+def with_softsign(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The tiny model with a Softsign (an op without a backward rule) after its first block."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     for node in graph.node:
         if "relu0" in node.input:
             node.input[list(node.input).index("relu0")] = "soft0"
-    graph.node.insert(2, helper.make_node("Softplus", ["relu0"], ["soft0"], name="Softplus_0"))
+    graph.node.insert(2, helper.make_node("Softsign", ["relu0"], ["soft0"], name="Softsign_0"))
     return model
 
 
-def add_softplus(model_dir: Path) -> None:
+def add_softsign(model_dir: Path) -> None:
     path = str(model_dir / "model.onnx")
-    onnx.save(with_softplus(onnx.load(path)), path)
+    onnx.save(with_softsign(onnx.load(path)), path)
 
 
 @pytest.fixture
@@ -67,11 +67,11 @@ def test_every_method_writes_one_array_file_and_an_index(shard, tmp_path: Path,
 
 def test_an_op_without_a_rule_fails_that_method_by_name(shard, tmp_path: Path) -> None:
     model_dir, manifest = shard
-    add_softplus(model_dir)
+    add_softsign(model_dir)
     summary = explain_shard(model_dir, manifest, "saliency", tmp_path / "s", {}, device="cpu")
     assert summary["maps"] == []
     error = summary["failed"][-1]["error"]
-    assert "Softplus" in error and "finite-differences" in error
+    assert "Softsign" in error and "finite-differences" in error
     # gradient-free methods still finish on the same model
     occl = explain_shard(model_dir, manifest, "occlusion", tmp_path / "o",
                          {"window": 4, "stride": 2}, device="cpu")
@@ -80,12 +80,12 @@ def test_an_op_without_a_rule_fails_that_method_by_name(shard, tmp_path: Path) -
 
 def test_finite_difference_fallback_runs_and_is_marked(shard, tmp_path: Path) -> None:
     model_dir, manifest = shard
-    add_softplus(model_dir)
+    add_softsign(model_dir)
     approx = explain_shard(model_dir, manifest, "saliency", tmp_path / "fd",
                            {"gradient_fallback": "finite-differences"}, device="cpu")
     assert len(approx["maps"]) == 3  # the fallback's accuracy: test_autodiff_rules.py
     info = read_shard_maps(tmp_path / "fd")[0][0]
-    assert info["approximate"] is True and "Softplus" in info["notes"][0]
+    assert info["approximate"] is True and "Softsign" in info["notes"][0]
 
 
 def test_an_unknown_class_is_recorded_not_fatal(shard, tmp_path: Path) -> None:
@@ -98,9 +98,9 @@ def test_an_unknown_class_is_recorded_not_fatal(shard, tmp_path: Path) -> None:
     assert "no such class" in summary["failed"][-1]["error"]
 
 
-def test_ops_without_rules_names_the_softplus(shard) -> None:
+def test_ops_without_rules_names_the_softsign(shard) -> None:
     from cnnviz.autodiff import ops_without_rules
 
     model_dir, _ = shard
-    model = with_softplus(onnx.load(str(model_dir / "model.onnx")))
-    assert ops_without_rules(model) == ["Softplus Softplus_0"]
+    model = with_softsign(onnx.load(str(model_dir / "model.onnx")))
+    assert ops_without_rules(model) == ["Softsign Softsign_0"]

@@ -88,7 +88,7 @@ def tiny_classifier(
 ) -> Path:
     """A small CNN saved as ONNX: Conv-Relu-MaxPool-Conv-Relu-GAP-Gemm, [batch, 3, side, side].
 
-    `dynamic_size`: height and width symbolic too; `extra_op`: a unary op (e.g. Softplus, which
+    `dynamic_size`: height and width symbolic too; `extra_op`: a unary op (e.g. Softsign, which
     has no backward rule) after the second Relu.
     """
     rng = np.random.default_rng(seed)

@@ -669,5 +669,6 @@ def _python_slice(start: int, end: int, step: int, dim: int) -> slice:
     start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
     return slice(start, end if end >= 0 else None, step)
 
+from . import rules_elementwise  # noqa: E402, F401, I001  (activations, Max/Min/Where, Q/DQ)
 from . import rules_sampling  # noqa: E402, F401  (Gather, GatherElements: scatter-add)
 from . import rules_spatial  # noqa: E402, F401  (Pad modes, Resize, reductions, norms)

@@ -1,0 +1,160 @@
+"""Backward rules of rules_elementwise.py against central finite differences and numpy
+references.
+
+ONNX Runtime's CPU provider runs most of these activations in float32 only (Erf, Gelu, Softplus,
+Elu, Selu, Celu, Softsign), so the smooth ones are checked in float32 with eps = 1e-2: the
+central-difference error eps^2 * f'''/6 and the rounding 1e-7 / eps both stay under 1e-4.
+Piecewise inputs are kept away from the kinks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cnnviz.autodiff import POLICIES, RULES, UnsupportedOpError, vjp
+from onnx import helper
+from test_autodiff_rules import (
+    F32,
+    F64,
+    away_from,
+    build,
+    check,
+    engine_grad,
+    rand,
+    run,
+)
+
+
+# ---- smooth activations, Abs, Reciprocal -------------------------------------------------------
+@pytest.mark.parametrize(
+    "op,attrs,opset,kinks",
+    [
+        ("Erf", {}, 17, []),
+        ("Gelu", {}, 20, []),
+        ("Gelu", {"approximate": "tanh"}, 20, []),
+        ("Softplus", {}, 17, []),
+        ("Elu", {"alpha": 0.7}, 17, [0]),
+        ("Selu", {}, 17, [0]),
+        ("Selu", {"alpha": 1.5, "gamma": 0.8}, 17, [0]),
+        ("Celu", {"alpha": 2.0}, 17, [0]),
+        ("Mish", {}, 18, []),
+        ("Abs", {}, 17, [0]),
+        ("Reciprocal", {}, 17, [0]),
+    ],
+    ids=lambda v: str(v) if isinstance(v, str) else None,
+)
+def test_smooth_activations_match_finite_differences(op, attrs, opset, kinks):
+    model = build([helper.make_node(op, ["x"], ["y"], **attrs)], (1, 80), opset=opset)
+    x = np.linspace(-4, 4, 80, dtype=F32)[None] * 1.013
+    if op == "Reciprocal":  # 1/x: keep |x| >= 0.5 so the slope stays moderate
+        x = away_from(x, kinks, gap=0.5)
+    x = away_from(x, kinks, gap=0.05)
+    check(model, x, eps=1e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("op", ["Abs", "Reciprocal", "Mish"])
+def test_float64_where_ort_runs_the_op_in_double(op):
+    model = build([helper.make_node(op, ["x"], ["y"])], (1, 40), dtype=F64, opset=18)
+    x = away_from(rand((1, 40), F64, seed=3, scale=2.0), [0], gap=0.3)
+    check(model, x, eps=1e-6, rtol=1e-7)
+
+
+def test_known_values_at_zero():
+    """Abs has slope 0 at 0 (its sign); Elu/Selu/Celu take the x <= 0 branch there (torch)."""
+    x = np.zeros((1, 1), F32)
+    g = np.ones((1, 1), F32)
+    cases = {
+        ("Abs", ()): 0.0,
+        ("Elu", (("alpha", 0.7),)): 0.7,
+        ("Selu", (("alpha", 1.5), ("gamma", 2.0))): 3.0,
+        ("Celu", (("alpha", 2.0),)): 1.0,
+        ("Erf", ()): 2 / np.sqrt(np.pi),
+        ("Gelu", ()): 0.5,
+        ("Mish", ()): np.tanh(np.log(2.0)),
+        ("Softplus", ()): 0.5,
+    }
+    for (op, attrs), want in cases.items():
+        model = build([helper.make_node(op, ["x"], ["y"], **dict(attrs))], (1, 1), opset=20)
+        got = engine_grad(model, x, g)
+        np.testing.assert_allclose(got, [[want]], rtol=1e-6, err_msg=op)
+
+
+def test_unknown_gelu_approximation_is_refused():
+    model = build([helper.make_node("Gelu", ["x"], ["y"], approximate="cubic")], (1, 3), opset=20)
+    with pytest.raises(UnsupportedOpError, match="approximate='cubic'"):
+        vjp(model, ["x"])
+
+
+def test_softsign_keeps_having_no_rule():
+    """Softsign stands for "an elementwise op without a rule" in other tests."""
+    assert "Softsign" not in RULES
+    assert all("Softsign" not in rules for rules in POLICIES.values())
+
+
+# ---- Max, Min, Where ---------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["Max", "Min"])
+def test_max_min_broadcasting_with_every_operand_active(op):
+    """Three operands [1,3,4], [1,3,1], [4] (all functions of x), distinct values: each element's
+    gradient goes to the operand that attains it, summed over its broadcast axes."""
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "ax2"], ["m"], keepdims=1),  # [1,3,1]
+        helper.make_node("Mul", ["m", "k"], ["a"]),
+        helper.make_node("ReduceSum", ["x", "ax1"], ["s"], keepdims=0),  # [1,4]
+        helper.make_node("Reshape", ["s", "shape4"], ["b"]),  # [4]
+        helper.make_node("Tanh", ["b"], ["c"]),
+        helper.make_node(op, ["x", "a", "c"], ["y"]),
+    ]
+    inits = {
+        "ax2": np.array([2], np.int64), "ax1": np.array([1], np.int64),
+        "k": np.array(1.7), "shape4": np.array([4], np.int64),
+    }  # fmt: skip
+    model = build(nodes, (1, 3, 4), inits, dtype=F64, opset=18)
+    x = rand((1, 3, 4), F64, seed=4)
+    y = run(model, {"x": x})["y"]
+    winners = [
+        np.isclose(y, x).sum(),
+        np.isclose(y, np.broadcast_to(1.7 * x.mean(2, keepdims=True), y.shape)).sum(),
+        np.isclose(y, np.broadcast_to(np.tanh(x.sum(1)).reshape(4), y.shape)).sum(),
+    ]
+    assert all(w > 0 for w in winners), winners  # every operand wins somewhere
+    check(model, x, eps=1e-6, rtol=1e-6, stacked=False)  # the [4] operand mixes the batch
+
+
+@pytest.mark.parametrize("op,fn", [("Max", np.maximum), ("Min", np.minimum)])
+def test_max_min_ties_go_to_the_first_input_that_attains_them(op, fn):
+    nodes = [
+        helper.make_node("Mul", ["x", "one"], ["a"]),
+        helper.make_node("Mul", ["x", "k"], ["b"]),  # b == a where k == 1
+        helper.make_node(op, ["c", "a", "b"], ["y"]),
+    ]
+    k = np.array([[1.0, 2.0, 1.0, 0.5, 1.0]], F32)
+    c = np.array([[0.0, 0.0, 9.0, 0.0, -9.0]], F32)
+    x = np.array([[1.0, 1.0, 1.0, 1.0, 1.0]], F32)
+    model = build(nodes, (1, 5), {"one": np.array(1.0, F32), "k": k, "c": c})
+    g = np.array([[1.0, 2.0, 3.0, 4.0, 5.0]], F32)
+    ys = fn(c, fn(x, k * x))
+    ga = g * ((x == ys) & (c != ys))  # a wins unless the constant c got there first
+    gb = g * ((k * x == ys) & (c != ys) & (x != ys))
+    want = ga + gb * k
+    np.testing.assert_allclose(engine_grad(model, x, g), want, rtol=1e-6)
+    assert want[0, 0 if op == "Max" else 2] == g[0, 0 if op == "Max" else 2]  # a tie, once
+
+
+def test_where_masks_and_unbroadcasts_both_branches():
+    nodes = [
+        helper.make_node("Greater", ["x", "zero"], ["cond"]),  # [1,3,4] bool
+        helper.make_node("Mul", ["x", "x"], ["sq"]),
+        helper.make_node("ReduceSum", ["x", "ax"], ["s"], keepdims=1),  # [1,3,1]
+        helper.make_node("Exp", ["s"], ["e"]),
+        helper.make_node("Where", ["cond", "sq", "e"], ["y"]),
+    ]
+    inits = {"zero": np.array(0.0), "ax": np.array([2], np.int64)}
+    model = build(nodes, (1, 3, 4), inits, dtype=F64)
+    x = away_from(rand((1, 3, 4), F64, seed=5, scale=0.5), [0], gap=0.05)
+    g = check(model, x, eps=1e-6, rtol=1e-6)
+    seed = np.random.default_rng(1).standard_normal(x.shape)
+    pos = x > 0
+    want = np.where(pos, seed * 2 * x, 0) + np.exp(x.sum(2, keepdims=True)) * np.where(
+        pos, 0, seed
+    ).sum(2, keepdims=True)
+    np.testing.assert_allclose(g, want, rtol=1e-9)
