@@ -10,9 +10,10 @@ Piecewise inputs are kept away from the kinks.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from cnnviz.autodiff import POLICIES, RULES, UnsupportedOpError, vjp
-from onnx import helper
+from onnx import TensorProto, helper
 from test_autodiff_rules import (
     F32,
     F64,
@@ -158,3 +159,73 @@ def test_where_masks_and_unbroadcasts_both_branches():
         pos, 0, seed
     ).sum(2, keepdims=True)
     np.testing.assert_allclose(g, want, rtol=1e-9)
+
+
+# ---- QuantizeLinear / DequantizeLinear: straight-through --------------------------------------
+def qdq_conv(quantized: bool) -> tuple[onnx.ModelProto, np.ndarray]:
+    """x -> [Q -> DQ] -> Conv(int8 per-channel weights, dequantized) -> [Q -> DQ per channel] -> y,
+    or the same float model without the activation Q/DQ pairs (weights already dequantized)."""
+    rng = np.random.default_rng(12)
+    w_q = rng.integers(-100, 100, (4, 2, 3, 3)).astype(np.int8)
+    w_scale = np.array([0.01, 0.02, 0.005, 0.015], F32)
+    w = w_q.astype(F32) * w_scale.reshape(4, 1, 1, 1)
+    conv_pads = {"pads": [1, 1, 1, 1]}
+    if not quantized:
+        nodes = [helper.make_node("Conv", ["x", "w"], ["y"], **conv_pads)]
+        return build(nodes, (1, 2, 6, 6), {"w": w}, opset=19), w
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q_in"),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dq_in"),
+        helper.make_node("DequantizeLinear", ["wq", "sw"], ["wd"], axis=0, name="dq_w"),
+        helper.make_node("Conv", ["xd", "wd"], ["c"], **conv_pads),
+        helper.make_node("QuantizeLinear", ["c", "sc", "zc"], ["cq"], axis=1, name="q_out"),
+        helper.make_node("DequantizeLinear", ["cq", "sc", "zc"], ["y"], axis=1, name="dq_out"),
+    ]
+    inits = {
+        "sx": np.array(0.03, F32), "zx": np.array(128, np.uint8),
+        "wq": w_q, "sw": w_scale,
+        "sc": np.array([0.06, 0.1, 0.03, 0.07], F32), "zc": np.zeros(4, np.int8),
+    }  # fmt: skip
+    return build(nodes, (1, 2, 6, 6), inits, opset=19), w
+
+
+def test_qdq_conv_is_straight_through_and_marked_approximate():
+    quantized, _ = qdq_conv(True)
+    plain, _ = qdq_conv(False)
+    x = rand((1, 2, 6, 6), seed=13)  # |x| < 3.1 and |conv| < 10: no saturation
+    y_q, y_f = run(quantized, {"x": x})["y"], run(plain, {"x": x})["y"]
+    assert 0.01 < np.abs(y_q - y_f).max() < 0.1 * np.abs(y_f).max()  # rounded, a little
+    g = rand(y_f.shape, seed=14)
+    grad_model = vjp(quantized, ["x"], ["y"])
+    meta = {p.key: p.value for p in grad_model.metadata_props}
+    assert meta["cnnviz.approximate"].split(",") == ["q_out", "q_in"]  # not the DQ nodes
+    got = run(grad_model, {"x": x, "seed:y": g})["grad:x"]
+    want = engine_grad(plain, x, g)
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    # the float model's gradient is exact: no approximate mark
+    assert "cnnviz.approximate" not in {p.key for p in vjp(plain, ["x"]).metadata_props}
+
+
+def test_dequantize_linear_alone_is_exact():
+    """DequantizeLinear is linear in its input: d/dq ((q - zp) * scale) = scale, per channel."""
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.FLOAT),  # keeps x the wrt input
+        helper.make_node("QuantizeLinear", ["xi", "s1"], ["q"], name="q"),
+        helper.make_node("DequantizeLinear", ["q", "s"], ["y"], axis=1, name="dq"),
+    ]
+    s = np.array([0.5, 2.0, 3.0], F32)
+    model = build(nodes, (1, 3, 2), {"s": s, "s1": np.array(1.0, F32)}, opset=19)
+    x = rand((1, 3, 2), seed=15)
+    g = rand((1, 3, 2), seed=16)
+    np.testing.assert_allclose(engine_grad(model, x, g), g * s.reshape(1, 3, 1), rtol=1e-6)
+
+
+def test_blocked_quantization_is_refused():
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s"], ["q"], axis=1, block_size=2),
+        helper.make_node("DequantizeLinear", ["q", "s"], ["y"], axis=1, block_size=2),
+    ]
+    model = build(nodes, (1, 4), {"s": np.ones((1, 2), F32)}, opset=21)
+    with pytest.raises(UnsupportedOpError, match="block_size"):
+        vjp(model, ["x"])

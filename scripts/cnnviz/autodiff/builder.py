@@ -22,6 +22,7 @@ from .prepare import (
     static_shapes,
 )
 from .rules import RULES
+from .rules_elementwise import STRAIGHT_THROUGH
 
 FALLBACKS = ("error", "finite-differences")
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -40,7 +41,8 @@ def vjp(
     The gradient is sum over seeds S of <seed:S, dS/d wrt>: each seeded tensor S becomes an input
     ``seed:S`` of S's static shape. Without `seed_outputs` the graph's single output is seeded, or
     the logits feeding it when it is a final Softmax (noted in metadata "cnnviz.seed_note").
-    Nodes differentiated by the finite-difference fallback are listed in "cnnviz.approximate".
+    Nodes differentiated by the finite-difference fallback or by a straight-through estimator
+    (QuantizeLinear) are listed in "cnnviz.approximate".
     """
     wrt = list(dict.fromkeys([wrt] if isinstance(wrt, str) else wrt))
     if policy not in POLICIES:
@@ -92,7 +94,8 @@ def vjp(
 
 
 def _differentiate(ctx: Context, graph, adjoints: dict[str, list[str]], fallback: str) -> list:
-    """Run the rules in reverse topological order; returns the nodes done by the fallback."""
+    """Run the rules in reverse topological order; returns the nodes whose adjoint is an
+    estimate (done by the fallback or straight-through)."""
     approximate = []
     if fallback != "finite-differences":
         _refuse_missing_rules(ctx, graph)
@@ -106,6 +109,8 @@ def _differentiate(ctx: Context, graph, adjoints: dict[str, list[str]], fallback
         rule = POLICIES[ctx.policy].get(node.op_type) or RULES.get(node.op_type)
         if _without_rule(ctx, node):
             rule = _fallback_rule(ctx, node, fallback)
+            approximate.append(node.name or node.op_type)
+        elif node.op_type in STRAIGHT_THROUGH:
             approximate.append(node.name or node.op_type)
         for name, g in zip(node.input, rule(ctx, node, gys), strict=False):
             if g is not None and ctx.active(name):
@@ -132,11 +137,15 @@ def _choose_seeds(graph: onnx.GraphProto, seed_outputs: list[str] | None):
 
 
 def _active_tensors(graph, wrt, seeds, dtypes, constants) -> set[str]:
-    """Float tensors that depend on a wrt tensor and lead to a seed."""
+    """Float tensors that depend on a wrt tensor and lead to a seed, and the integer outputs of
+    straight-through ops (QuantizeLinear) on that path: their float adjoints pass the rounding."""
     forward = set(wrt)
     for node in graph.node:
         if any(i in forward for i in node.input):
-            forward.update(o for o in node.output if o and dtypes.get(o) in FLOAT_TYPES)
+            through = node.op_type in STRAIGHT_THROUGH
+            forward.update(
+                o for o in node.output if o and (through or dtypes.get(o) in FLOAT_TYPES)
+            )
     backward = set(seeds)
     for node in reversed(list(graph.node)):
         if any(o in backward for o in node.output):

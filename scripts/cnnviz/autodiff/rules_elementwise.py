@@ -1,5 +1,5 @@
 """Backward rules of elementwise ops (registered into `RULES`): smooth activations, Abs,
-Reciprocal, Max/Min/Where.
+Reciprocal, Max/Min/Where, and QuantizeLinear/DequantizeLinear (straight-through).
 
 Smooth activations (Erf, Gelu, Softplus, Elu, Selu, Celu, Mish) get their true derivative under
 every policy; so do Abs (its sign, 0 at 0) and Reciprocal. Piecewise ones follow torch at the
@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from onnx import helper
 
 from .context import Context, attrs_of
 from .rules import refuse, register
+
+# Ops differentiated with the straight-through estimator: the adjoint passes the rounding as if
+# it were the identity, so maps through them are estimates; builder.py lists these nodes in
+# "cnnviz.approximate", like nodes done by the finite-difference fallback, and lets their integer
+# outputs carry (float) adjoints. DequantizeLinear is linear in its integer input: exact.
+STRAIGHT_THROUGH = frozenset({"QuantizeLinear"})
 
 
 def _times(ctx: Context, g: str, factor: str) -> list:
@@ -168,3 +175,37 @@ def where(ctx, node, gys):
     if ctx.active(b):
         out[2] = ctx.unbroadcast(ctx.op("Where", [cond, zero, g]), ys, ctx.shape(b))
     return out
+
+
+# ---- quantization: straight-through -------------------------------------------------------------
+def _scale_for(ctx, node, like: str) -> str:
+    """The node's scale, reshaped to broadcast against tensor `like` (per-axis scales)."""
+    scale = node.input[1]
+    a = attrs_of(node)
+    if a.get("block_size", 0):
+        raise refuse(node, "blocked quantization (block_size)")
+    if ctx.active(scale) or (len(node.input) > 2 and ctx.active(node.input[2])):
+        raise refuse(node, "its scale/zero point depend on the differentiated tensor")
+    shape = ctx.shape(like)
+    if len(ctx.shape(scale)) == 0 or int(np.prod(ctx.shape(scale))) == 1:
+        return ctx.reshape(scale, [])
+    axis = a.get("axis", 1)
+    axis = axis + len(shape) if axis < 0 else axis
+    return ctx.reshape(scale, [shape[axis] if i == axis else 1 for i in range(len(shape))])
+
+
+@register("QuantizeLinear")
+def quantize_linear(ctx, node, gys):
+    # q = round(x / scale) + zp: straight-through, dq/dx taken as 1/scale (the rounding as identity)
+    x = node.input[0]
+    scale = _scale_for(ctx, node, x)
+    if ctx.np_dtype(node.input[1]) != ctx.np_dtype(x):
+        scale = ctx.op("Cast", [scale], to=ctx.dtypes[x])
+    return [ctx.op("Div", [gys[0], scale]), None, None][: len(node.input)]
+
+
+@register("DequantizeLinear")
+def dequantize_linear(ctx, node, gys):
+    # y = (q - zp) * scale: dy/dq = scale; the adjoint of the integer q is a float tensor
+    scale = _scale_for(ctx, node, node.input[0])
+    return [ctx.op("Mul", [gys[0], scale]), None, None][: len(node.input)]
