@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cnnviz.autodiff import UnsupportedOpError, vjp
 from onnx import helper
 from test_autodiff_rules import F32, F64, build, check, rand
 
@@ -42,3 +43,89 @@ def test_pad_reflect_old_opset_attribute():
     node = helper.make_node("Pad", ["x"], ["y"], mode="reflect", pads=[0, 0, 2, 1, 0, 0, 1, 2])
     model = build([node], (1, 2, 4, 5), dtype=F32, opset=9)
     check(model, rand((1, 2, 4, 5)), eps=1.0, rtol=1e-5)
+
+
+# ---- Resize and Upsample ----------------------------------------------------------------------
+TRANSFORMS = ["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"]
+NEAREST = ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
+# half_pixel_symmetric with nearest is refused (test_resize_refusals)
+PAIRS = [(t, m) for t in TRANSFORMS for m in ["linear", *NEAREST]] + [
+    ("half_pixel_symmetric", "linear")
+]
+SIZES = [(10, 12), (3, 5), (2, 2), (7, 9), (1, 4)]  # from (5, 6): x2, down, down, non-integer
+
+
+def _resize_model(mode, transform, nearest, out_hw=None, scales=None, opset=19):
+    attrs = {"mode": mode, "coordinate_transformation_mode": transform}
+    if mode == "nearest":
+        attrs["nearest_mode"] = nearest
+    if scales is not None:
+        node = helper.make_node("Resize", ["x", "", "scales"], ["y"], **attrs)
+        inits = {"scales": np.array([1, 1, *scales], np.float32)}
+        return build([node], (1, 2, 5, 6), inits, opset=opset)
+    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], axes=[2, 3], **attrs)
+    sizes = np.array(out_hw, np.int64)  # not the batch: finite differences stack along it
+    return build([node], (1, 2, 5, 6), {"sizes": sizes}, opset=opset)
+
+
+@pytest.mark.parametrize("out_hw", SIZES)
+@pytest.mark.parametrize("transform, mode", PAIRS)
+def test_resize_by_sizes(out_hw, transform, mode):
+    nearest = mode if mode in NEAREST else None
+    model = _resize_model("linear" if nearest is None else "nearest", transform, nearest, out_hw)
+    check(model, rand((1, 2, 5, 6)), eps=1.0, rtol=1e-5)
+
+
+# Scales whose float32 product with the size is unambiguous: with 7/5 onnx's shape inference
+# says 6 rows where ONNX Runtime makes 7 (float32 1.4 * 5), and the seed's shape disagrees.
+@pytest.mark.parametrize("scales", [(2.0, 2.0), (0.5, 0.5), (1.5, 0.75), (2.5, 1.25), (0.4, 1.75)])
+@pytest.mark.parametrize("transform, mode", PAIRS)
+def test_resize_by_scales(scales, transform, mode):
+    nearest = mode if mode in NEAREST else None
+    kind = "linear" if nearest is None else "nearest"
+    model = _resize_model(kind, transform, nearest, scales=scales, opset=13)
+    check(model, rand((1, 2, 5, 6)), eps=1.0, rtol=1e-5)
+
+
+def test_resize_axes_and_aspect_ratio_policy():
+    attrs = {"mode": "linear", "axes": [3, 2], "keep_aspect_ratio_policy": "not_larger"}
+    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], **attrs)
+    model = build([node], (1, 2, 5, 6), {"sizes": np.array([9, 20], np.int64)}, opset=19)
+    check(model, rand((1, 2, 5, 6)), eps=1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("opset", [8, 9, 10])
+def test_upsample_and_resize_10(mode, opset):
+    scales = np.array([1, 1, 2, 3], np.float32)
+    if opset == 8:
+        node = helper.make_node("Upsample", ["x"], ["y"], mode=mode, scales=scales.tolist())
+    else:
+        op = "Upsample" if opset == 9 else "Resize"
+        node = helper.make_node(op, ["x", "scales"], ["y"], mode=mode)
+    model = build([node], (1, 2, 4, 3), {} if opset == 8 else {"scales": scales}, opset=opset)
+    check(model, rand((1, 2, 4, 3)), eps=1.0, rtol=1e-5)
+
+
+def test_resize_10_downsampling_and_a_leading_axis():
+    """Resize-10's nearest rounds up when downsampling; the channel axis goes by a Transpose."""
+    scales = np.array([1, 1.5, 0.5, 0.75], np.float32)
+    node = helper.make_node("Resize", ["x", "scales"], ["y"], mode="nearest")
+    model = build([node], (1, 2, 6, 5), {"scales": scales}, opset=10)
+    check(model, rand((1, 2, 6, 5)), eps=1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "attrs, why",
+    [
+        ({"mode": "cubic"}, "cubic"),
+        ({"mode": "linear", "antialias": 1}, "antialias"),
+        ({"mode": "nearest", "coordinate_transformation_mode": "half_pixel_symmetric"}, "symm"),
+        ({"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize"}, "crop"),
+    ],
+)
+def test_resize_refusals(attrs, why):
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", **attrs)
+    model = build([node], (1, 2, 4, 4), {"scales": np.array([1, 1, 2, 2], np.float32)}, opset=19)
+    with pytest.raises(UnsupportedOpError, match=f"up.*{why}"):
+        vjp(model, ["x"])

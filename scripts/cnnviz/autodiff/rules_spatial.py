@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .rules import _pad, refuse
+from .context import attrs_of
+from .rules import _axis, _pad, only_first_input, refuse, register
 
 # ---- Pad: edge / reflect / wrap ------------------------------------------------------------------
 
@@ -79,3 +80,134 @@ def pad_adjoint(ctx, node, g: str, xs: list[int], pads: list[int], mode: str) ->
         g = gather_adjoint_1d(ctx, g, shape, axis, idx, n)
         shape[axis] = n
     return g
+
+
+# ---- Resize and Upsample -------------------------------------------------------------------------
+
+
+def _source_coordinates(n_in: int, n_out: int, scale: float, transform: str) -> np.ndarray:
+    """Input coordinate of each output index, in float32 like ONNX Runtime's CPU kernel (ties in
+    nearest rounding depend on it)."""
+    f = np.float32
+    y, s = np.arange(n_out, dtype=f), f(scale)
+    if transform == "align_corners":
+        if n_out == 1:
+            return np.zeros(1)
+        return (y * f(n_in - 1) / f(n_out - 1)).astype(np.float64)
+    if transform == "asymmetric":
+        return (y / s).astype(np.float64)
+    if transform == "pytorch_half_pixel" and n_out == 1:
+        return np.zeros(1)
+    if transform in ("half_pixel", "pytorch_half_pixel"):
+        return ((y + f(0.5)) / s - f(0.5)).astype(np.float64)
+    if transform == "half_pixel_symmetric":  # offset in float32, the rest in double
+        offset = f(n_in / 2) * (f(1) - f(n_out) / (s * f(n_in)))
+        x = float(offset) + (np.arange(n_out) + 0.5) / float(s) - 0.5
+        return x.astype(f).astype(np.float64)
+    raise ValueError(transform)
+
+
+def resize_matrix(
+    n_in: int, n_out: int, scale: float, mode: str, transform: str, nearest: str
+) -> np.ndarray:
+    """A [n_out, n_in] with out = A @ x along one axis, by ONNX Resize's 1-D semantics: linear
+    interpolates the two neighbours of the clamped coordinate, nearest rounds per `nearest`
+    ("simple" is opset <= 10's: truncate when upsampling, ceil when downsampling)."""
+    x = _source_coordinates(n_in, n_out, scale, transform)
+    a = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    if mode == "nearest":
+        fl = np.floor(x)
+        pick = {
+            "round_prefer_floor": np.where(x == fl + 0.5, fl, np.floor(x + 0.5)),
+            "round_prefer_ceil": np.floor(x + 0.5),
+            "floor": fl,
+            "ceil": np.ceil(x),
+            "simple": np.ceil(x) if scale < 1 else np.trunc(x),
+        }[nearest]
+        a[rows, np.clip(pick, 0, n_in - 1).astype(np.int64)] = 1.0
+        return a
+    x = np.clip(x, 0, n_in - 1)
+    lo = np.floor(x).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    np.add.at(a, (rows, lo), 1 - (x - lo))
+    np.add.at(a, (rows, hi), x - lo)
+    return a
+
+
+def _resize_config(ctx, node) -> tuple[str, str, str, list[float] | None]:
+    """(mode, coordinate transform, nearest mode, scales per axis or None when from sizes)."""
+    a = attrs_of(node)
+    mode = a.get("mode", "nearest")
+    old = node.op_type == "Upsample" or ctx.opset < 11
+    transform = "asymmetric" if old else a.get("coordinate_transformation_mode", "half_pixel")
+    nearest = "simple" if old else a.get("nearest_mode", "round_prefer_floor")
+    if mode not in ("nearest", "linear"):
+        raise refuse(node, f"mode={mode!r} (nearest and linear have rules)")
+    if transform == "tf_crop_and_resize":
+        raise refuse(node, "coordinate_transformation_mode='tf_crop_and_resize'")
+    if transform == "half_pixel_symmetric" and mode == "nearest":
+        # its nearest picks hinge on float rounding at .5 ties that ONNX Runtime's kernel does
+        # not document (float/double mixed); linear weights are continuous and safe
+        raise refuse(node, "nearest with coordinate_transformation_mode='half_pixel_symmetric'")
+    if a.get("antialias", 0) and mode != "nearest":
+        raise refuse(node, "antialias=1")
+    if a.get("exclude_outside", 0) and mode != "nearest":
+        raise refuse(node, "exclude_outside=1")
+    if "scales" in a:  # Upsample-7
+        return mode, transform, nearest, [float(s) for s in a["scales"]]
+    pos = 2 if node.op_type == "Resize" and ctx.opset >= 11 else 1
+    name = node.input[pos] if len(node.input) > pos else ""
+    value = ctx.value(name) if name else None
+    if name and value is None:
+        raise refuse(node, "scales computed at run time")
+    scales = None if value is None or value.size == 0 else [float(s) for s in value.ravel()]
+    return mode, transform, nearest, scales
+
+
+def _scales(ctx, node, xs, ys, given: list[float] | None) -> list[float]:
+    """Per-axis scale factors as the kernel uses them (sizes: out/in in float32)."""
+    rank = len(xs)
+    a = attrs_of(node)
+    axes = [_axis(int(v), rank) for v in a.get("axes", range(rank))]
+    if given is not None:
+        full = [1.0] * rank
+        for ax, s in zip(axes, given, strict=True):
+            full[ax] = s
+        return full
+    ratios = [float(np.float32(ys[i]) / np.float32(xs[i])) for i in range(rank)]
+    policy = a.get("keep_aspect_ratio_policy", "stretch")
+    if policy != "stretch":
+        pick = min if policy == "not_larger" else max
+        common = pick(ratios[ax] for ax in axes)
+        ratios = [common if i in axes else 1.0 for i in range(rank)]
+    return ratios
+
+
+@register("Resize", "Upsample")
+def resize(ctx, node, gys):
+    """Resizing is separable, one 1-D map A_k per axis: the adjoint applies each A_k^T, as a
+    MatMul with a constant on the last two axes (gx = A_h^T @ g @ A_w) and after a Transpose on
+    any other resized axis. Exact for nearest and (bi)linear, whatever the scale."""
+    only_first_input(ctx, node, "roi/scales/sizes")
+    x = node.input[0]
+    xs, ys = list(ctx.shape(x)), list(ctx.shape(node.output[0]))
+    mode, transform, nearest, given = _resize_config(ctx, node)
+    scales = _scales(ctx, node, xs, ys, given)
+    rank = len(xs)
+    g = gys[0]
+    dtype = ctx.np_dtype(x)
+    for axis in range(rank):
+        m = resize_matrix(xs[axis], ys[axis], scales[axis], mode, transform, nearest)
+        if m.shape[0] == m.shape[1] and np.array_equal(m, np.eye(m.shape[0])):
+            continue
+        if axis == rank - 1:
+            g = ctx.op("MatMul", [g, ctx.const(m.astype(dtype), "resize")])
+        elif axis == rank - 2:
+            g = ctx.op("MatMul", [ctx.const(np.ascontiguousarray(m.T).astype(dtype)), g])
+        else:
+            perm = [*range(axis), *range(axis + 1, rank), axis]
+            moved = ctx.op("Transpose", [g], perm=perm)
+            moved = ctx.op("MatMul", [moved, ctx.const(m.astype(dtype), "resize")])
+            g = ctx.op("Transpose", [moved], perm=[int(p) for p in np.argsort(perm)])
+    return [g] + [None] * (len(node.input) - 1)
