@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from cnnviz.autodiff import UnsupportedOpError, vjp
 from onnx import helper
-from test_autodiff_rules import F32, F64, build, check, rand
+from test_autodiff_rules import F32, F64, away_from, build, check, engine_grad, rand, run
 
 
 # ---- Pad ---------------------------------------------------------------------------------------
@@ -129,3 +129,67 @@ def test_resize_refusals(attrs, why):
     model = build([node], (1, 2, 4, 4), {"scales": np.array([1, 1, 2, 2], np.float32)}, opset=19)
     with pytest.raises(UnsupportedOpError, match=f"up.*{why}"):
         vjp(model, ["x"])
+
+
+# ---- max-like and norm reductions ----------------------------------------------------------------
+def _reduce_node(op, opset, axes, keepdims):
+    if opset >= 18:
+        return helper.make_node(op, ["x", "axes"], ["y"], keepdims=keepdims)
+    return helper.make_node(op, ["x"], ["y"], axes=axes, keepdims=keepdims)
+
+
+def _amax_vjp_numpy(x, g, axes, op):
+    """torch's amax/amin backward: the gradient split evenly among the tied extrema."""
+    y = (np.max if op == "ReduceMax" else np.min)(x, axis=tuple(axes), keepdims=True)
+    mask = (x == y).astype(F64)
+    return mask * g.reshape(y.shape) / mask.sum(axis=tuple(axes), keepdims=True)
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("axes, keepdims", [([2, 3], 0), ([1], 1), ([-1], 0)])
+def test_reduce_max_min_with_ties(op, opset, axes, keepdims):
+    x = np.round(rand((2, 3, 4, 5), F64, seed=3) * 2) / 2  # many ties on a 0.5 grid
+    inits = {"axes": np.array(axes, np.int64)} if opset >= 18 else {}
+    model = build([_reduce_node(op, opset, axes, keepdims)], x.shape, inits, F64, opset=opset)
+    y = run(model, {"x": x})["y"]
+    g = rand(y.shape, F64, seed=4)
+    want = _amax_vjp_numpy(x, g, [a % 4 for a in axes], op)
+    assert want.astype(bool).sum() > g.size, "the case must have ties"
+    np.testing.assert_allclose(engine_grad(model, x, g), want, rtol=1e-12)
+
+
+def test_reduce_max_without_ties_matches_finite_differences():
+    model = build([_reduce_node("ReduceMax", 18, [1, 3], 1)], (1, 3, 4, 5),
+                  {"axes": np.array([1, 3], np.int64)}, F64, opset=18)  # fmt: skip
+    check(model, rand((1, 3, 4, 5), F64, seed=5), eps=1e-6, rtol=1e-7)
+
+
+def test_global_max_pool_splits_ties():
+    x = np.zeros((2, 3, 4, 4), F32)
+    x[0, 0, 1, 1] = x[0, 0, 2, 3] = 5.0  # two winners share
+    x[1, 2] = 1.0  # sixteen winners share
+    x[0, 1, 0, 0] = 2.0
+    model = build([helper.make_node("GlobalMaxPool", ["x"], ["y"])], x.shape)
+    g = rand((2, 3, 1, 1), seed=6)
+    want = _amax_vjp_numpy(x.astype(F64), g.astype(F64), [2, 3], "ReduceMax")
+    np.testing.assert_allclose(engine_grad(model, x, g), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["ReduceL2", "ReduceSumSquare", "ReduceL1", "ReduceLogSumExp"])
+@pytest.mark.parametrize("opset", [13, 18])
+def test_smooth_reductions(op, opset):
+    axes = [1, 3]
+    inits = {"axes": np.array(axes, np.int64)} if opset >= 18 else {}
+    model = build([_reduce_node(op, opset, axes, 0)], (1, 3, 4, 5), inits, F64, opset=opset)
+    x = away_from(rand((1, 3, 4, 5), F64, seed=7), [0], gap=0.01)  # ReduceL1's kink
+    check(model, x, eps=1e-6, rtol=1e-6)
+
+
+def test_reduce_l2_of_zeros_is_zero_not_nan():
+    model = build([_reduce_node("ReduceL2", 18, [1], 0)], (1, 3, 2),
+                  {"axes": np.array([1], np.int64)}, F64, opset=18)  # fmt: skip
+    x = np.zeros((1, 3, 2), F64)
+    x[0, :, 1] = [3.0, 0.0, 4.0]
+    g = engine_grad(model, x, np.array([[2.0, 10.0]]))
+    np.testing.assert_allclose(g[0], [[0, 3 / 5 * 10], [0, 0], [0, 4 / 5 * 10]])  # 0/0 -> 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .context import attrs_of
-from .rules import _axis, _pad, only_first_input, refuse, register
+from .rules import _axis, _pad, _reduce_axes, only_first_input, refuse, register
 
 # ---- Pad: edge / reflect / wrap ------------------------------------------------------------------
 
@@ -211,3 +211,83 @@ def resize(ctx, node, gys):
             moved = ctx.op("MatMul", [moved, ctx.const(m.astype(dtype), "resize")])
             g = ctx.op("Transpose", [moved], perm=[int(p) for p in np.argsort(perm)])
     return [g] + [None] * (len(node.input) - 1)
+
+
+# ---- max-like and norm reductions ----------------------------------------------------------------
+
+
+def _kept(ctx, node, axes: list[int]) -> list[int]:
+    """The reduced output's shape with the reduced axes kept as 1 (whatever keepdims says)."""
+    return [1 if i in axes else d for i, d in enumerate(ctx.shape(node.input[0]))]
+
+
+def _extremum_backward(ctx, node, g: str, axes: list[int]) -> str:
+    """`g` (reduced axes kept as 1) to the entries equal to the max (min), split evenly among
+    ties like torch's amax/amin backward: g * mask / count(mask)."""
+    x = node.input[0]
+    kept = _kept(ctx, node, axes)
+    mask = ctx.op("Equal", [x, ctx.reshape(node.output[0], kept)])
+    mask = ctx.op("Cast", [mask], to=ctx.dtypes[x])
+    count = ctx.reduce_sum(mask, axes, keepdims=True)
+    return ctx.op("Mul", [mask, ctx.op("Div", [g, count])])
+
+
+@register("GlobalMaxPool")
+def global_max_pool(ctx, node, gys):
+    axes = list(range(2, len(ctx.shape(node.input[0]))))
+    return [_extremum_backward(ctx, node, gys[0], axes)]
+
+
+def _reduce_rule(fn):
+    """A Reduce* rule from fn(ctx, node, g kept-shape, axes) -> gx; axes became an input in
+    opset 18 (ReduceSum's in 13, handled in rules.py)."""
+
+    def rule(ctx, node, gys):
+        rest = [None] * (len(node.input) - 1)
+        axes = _reduce_axes(ctx, node, 18)
+        if not axes:
+            return [gys[0], *rest]
+        g = ctx.reshape(gys[0], _kept(ctx, node, axes))
+        return [fn(ctx, node, g, axes), *rest]
+
+    rule.__doc__ = fn.__doc__
+    return rule
+
+
+@register("ReduceMax", "ReduceMin")
+@_reduce_rule
+def reduce_extremum(ctx, node, g, axes):
+    return _extremum_backward(ctx, node, g, axes)
+
+
+@register("ReduceL2")
+@_reduce_rule
+def reduce_l2(ctx, node, g, axes):
+    """g * x / ||x||, and 0 where the norm is 0 (torch's choice of subgradient)."""
+    x = node.input[0]
+    norm = ctx.reshape(node.output[0], _kept(ctx, node, axes))
+    zero = ctx.op("Equal", [norm, ctx.scalar(0.0, x)])
+    safe = ctx.op("Where", [zero, ctx.scalar(1.0, x), norm])
+    gx = ctx.op("Mul", [x, ctx.op("Div", [g, safe])])
+    return ctx.op("Where", [zero, ctx.scalar(0.0, x), gx])
+
+
+@register("ReduceSumSquare")
+@_reduce_rule
+def reduce_sum_square(ctx, node, g, axes):
+    x = node.input[0]
+    return ctx.op("Mul", [ctx.op("Mul", [x, ctx.scalar(2.0, x)]), g])
+
+
+@register("ReduceL1")
+@_reduce_rule
+def reduce_l1(ctx, node, g, axes):
+    return ctx.op("Mul", [ctx.op("Sign", [node.input[0]]), g])
+
+
+@register("ReduceLogSumExp")
+@_reduce_rule
+def reduce_log_sum_exp(ctx, node, g, axes):
+    """g * softmax over the reduced axes: exp(x - y)."""
+    y = ctx.reshape(node.output[0], _kept(ctx, node, axes))
+    return ctx.op("Mul", [ctx.op("Exp", [ctx.op("Sub", [node.input[0], y])]), g])
