@@ -1,5 +1,5 @@
-"""Backward rules of rules_elementwise.py against central finite differences and numpy
-references.
+"""Backward rules of rules_elementwise.py and the PRelu/ThresholdedRelu policy rules, against
+central finite differences and numpy references.
 
 ONNX Runtime's CPU provider runs most of these activations in float32 only (Erf, Gelu, Softplus,
 Elu, Selu, Celu, Softsign), so the smooth ones are checked in float32 with eps = 1e-2: the
@@ -13,13 +13,15 @@ import numpy as np
 import onnx
 import pytest
 from cnnviz.autodiff import POLICIES, RULES, UnsupportedOpError, vjp
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from test_autodiff_rules import (
     F32,
     F64,
     away_from,
     build,
     check,
+    conv_np,
+    conv_np_backward,
     engine_grad,
     rand,
     run,
@@ -161,6 +163,71 @@ def test_where_masks_and_unbroadcasts_both_branches():
     np.testing.assert_allclose(g, want, rtol=1e-9)
 
 
+# ---- PRelu and ThresholdedRelu under each policy ----------------------------------------------
+def test_prelu_gradient_matches_finite_differences_with_per_channel_slopes():
+    slope = np.array([0.25, -0.5, 1.5], F32).reshape(3, 1, 1)  # broadcast over H, W
+    prelu = helper.make_node("PRelu", ["x", "slope"], ["y"])
+    model = build([prelu], (1, 3, 4, 4), {"slope": slope})
+    x = away_from(rand((1, 3, 4, 4), seed=7), [0], gap=0.05)
+    g = check(model, x, eps=1e-2, rtol=1e-4)
+    seed = np.random.default_rng(1).standard_normal(x.shape).astype(F32)
+    np.testing.assert_allclose(g, seed * np.where(x > 0, 1, slope), rtol=1e-6)
+
+
+def test_prelu_under_each_policy_against_numpy():
+    """Conv -> PRelu. gradient: the true derivative; deconvnet: relu(g); guided: relu(g) * (c > 0)
+    on PRelu's input c (a negative slope makes its output positive where c < 0 too)."""
+    w = rand((3, 2, 3, 3), seed=6)
+    slope = np.array([0.2, -0.7, 0.0], F32).reshape(3, 1, 1)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("PRelu", ["c", "slope"], ["y"]),
+    ]
+    model = build(nodes, (1, 2, 5, 5), {"w": w, "slope": slope})
+    x = rand((1, 2, 5, 5), seed=8)
+    c = conv_np(x[0].astype(F64), w, 1, 1)
+    g = rand(c.shape, seed=9).astype(F64)
+    through = {
+        "gradient": g * np.where(c > 0, 1, slope),
+        "deconvnet": np.maximum(g, 0),
+        "guided": np.maximum(g, 0) * (c > 0),
+    }
+    grads = {}
+    for policy, gc in through.items():
+        want = conv_np_backward(gc, w, x.shape[1:], 1, 1)
+        got = engine_grad(model, x, g[None].astype(F32), policy=policy)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=policy)
+        grads[policy] = got
+    assert not np.allclose(grads["gradient"], grads["guided"])
+    assert not np.allclose(grads["deconvnet"], grads["guided"])
+    # where an output mask (y > 0) would differ from the input mask
+    assert ((c < 0) & (slope < 0) & (g > 0)).any()
+
+
+def test_prelu_with_a_slope_that_depends_on_the_input_is_refused():
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "ax"], ["m"], keepdims=1),
+        helper.make_node("PRelu", ["x", "m"], ["y"]),
+    ]
+    model = build(nodes, (1, 4), {"ax": np.array([1], np.int64)}, opset=18)
+    with pytest.raises(UnsupportedOpError, match="slope"):
+        vjp(model, ["x"])
+
+
+def test_thresholded_relu_under_each_policy():
+    model = build([helper.make_node("ThresholdedRelu", ["x"], ["y"], alpha=0.5)], (1, 40))
+    x = away_from(rand((1, 40), seed=10, scale=2.0), [0.5], gap=0.05)
+    check(model, x, eps=1e-2, rtol=1e-4)
+    g = rand((1, 40), seed=11)
+    want = {
+        "gradient": g * (x > 0.5),
+        "deconvnet": np.maximum(g, 0),
+        "guided": np.maximum(g, 0) * (x > 0.5),
+    }
+    for policy, w in want.items():
+        np.testing.assert_allclose(engine_grad(model, x, g, policy=policy), w, err_msg=policy)
+
+
 # ---- QuantizeLinear / DequantizeLinear: straight-through --------------------------------------
 def qdq_conv(quantized: bool) -> tuple[onnx.ModelProto, np.ndarray]:
     """x -> [Q -> DQ] -> Conv(int8 per-channel weights, dequantized) -> [Q -> DQ per channel] -> y,
@@ -229,3 +296,42 @@ def test_blocked_quantization_is_refused():
     model = build(nodes, (1, 4), {"s": np.ones((1, 2), F32)}, opset=21)
     with pytest.raises(UnsupportedOpError, match="block_size"):
         vjp(model, ["x"])
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_gradcheck_per_op_rows_pass_on_the_new_ops(tmp_path, policy):
+    """`cnnviz gradcheck`'s per-op check: finite differences for the true derivatives, the numpy
+    statement of the rule for PRelu/ThresholdedRelu under deconvnet/guided."""
+    from cnnviz.autodiff.gradcheck import gradcheck
+
+    rng = np.random.default_rng(17)
+    chain = [
+        ("PRelu", ["slope"], {}), ("ThresholdedRelu", [], {"alpha": 0.3}), ("Gelu", [], {}),
+        ("Mish", [], {}), ("Elu", [], {"alpha": 0.5}), ("Erf", [], {}),
+    ]  # fmt: skip
+    nodes, t = [helper.make_node("Conv", ["input", "w"], ["c0"], pads=[1, 1, 1, 1])], "c0"
+    for k, (op, extra, attrs) in enumerate(chain):
+        nodes.append(helper.make_node(op, [t, *extra], [f"a{k}"], name=f"{op}_{k}", **attrs))
+        t = f"a{k}"
+    nodes += [
+        helper.make_node("Max", [t, "c0"], ["m"]),
+        helper.make_node("GlobalAveragePool", ["m"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["logits"]),
+    ]
+    inits = {"w": rng.standard_normal((3, 2, 3, 3)).astype(F32) * 0.5,
+             "slope": np.array([0.2, -0.4, 0.1], F32).reshape(3, 1, 1)}  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    result = gradcheck(tmp_path / "m.onnx", policy=policy, samples=10)
+    rows = {row["op_type"]: row for row in result["ops"]}
+    assert {op for op, _, _ in chain} | {"Max"} <= set(rows)
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    modified = {op for op, row in rows.items() if "rule vs numpy" in row.get("note", "")}
+    assert modified == (set() if policy == "gradient" else {"PRelu", "ThresholdedRelu"})

@@ -30,8 +30,8 @@ OP_COSINE, OP_REL = 0.9999, 2e-3
 # where it has kinks (fewer coordinates within eps of one).
 OP_EPS, KINKED_OP_EPS = 1e-2, 1e-3
 KINKED_OPS = {
-    "Relu", "Clip", "LeakyRelu", "PRelu", "MaxPool", "HardSigmoid", "HardSwish", "Abs", "Max",
-    "Min", "ReduceMax", "ReduceMin", "Elu", "Selu", "Celu",
+    "Relu", "Clip", "LeakyRelu", "PRelu", "ThresholdedRelu", "MaxPool", "HardSigmoid",
+    "HardSwish", "Abs", "Max", "Min", "ReduceMax", "ReduceMin", "Elu", "Selu", "Celu",
 }  # fmt: skip
 
 
@@ -285,11 +285,15 @@ def _batchable(tiny, feeds, device, threads) -> tuple[onnx.ModelProto, int]:
 
 
 def _policy_reference(node, policy, x, g, values) -> np.ndarray:
-    """deconvnet: relu(g); guided: relu(g) * (lo < x < hi) for Relu/LeakyRelu/Clip."""
+    """deconvnet: relu(g); guided: relu(g) * (lo < x < hi) for Relu/LeakyRelu/PRelu/Clip, with
+    lo = alpha for ThresholdedRelu."""
     x64, g64 = x.astype(np.float64), g.astype(np.float64)
     if policy == "deconvnet":
         return np.maximum(g64, 0)
     lo, hi = _clip_bounds(node, values) if node.op_type == "Clip" else (0.0, np.inf)
+    if node.op_type == "ThresholdedRelu":
+        alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
+        lo = float(alpha)
     return np.maximum(g64, 0) * ((x64 > lo) & (x64 < hi))
 
 

@@ -8,10 +8,13 @@
 - ``guided`` (Springenberg et al. 2015): both, ``relu(g) * (x > 0)``; for Clip
   ``relu(g) * (lo < x < hi)``.
 
-LeakyRelu has its true derivative under ``gradient``; under ``deconvnet`` and ``guided`` it is
-treated exactly like Relu (its negative slope is ignored), which is what "a ReLU network" means
-for these methods. Sigmoid, HardSigmoid, HardSwish and every other op keep their true derivative
-under every policy (see rules.py); MaxPool's backward is the switch unpooling under all three.
+LeakyRelu, PRelu and ThresholdedRelu have their true derivative under ``gradient``; under
+``deconvnet`` and ``guided`` they are treated exactly like Relu (the negative slope is ignored;
+guided masks on the forward input x > 0, for ThresholdedRelu x > alpha), which is what "a ReLU
+network" means for these methods. Smooth activations (Sigmoid, Tanh, Softplus, Elu, Selu, Celu,
+Gelu, Mish...), HardSigmoid, HardSwish and every other op keep their true derivative under every
+policy (rules.py, rules_elementwise.py): the policies change only the ReLU-like ops' rules.
+MaxPool's backward is the switch unpooling under all three.
 """
 
 from __future__ import annotations
@@ -66,6 +69,25 @@ def leaky_relu_gradient(ctx, node, gys):
     return [ctx.op("Mul", [gys[0], slope])]
 
 
+def prelu_gradient(ctx, node, gys):
+    # slope[c] where x <= 0, 1 where x > 0; the slope broadcasts to x (ONNX unidirectional
+    # broadcasting) and is a constant: a learned slope that depends on the wrt tensor is refused
+    only_first_input(ctx, node, "slope")
+    x, slope = node.input[:2]
+    one = ctx.scalar(1.0, x)
+    factor = ctx.op("Where", [ctx.op("Greater", [x, ctx.scalar(0.0, x)]), one, slope])
+    return _pad(node, ctx.op("Mul", [gys[0], factor]))
+
+
+def _threshold(node) -> float:
+    return float(attrs_of(node).get("alpha", 1.0))
+
+
+def thresholded_relu_gradient(ctx, node, gys):
+    # y = x where x > alpha, else 0
+    return [ctx.op("Mul", [gys[0], ctx.between(node.input[0], _threshold(node), None)])]
+
+
 # ---- deconvnet ---------------------------------------------------------------------------------
 def relu_deconvnet(ctx, node, gys):
     return _pad(node, ctx.op("Relu", [gys[0]]))
@@ -83,8 +105,29 @@ def clip_guided(ctx, node, gys):
     return _pad(node, ctx.op("Mul", [ctx.op("Relu", [gys[0]]), mask]))
 
 
+def input_guided(ctx, node, gys):
+    """relu(g) * (x > 0) on the forward input: PRelu's output is positive also where x < 0 and
+    the slope is negative, so its output cannot give the mask."""
+    mask = ctx.between(node.input[0], 0.0, None)
+    return _pad(node, ctx.op("Mul", [ctx.op("Relu", [gys[0]]), mask]))
+
+
+def thresholded_relu_guided(ctx, node, gys):
+    mask = ctx.between(node.input[0], _threshold(node), None)
+    return [ctx.op("Mul", [ctx.op("Relu", [gys[0]]), mask])]
+
+
 POLICIES: dict[str, dict[str, Rule]] = {
-    "gradient": {"Relu": relu_gradient, "Clip": clip_gradient, "LeakyRelu": leaky_relu_gradient},
-    "deconvnet": {"Relu": relu_deconvnet, "Clip": relu_deconvnet, "LeakyRelu": relu_deconvnet},
-    "guided": {"Relu": relu_guided, "Clip": clip_guided, "LeakyRelu": relu_guided},
-}
+    "gradient": {
+        "Relu": relu_gradient, "Clip": clip_gradient, "LeakyRelu": leaky_relu_gradient,
+        "PRelu": prelu_gradient, "ThresholdedRelu": thresholded_relu_gradient,
+    },
+    "deconvnet": {
+        "Relu": relu_deconvnet, "Clip": relu_deconvnet, "LeakyRelu": relu_deconvnet,
+        "PRelu": relu_deconvnet, "ThresholdedRelu": relu_deconvnet,
+    },
+    "guided": {
+        "Relu": relu_guided, "Clip": clip_guided, "LeakyRelu": relu_guided,
+        "PRelu": input_guided, "ThresholdedRelu": thresholded_relu_guided,
+    },
+}  # fmt: skip
