@@ -15,7 +15,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import yaml
 from cluster import slurm_cluster
 from cluster.workflow_runs import (
     assert_same_results,
@@ -55,12 +54,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two photos in one shard; predict, activations and Grad-CAM ask for the GPU."""
+    """Two photos, one shard each; predict, activations and Grad-CAM ask for the GPU."""
     folder = tmp_path_factory.mktemp("config")
     model = tiny_classifier(folder / "tiny.onnx")
     return write_config(
-        folder / "config.yaml", {"tiny": tiny_model_entry(model)}, ["gradcam"], gpu_jobs=True
-    )
+        folder / "config.yaml", {"tiny": tiny_model_entry(model)}, ["gradcam"],
+        gpu_jobs=True, shard_size=1,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +80,18 @@ def slurm_run(tmp_path_factory: pytest.TempPathFactory, cluster, config: Path):
         workdir, config,
         # Status checks every few seconds, not the profile's 20 (a test waits for each one).
         "--slurm-init-seconds-before-status-checks", "2",
-        # The ONNX Runtime jobs in two packs: two GPU submissions compete for the one GPU.
-        "--group-components", "images=16", f"ort={-(-_ort_jobs(config) // 2)}", "finish=100",
+        # Both shards staged in one submission; then the four predict and activations jobs,
+        # all ready at once, packed two per submission: two GPU submissions, with two GPU steps
+        # each, compete for the one GPU. Explain (after predict) goes alone: packing it with
+        # another shard's job could make two submissions wait on each other.
+        "--groups", "stage_shard=images", "predict=ort", "activations=ort",
+        "metrics_summary=finish",
+        "--group-components", "images=16", "ort=2", "finish=100",
         profile="slurm", env=env, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + cluster.log_tail()
     jobs = [job for job in cluster.jobs() if _time(job["SubmitTime"]) >= int(started) - 1]
     return workdir, done.stdout, jobs
-
-
-def _ort_jobs(config: Path) -> int:
-    """predict, activations and one job per method, for each shard."""
-    settings = yaml.safe_load(config.read_text())
-    shards = -(-len(settings["images"]["samples"]) // settings["shard_size"])
-    return shards * (2 + len(settings["methods"]["enabled"]))
 
 
 def _time(text: str) -> float:
@@ -120,7 +118,7 @@ def test_every_job_ran_under_slurm_in_fewer_submissions(slurm_run) -> None:
     by_job: dict[str, list[str]] = {}
     for r in remote:
         by_job.setdefault(r["slurm_job"], []).append(r["step"])
-    # Grouping: the ONNX Runtime jobs of the shard share submissions.
+    # Grouping: ONNX Runtime jobs share submissions.
     assert any(len(s) >= 2 and set(s) <= GPU_STEPS for s in by_job.values()), by_job
     assert len(by_job) < len(remote)
     assert {job["JobId"] for job in jobs} == set(by_job)
