@@ -14,7 +14,7 @@ from onnx import helper
 from test_autodiff_rules import F32, F64, away_from, build, check, engine_grad, rand, run
 
 
-# ---- Pad ---------------------------------------------------------------------------------------
+# ---- Pad -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["edge", "reflect", "wrap"])
 @pytest.mark.parametrize(
     "pads",
@@ -45,7 +45,7 @@ def test_pad_reflect_old_opset_attribute():
     check(model, rand((1, 2, 4, 5)), eps=1.0, rtol=1e-5)
 
 
-# ---- Resize and Upsample ----------------------------------------------------------------------
+# ---- Resize and Upsample -------------------------------------------------------------------------
 TRANSFORMS = ["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"]
 NEAREST = ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
 # half_pixel_symmetric with nearest is refused (test_resize_refusals)
@@ -193,3 +193,53 @@ def test_reduce_l2_of_zeros_is_zero_not_nan():
     x[0, :, 1] = [3.0, 0.0, 4.0]
     g = engine_grad(model, x, np.array([[2.0, 10.0]]))
     np.testing.assert_allclose(g[0], [[0, 3 / 5 * 10], [0, 0], [0, 4 / 5 * 10]])  # 0/0 -> 0
+
+
+# ---- Tile and Einsum -----------------------------------------------------------------------------
+@pytest.mark.parametrize("repeats", [[1, 2, 3, 1], [1, 1, 1, 4], [1, 1, 1, 1]])
+def test_tile(repeats):
+    node = helper.make_node("Tile", ["x", "r"], ["y"])
+    model = build([node], (1, 2, 3, 4), {"r": np.array(repeats, np.int64)}, F64)
+    check(model, rand((1, 2, 3, 4), F64), eps=1.0, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "equation, w_shape",
+    [
+        ("bij,jk->bik", (4, 5)),  # matmul
+        ("bij,kj->bki", (5, 4)),  # transposed operand and output
+        ("bij,ij->b", (3, 4)),  # full contraction
+        ("bij,k->bijk", (5,)),  # outer product
+        ("bij,jk", (4, 5)),  # implicit output: bik
+        ("bij,jk->bk", (4, 5)),  # i summed only in x: broadcast back
+    ],
+)
+def test_einsum_with_a_constant(equation, w_shape):
+    node = helper.make_node("Einsum", ["x", "w"], ["y"], equation=equation)
+    model = build([node], (1, 3, 4), {"w": rand(w_shape, F64, seed=8)}, F64, opset=12)
+    check(model, rand((1, 3, 4), F64), eps=1.0, rtol=1e-9)
+
+
+def test_einsum_both_operands_active():
+    """Attention-like scores: both operands depend on x (a product: quadratic in x)."""
+    nodes = [
+        helper.make_node("Mul", ["x", "k"], ["q"]),
+        helper.make_node("Einsum", ["q", "x"], ["y"], equation="bhqd,bhkd->bhqk"),
+    ]
+    model = build(nodes, (1, 2, 3, 4), {"k": rand((1, 2, 3, 4), F64, seed=9)}, F64, opset=12)
+    check(model, rand((1, 2, 3, 4), F64), eps=1e-3, rtol=1e-8)
+
+
+@pytest.mark.parametrize("equation", ["bij->bji", "bij->bj", "bij->b"])
+def test_einsum_one_operand(equation):
+    node = helper.make_node("Einsum", ["x"], ["y"], equation=equation)
+    model = build([node], (1, 3, 4), dtype=F64, opset=12)
+    check(model, rand((1, 3, 4), F64), eps=1.0, rtol=1e-9)
+
+
+@pytest.mark.parametrize("equation", ["bii->bi", "b...->b"])
+def test_einsum_refusals(equation):
+    node = helper.make_node("Einsum", ["x"], ["y"], equation=equation, name="es")
+    model = build([node], (1, 3, 3), dtype=F64, opset=12)
+    with pytest.raises(UnsupportedOpError, match="es.*equation"):
+        vjp(model, ["x"])

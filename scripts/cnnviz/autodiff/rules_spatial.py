@@ -291,3 +291,64 @@ def reduce_log_sum_exp(ctx, node, g, axes):
     """g * softmax over the reduced axes: exp(x - y)."""
     y = ctx.reshape(node.output[0], _kept(ctx, node, axes))
     return ctx.op("Mul", [ctx.op("Exp", [ctx.op("Sub", [node.input[0], y])]), g])
+
+
+# ---- Tile and Einsum -----------------------------------------------------------------------------
+
+
+@register("Tile")
+def tile(ctx, node, gys):
+    """The sum of the tiles: g as [r0, s0, r1, s1, ...], summed over the repeat axes."""
+    only_first_input(ctx, node, "repeats")
+    xs = ctx.shape(node.input[0])
+    repeats = ctx.value(node.input[1])
+    if repeats is None:
+        raise refuse(node, "repeats computed at run time")
+    tiled = [i for i, r in enumerate(repeats.ravel()) if int(r) != 1]
+    if not tiled:
+        return [gys[0], None]
+    split = [v for r, s in zip(repeats.ravel(), xs, strict=True) for v in (int(r), s)]
+    summed = ctx.reduce_sum(ctx.reshape(gys[0], split), [2 * i for i in tiled], keepdims=False)
+    return [ctx.reshape(summed, xs), None]
+
+
+def _einsum_terms(node) -> tuple[list[str], str]:
+    """Operand subscripts and output subscripts of an Einsum equation (implicit output: the
+    letters that occur once, sorted, as numpy does). Ellipses and repeated letters within one
+    term (traces, diagonals) are refused."""
+    equation = attrs_of(node)["equation"].replace(" ", "")
+    if "." in equation:
+        raise refuse(node, f"equation {equation!r} has an ellipsis")
+    lhs, _, out = equation.partition("->")
+    terms = lhs.split(",")
+    letters = "".join(terms)
+    if "->" not in equation:
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    if any(len(set(t)) != len(t) for t in [*terms, out]):
+        raise refuse(node, f"equation {equation!r} repeats an index within one term")
+    return terms, out
+
+
+@register("Einsum")
+def einsum(ctx, node, gys):
+    """dA = einsum(g, other operands -> A's subscripts): each entry of A multiplies the product
+    of the others summed over everything else. Letters only A has (summed away in the forward)
+    are not in that contraction: its result is broadcast back over them."""
+    terms, out = _einsum_terms(node)
+    grads = []
+    for k, name in enumerate(node.input):
+        if not ctx.active(name):
+            grads.append(None)
+            continue
+        others = [t for i, t in enumerate(terms) if i != k]
+        seen = out + "".join(others)
+        target = "".join(c for c in terms[k] if c in seen)
+        equation = ",".join([out, *others]) + "->" + target
+        inputs = [gys[0], *(n for i, n in enumerate(node.input) if i != k)]
+        gx = ctx.op("Einsum", inputs, equation=equation)
+        shape = ctx.shape(name)
+        if target != terms[k]:
+            kept = [d if c in seen else 1 for c, d in zip(terms[k], shape, strict=True)]
+            gx = ctx.op("Expand", [ctx.reshape(gx, kept), ctx.ints(shape)])
+        grads.append(gx)
+    return grads
