@@ -88,6 +88,33 @@ def test_finite_difference_fallback_runs_and_is_marked(shard, tmp_path: Path) ->
     assert info["approximate"] is True and "Softsign" in info["notes"][0]
 
 
+def test_a_quantized_model_is_straight_through_and_marked(shard, tmp_path: Path) -> None:
+    """QuantizeLinear -> DequantizeLinear after the first block: saliency runs (straight-through
+    gradient, not the silent zero of an integer tensor) and its maps are marked approximate."""
+    from onnx import numpy_helper
+
+    model_dir, manifest = shard
+    path = str(model_dir / "model.onnx")
+    model = onnx.load(path)
+    graph = model.graph
+    for node in graph.node:
+        if "relu0" in node.input:
+            node.input[list(node.input).index("relu0")] = "deq0"
+    graph.node.insert(2, helper.make_node("QuantizeLinear", ["relu0", "s0", "z0"], ["q0"],
+                                          name="Quant_0"))
+    graph.node.insert(3, helper.make_node("DequantizeLinear", ["q0", "s0", "z0"], ["deq0"]))
+    graph.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), "s0"),
+                              numpy_helper.from_array(np.array(0, np.uint8), "z0")])
+    onnx.save(model, path)
+    summary = explain_shard(model_dir, manifest, "saliency", tmp_path / "q", {}, device="cpu")
+    assert len(summary["maps"]) == 3
+    rows, maps = read_shard_maps(tmp_path / "q")
+    assert np.abs(maps).max() > 0
+    assert rows[0]["approximate"] is True
+    note = rows[0]["notes"][0]
+    assert "straight-through" in note and "QuantizeLinear Quant_0" in note
+
+
 def test_an_unknown_class_is_recorded_not_fatal(shard, tmp_path: Path) -> None:
     model_dir, manifest = shard
     summary = explain_shard(model_dir, manifest, "gradcam", tmp_path / "g",

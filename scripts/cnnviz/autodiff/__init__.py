@@ -11,7 +11,9 @@ from .context import UnsupportedOpError
 from .policies import POLICIES
 from .rules import RULES
 
-__all__ = ["POLICIES", "RULES", "UnsupportedOpError", "ops_without_rules", "vjp"]
+__all__ = [
+    "POLICIES", "RULES", "UnsupportedOpError", "ops_without_rules", "straight_through_nodes", "vjp",
+]  # fmt: skip
 
 
 def ops_without_rules(model) -> list[str]:  # noqa: ANN001 - onnx.ModelProto
@@ -22,4 +24,20 @@ def ops_without_rules(model) -> list[str]:  # noqa: ANN001 - onnx.ModelProto
         f"{node.op_type} {node.name}".strip()
         for node in model.graph.node
         if node.op_type not in ruled or node.domain not in ("", "ai.onnx")
+    ]
+
+
+def straight_through_nodes(model) -> list[str]:  # noqa: ANN001 - onnx.ModelProto
+    """Nodes whose backward is the straight-through estimator ("op_type node_name"): QuantizeLinear
+    of a computed tensor (not of a stored weight, which no gradient reaches), so gradients through
+    the model are estimates (vjp lists the ones it used in "cnnviz.approximate")."""
+    from .rules_elementwise import STRAIGHT_THROUGH
+
+    graph = model.graph
+    stored = {i.name for i in graph.initializer}
+    stored |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [
+        f"{node.op_type} {node.name}".strip()
+        for node in graph.node
+        if node.op_type in STRAIGHT_THROUGH and node.input[0] not in stored
     ]

@@ -443,19 +443,28 @@ def _write_rows(
 
 def approximation_notes(job: Job, method: str) -> dict[str, Any]:
     """Mark maps whose gradient went through the finite-difference fallback (ops without a
-    rule): the values are then estimates, and the report says so."""
-    from ..autodiff import ops_without_rules
+    rule) or a straight-through estimator (QuantizeLinear of activations): the values are then
+    estimates, and the report says so."""
+    from ..autodiff import ops_without_rules, straight_through_nodes
 
-    if method in GRADIENT_FREE or job.fallback != "finite-differences":
+    if method in GRADIENT_FREE:
         return {}
-    nodes = ops_without_rules(job.model)
-    if not nodes:
-        return {}
-    shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
-    return {
-        "approximate": True,
-        "notes": [f"approximate: no backward rule for {shown}; finite differences used"],
-    }
+
+    def listed(nodes: list[str]) -> str:
+        return ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+
+    notes = []
+    missing = ops_without_rules(job.model) if job.fallback == "finite-differences" else []
+    if missing:
+        notes.append(
+            f"approximate: no backward rule for {listed(missing)}; finite differences used"
+        )
+    rounded = straight_through_nodes(job.model)
+    if rounded:
+        notes.append(
+            f"approximate: straight-through gradient (rounding skipped) at {listed(rounded)}"
+        )
+    return {"approximate": True, "notes": notes} if notes else {}
 
 
 def _projections(job: Job, out_dir: Path) -> tuple[list, list]:
