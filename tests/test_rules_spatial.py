@@ -243,3 +243,38 @@ def test_einsum_refusals(equation):
     model = build([node], (1, 3, 3), dtype=F64, opset=12)
     with pytest.raises(UnsupportedOpError, match="es.*equation"):
         vjp(model, ["x"])
+
+
+# ---- normalizations ------------------------------------------------------------------------------
+@pytest.mark.parametrize("axis", [-1, 2, 1])
+def test_layer_norm(axis):
+    xs = (1, 3, 4, 5)
+    norm_shape = xs[axis:]
+    nodes = [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=axis, epsilon=0.1)]
+    inits = {"s": rand(norm_shape, F64, seed=10), "b": rand(norm_shape, F64, seed=11)}
+    model = build(nodes, xs, inits, F64, opset=17)
+    check(model, rand(xs, F64), eps=1e-5, rtol=1e-6)
+
+
+def test_instance_norm():
+    """float32 only in ONNX Runtime: a larger step and tolerance."""
+    node = helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"], epsilon=0.01)
+    inits = {"s": rand((3,), seed=12), "b": rand((3,), seed=13)}
+    model = build([node], (1, 3, 4, 5), inits, opset=17)
+    check(model, rand((1, 3, 4, 5)), eps=1e-2, rtol=2e-3)
+
+
+@pytest.mark.parametrize("opset, groups", [(18, 2), (21, 2), (21, 6), (21, 1)])
+def test_group_norm(opset, groups):
+    channels = 6
+    scale_shape = (groups,) if opset < 21 else (channels,)
+    attrs = {"num_groups": groups, "epsilon": 0.05}
+    if opset >= 21:
+        attrs["stash_type"] = 11  # statistics in double (the default is float32)
+    nodes = [  # the Tanh's shape needs the one prepare gives GroupNormalization's output
+        helper.make_node("GroupNormalization", ["x", "s", "b"], ["n"], **attrs),
+        helper.make_node("Tanh", ["n"], ["y"]),
+    ]
+    inits = {"s": rand(scale_shape, F64, seed=14), "b": rand(scale_shape, F64, seed=15)}
+    model = build(nodes, (1, channels, 3, 2), inits, F64, opset=opset)
+    check(model, rand((1, channels, 3, 2), F64), eps=1e-5, rtol=1e-6)

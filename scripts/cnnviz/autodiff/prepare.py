@@ -108,8 +108,39 @@ def fix_batch(model: onnx.ModelProto, batch: int, skip: set[str] = frozenset()) 
             o.type.tensor_type.ClearField("shape")
 
 
+# Ops whose output has their first input's type and shape but which ONNX's shape inference leaves
+# unshaped (GroupNormalization: a function op with a context-dependent body).
+SHAPE_PRESERVING = {"GroupNormalization"}
+
+
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    return shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    for _ in range(50):
+        model = shape_inference.infer_shapes(
+            model, check_type=False, strict_mode=False, data_prop=True
+        )
+        if not _shape_preserving_outputs(model.graph):
+            return model
+    return model
+
+
+def _shape_preserving_outputs(graph: onnx.GraphProto) -> bool:
+    """Give SHAPE_PRESERVING nodes' unshaped outputs their input's type; True when any got one
+    (inference must run again for what follows them)."""
+    shaped = {
+        vi.name: vi
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
+        if vi.type.tensor_type.HasField("shape")
+    }
+    added = False
+    for node in graph.node:
+        if node.op_type in SHAPE_PRESERVING and node.input[0] in shaped:
+            if node.output[0] not in shaped:
+                vi = graph.value_info.add()
+                vi.CopyFrom(shaped[node.input[0]])
+                vi.name = node.output[0]
+                shaped[vi.name] = vi
+                added = True
+    return added
 
 
 def static_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:

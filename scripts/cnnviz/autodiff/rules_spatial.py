@@ -352,3 +352,76 @@ def einsum(ctx, node, gys):
             gx = ctx.op("Expand", [ctx.reshape(gx, kept), ctx.ints(shape)])
         grads.append(gx)
     return grads
+
+
+# ---- normalizations ------------------------------------------------------------------------------
+
+
+def normalize_backward(
+    ctx, x: str, gh: str, shape: list[int], axes: list[int], eps: float, like: str
+) -> str:
+    """Adjoint of x̂ = (x - mean) / σ (statistics over `axes`) for ĝ = `gh` (g times the scale):
+    (1/σ)(ĝ - mean(ĝ) - x̂ mean(ĝ x̂)); `x` and `gh` have shape `shape`, the dtype of the forward
+    tensor `like`. The statistics are recomputed here rather than read from the forward's
+    optional outputs, which exports drop."""
+    inv_n = ctx.scalar(1.0 / np.prod([shape[i] for i in axes]), like)
+
+    def mean(t: str) -> str:
+        return ctx.op("Mul", [ctx.reduce_sum(t, axes, keepdims=True), inv_n])
+
+    centered = ctx.op("Sub", [x, mean(x)])
+    var = mean(ctx.op("Mul", [centered, centered]))
+    inv_std = ctx.op("Reciprocal", [ctx.op("Sqrt", [ctx.op("Add", [var, ctx.scalar(eps, like)])])])
+    xh = ctx.op("Mul", [centered, inv_std])
+    inner = ctx.op("Sub", [gh, mean(gh)])
+    inner = ctx.op("Sub", [inner, ctx.op("Mul", [xh, mean(ctx.op("Mul", [gh, xh]))])])
+    return ctx.op("Mul", [inner, inv_std])
+
+
+def _only_y(ctx, node, gys) -> None:
+    only_first_input(ctx, node, "scale/bias")
+    if any(g is not None for g in gys[1:]):
+        raise refuse(node, "its mean/inverse-std outputs are differentiated")
+
+
+@register("LayerNormalization")
+def layer_norm(ctx, node, gys):
+    _only_y(ctx, node, gys)
+    x, scale = node.input[:2]
+    xs = list(ctx.shape(x))
+    a = attrs_of(node)
+    axis = _axis(a.get("axis", -1), len(xs))
+    gh = ctx.op("Mul", [gys[0], scale])
+    axes = list(range(axis, len(xs)))
+    gx = normalize_backward(ctx, x, gh, xs, axes, a.get("epsilon", 1e-5), x)
+    return [gx] + [None] * (len(node.input) - 1)
+
+
+@register("InstanceNormalization")
+def instance_norm(ctx, node, gys):
+    _only_y(ctx, node, gys)
+    x, scale = node.input[:2]
+    xs = list(ctx.shape(x))
+    gh = ctx.op("Mul", [gys[0], ctx.reshape(scale, [xs[1]] + [1] * (len(xs) - 2))])
+    eps = attrs_of(node).get("epsilon", 1e-5)
+    return [normalize_backward(ctx, x, gh, xs, list(range(2, len(xs))), eps, x), None, None]
+
+
+@register("GroupNormalization")
+def group_norm(ctx, node, gys):
+    """Statistics per (sample, group) over [N, G, C/G * spatial]. The scale is per group in
+    opset 18 (applied to that view) and per channel from opset 21."""
+    _only_y(ctx, node, gys)
+    x, scale = node.input[:2]
+    xs = list(ctx.shape(x))
+    a = attrs_of(node)
+    groups = a["num_groups"]
+    view = [xs[0], groups, int(np.prod(xs[1:])) // groups]
+    if ctx.opset >= 21:
+        gh = ctx.op("Mul", [gys[0], ctx.reshape(scale, [xs[1]] + [1] * (len(xs) - 2))])
+        gh = ctx.reshape(gh, view)
+    else:
+        gh = ctx.op("Mul", [ctx.reshape(gys[0], view), ctx.reshape(scale, [groups, 1])])
+    eps = a.get("epsilon", 1e-5)
+    gx = normalize_backward(ctx, ctx.reshape(x, view), gh, view, [2], eps, x)
+    return [ctx.reshape(gx, xs), None, None]
