@@ -107,6 +107,15 @@ def test_upsample_and_resize_10(mode, opset):
     check(model, rand((1, 2, 4, 3)), eps=1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scales", [(2.0, 3.0), (0.5, 0.75)])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_tf_half_pixel_for_nn(scales, mode):
+    model = _resize_model(
+        mode, "tf_half_pixel_for_nn", "round_prefer_ceil", scales=scales, opset=13
+    )
+    check(model, rand((1, 2, 5, 6)), eps=1.0, rtol=1e-5)
+
+
 def test_resize_10_downsampling_and_a_leading_axis():
     """Resize-10's nearest rounds up when downsampling; the channel axis goes by a Transpose."""
     scales = np.array([1, 1.5, 0.5, 0.75], np.float32)

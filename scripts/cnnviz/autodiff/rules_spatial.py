@@ -98,6 +98,8 @@ def _source_coordinates(n_in: int, n_out: int, scale: float, transform: str) -> 
         return (y / s).astype(np.float64)
     if transform == "pytorch_half_pixel" and n_out == 1:
         return np.zeros(1)
+    if transform == "tf_half_pixel_for_nn":  # opset 11-18 (tf2onnx's nearest resizes)
+        return ((y + f(0.5)) / s).astype(np.float64)
     if transform in ("half_pixel", "pytorch_half_pixel"):
         return ((y + f(0.5)) / s - f(0.5)).astype(np.float64)
     if transform == "half_pixel_symmetric":  # offset in float32, the rest in double
@@ -198,6 +200,8 @@ def resize(ctx, node, gys):
     g = gys[0]
     dtype = ctx.np_dtype(x)
     for axis in range(rank):
+        if xs[axis] == ys[axis] and scales[axis] == 1:  # untouched (tf_half_pixel_for_nn
+            continue  # would otherwise shift it by half a pixel)
         m = resize_matrix(xs[axis], ys[axis], scales[axis], mode, transform, nearest)
         if m.shape[0] == m.shape[1] and np.array_equal(m, np.eye(m.shape[0])):
             continue
