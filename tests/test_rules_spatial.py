@@ -77,7 +77,7 @@ def test_resize_by_sizes(out_hw, transform, mode):
 
 
 # Scales whose float32 product with the size is unambiguous: with 7/5 onnx's shape inference
-# says 6 rows where ONNX Runtime makes 7 (float32 1.4 * 5), and the seed's shape disagrees.
+# says 6 rows where ONNX Runtime makes 7 (float32 1.4 * 5): refused, see test_resize_refusals.
 @pytest.mark.parametrize("scales", [(2.0, 2.0), (0.5, 0.5), (1.5, 0.75), (2.5, 1.25), (0.4, 1.75)])
 @pytest.mark.parametrize("transform, mode", PAIRS)
 def test_resize_by_scales(scales, transform, mode):
@@ -131,11 +131,13 @@ def test_resize_10_downsampling_and_a_leading_axis():
         ({"mode": "linear", "antialias": 1}, "antialias"),
         ({"mode": "nearest", "coordinate_transformation_mode": "half_pixel_symmetric"}, "symm"),
         ({"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize"}, "crop"),
+        ({"mode": "linear", "scales": [1, 1, 1.4, 2]}, r"shape \[1, 2, 6, 10\].*\[1, 2, 7, 10\]"),
     ],
 )
 def test_resize_refusals(attrs, why):
+    scales = np.array(attrs.pop("scales", [1, 1, 2, 2]), np.float32)
     node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", **attrs)
-    model = build([node], (1, 2, 4, 4), {"scales": np.array([1, 1, 2, 2], np.float32)}, opset=19)
+    model = build([node], (1, 2, 5, 5), {"scales": scales}, opset=19)
     with pytest.raises(UnsupportedOpError, match=f"up.*{why}"):
         vjp(model, ["x"])
 

@@ -196,6 +196,14 @@ def resize(ctx, node, gys):
     xs, ys = list(ctx.shape(x)), list(ctx.shape(node.output[0]))
     mode, transform, nearest, given = _resize_config(ctx, node)
     scales = _scales(ctx, node, xs, ys, given)
+    if given is not None:  # ONNX Runtime sizes the output in float32: int(float(s) * n)
+        made = [int(np.float32(s) * np.float32(n)) for s, n in zip(scales, xs, strict=True)]
+        if made != ys:
+            raise refuse(
+                node,
+                f"ONNX shape inference gives it shape {ys}, ONNX Runtime makes {made} "
+                "(float32 scales); give it sizes instead of scales",
+            )
     rank = len(xs)
     g = gys[0]
     dtype = ctx.np_dtype(x)
