@@ -196,7 +196,8 @@ def _scale_for(ctx, node, like: str) -> str:
 
 @register("QuantizeLinear")
 def quantize_linear(ctx, node, gys):
-    # q = round(x / scale) + zp: straight-through, dq/dx taken as 1/scale (the rounding as identity)
+    # q = saturate(round(x / scale) + zp): straight-through, dq/dx taken as 1/scale everywhere
+    # (the rounding and the clipping to the integer range as the identity, so Q -> DQ passes g)
     x = node.input[0]
     scale = _scale_for(ctx, node, x)
     if ctx.np_dtype(node.input[1]) != ctx.np_dtype(x):
