@@ -329,3 +329,45 @@ def test_gradcheck_catches_a_clip_rule_that_ignores_the_upper_bound(tmp_path, mo
     result = gradcheck(tmp_path / "relu6.onnx", samples=10)
     clip = next(row for row in result["ops"] if row["op_type"] == "Clip")
     assert clip["status"] == "fail" and clip["max_rel_err"] > 0.5
+
+
+def test_gradcheck_per_op_where_the_batch_axis_moves(tmp_path, monkeypatch):
+    """dynamo's AdaptiveAvgPool2d to a larger grid (torchvision's VGG and AlexNet below 224 px):
+    Transpose to [H, W, B, C], GatherND of constant positions, Transpose back, ReduceMean. The
+    one-node models of the nodes whose leading axis is not the batch get one of their own; each
+    is checked against finite differences (the GatherND rule too), and a wrong GatherND rule
+    fails its row."""
+    from cnnviz.autodiff import RULES
+    from cnnviz.autodiff.gradcheck import gradcheck
+
+    positions = np.random.default_rng(0).integers(0, 2, (3, 2, 3, 2, 2)).astype(np.int64)
+    model = _model(
+        [
+            helper.make_node("Transpose", ["input"], ["hwbc"], perm=[2, 3, 0, 1]),
+            helper.make_node("GatherND", ["hwbc", "positions"], ["picked"], name="gather"),
+            helper.make_node("Transpose", ["picked"], ["bc"], perm=[4, 5, 0, 1, 2, 3]),
+            helper.make_node("ReduceMean", ["bc"], ["pooled"], axes=[3, 5], keepdims=0),
+            helper.make_node("Flatten", ["pooled"], ["logits"]),
+        ],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 36])],
+        [numpy_helper.from_array(positions, "positions")],
+    )  # fmt: skip
+    onnx.save(model, str(tmp_path / "adaptive.onnx"))
+    result = gradcheck(tmp_path / "adaptive.onnx", samples=12, op_samples=24)
+    rows = {row["node"] or row["op_type"]: row for row in result["ops"]}
+    assert rows["gather"]["status"] == "ok", rows["gather"]
+    assert rows["gather"]["shapes"].startswith("[1, 2, 2, 1, 4]")  # its own batch axis in front
+    assert all(row["status"] == "ok" for row in result["ops"]), result["ops"]
+    assert result["end_to_end"]["status"] == "ok" and result["passed"]
+
+    right = RULES["GatherND"]
+
+    def last_read_only(ctx, node, gys):  # a plausible bug: half of every read lost
+        grad, _ = right(ctx, node, gys)
+        return [ctx.op("Mul", [grad, ctx.scalar(0.5, node.input[0])]), None]
+
+    monkeypatch.setitem(RULES, "GatherND", last_read_only)
+    wrong = gradcheck(tmp_path / "adaptive.onnx", samples=12, op_samples=24)
+    gather = next(row for row in wrong["ops"] if row["node"] == "gather")
+    assert gather["status"] == "fail" and not wrong["passed"]

@@ -75,3 +75,55 @@ def test_overlapping_max_pool_adjoint_adds_every_window():
     n, c = np.meshgrid(np.arange(8), np.arange(32), indexing="ij")
     np.add.at(expected, (n[..., None, None], c[..., None, None], rows, cols), seed)
     _assert_all_equal(_gradients(model, x, seed), expected.astype(np.float32))
+
+
+def _gather_nd_expected(seed_rows: np.ndarray, tuples: np.ndarray, shape) -> np.ndarray:
+    """zeros(shape) with seed_rows[i] added at data[tuples[i]] (numpy's unbuffered add)."""
+    expected = np.zeros(shape, np.float64)
+    np.add.at(expected, tuple(tuples.T), seed_rows.astype(np.float64))
+    return expected
+
+
+def test_gather_nd_adjoint_as_dynamo_writes_adaptive_pooling():
+    """torch.onnx's dynamo exporter writes AdaptiveAvgPool2d to a larger output (VGG, AlexNet
+    below 224 px) as Transpose -> GatherND(constant (h, w) positions, each read many times) ->
+    Transpose; the adjoint adds every read back."""
+    b, c, h, w = 3, 4, 2, 3
+    tuples = RNG.integers(-h, h, (7, 5, 2))
+    tuples[..., 1] = RNG.integers(-w, w, (7, 5))
+    model = _model(
+        [
+            helper.make_node("Transpose", ["x"], ["hwbc"], perm=[2, 3, 0, 1]),
+            helper.make_node("GatherND", ["hwbc", "idx"], ["picked"]),
+            helper.make_node("Transpose", ["picked"], ["y"], perm=[2, 3, 0, 1]),
+        ],
+        [b, c, h, w], [numpy_helper.from_array(tuples.astype(np.int64), "idx")],
+    )  # fmt: skip
+    x = RNG.standard_normal((b, c, h, w)).astype(np.float32)
+    seed = RNG.standard_normal((b, c, 7, 5)).astype(np.float32)
+    wrapped = np.where(tuples < 0, tuples + np.array([h, w]), tuples).reshape(-1, 2)
+    rows = seed.transpose(2, 3, 0, 1).reshape(35, b, c)
+    expected = _gather_nd_expected(rows, wrapped, (h, w, b, c)).transpose(2, 3, 0, 1)
+    _assert_all_equal(_gradients(model, x, seed), expected.astype(np.float32))
+
+
+def test_gather_nd_adjoint_with_indices_computed_at_run_time():
+    """Indices fed at run time (negative ones wrapped in the graph), one tuple of two
+    per read into a [B, rows, width] tensor: whole rows gathered and their gradients added back."""
+    b, rows, width, reads = 2, 6, 5, 40
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows, width])
+    idx_info = helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", reads, 2])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    node = helper.make_node("GatherND", ["x", "idx"], ["y"])
+    graph = helper.make_graph([node], "gnd", [x_info, idx_info], [y_info])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    tuples = np.stack([RNG.integers(-b, b, (b, reads)), RNG.integers(-rows, rows, (b, reads))], 2)
+    x = RNG.standard_normal((b, rows, width)).astype(np.float32)
+    seed = RNG.standard_normal((b, reads, width)).astype(np.float32)
+    session = make_session(vjp(model, ["x"], ["y"], batch=b), "cpu", THREADS)
+    feeds = {"x": x, "idx": tuples, "seed:y": seed}
+    runs = [session.run(["grad:x"], feeds)[0] for _ in range(RUNS)]
+    wrapped = np.where(tuples < 0, tuples + np.array([b, rows]), tuples).reshape(-1, 2)
+    expected = _gather_nd_expected(seed.reshape(-1, width), wrapped, (b, rows, width))
+    _assert_all_equal(runs, expected.astype(np.float32))

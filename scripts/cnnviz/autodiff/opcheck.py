@@ -148,8 +148,9 @@ def _check_node(
 
     tiny, feeds, outputs = _one_node_model(node, active, shapes, types, values, opsets, rng)
     wrt = list(feeds)
+    lead = [1] if _needs_batch_axis(node, active, shapes) else []
     seeds = {
-        o: rng.standard_normal(shapes[node.output[k]]).astype(np.float32)
+        o: rng.standard_normal(lead + list(shapes[node.output[k]])).astype(np.float32)
         for k, o in enumerate(outputs)
     }
     g = vjp(tiny, wrt, seed_outputs=list(outputs), policy=policy, batch=1)
@@ -171,7 +172,8 @@ def _check_node(
             "note": f"{policy} rule vs numpy statement of it",
         }
 
-    fd_model, batch_size = _batchable(tiny, feeds, device, threads)
+    # With its own batch axis of 1 (Squeeze in front) the node model takes one row per run.
+    fd_model, batch_size = (tiny, 1) if lead else _batchable(tiny, feeds, device, threads)
     fd_session = make_session(fd_model, device=device, threads=threads)
     per_input = max(8, n // len(wrt))
     eps = KINKED_OP_EPS if node.op_type in KINKED_OPS else OP_EPS
@@ -198,17 +200,35 @@ def _check_node(
     return {**stats, "eps": eps, "shapes": shape_note, "status": "ok" if ok else "fail"}
 
 
+def _needs_batch_axis(node, active, shapes) -> bool:
+    """Whether a tensor of the node leads with an axis other than the batch (a model that moves
+    the batch axis, as dynamo's adaptive pooling does with a Transpose before a GatherND): the
+    engine and the finite differences take a graph's leading axis for the batch, so the
+    one-node model then gets a batch axis of its own in front of every tensor."""
+    tensors = [n for n in [*node.input, *node.output] if n in active]
+    return any(shapes.get(n) and shapes[n][0] != 1 for n in tensors)
+
+
 def _one_node_model(node, active, shapes, types, values, opsets, rng):
-    """The node alone: active inputs become graph inputs x<k> (random), the rest initializers."""
-    inputs, inits, feeds, names = [], [], {}, []
+    """The node alone: active inputs become graph inputs x<k> (random), the rest initializers;
+    with `_needs_batch_axis`, inputs and outputs carry an extra leading axis of 1 (Squeeze and
+    Unsqueeze around the node)."""
+    lead = _needs_batch_axis(node, active, shapes)
+    opset = next((o.version for o in opsets if o.domain in ("", "ai.onnx")), 13)
+    inputs, inits, feeds, names, before, after = [], [], {}, [], [], []
     for k, name in enumerate(node.input):
         if not name:
             names.append("")
             continue
         if name in active:
             new = f"x{k}"
-            feeds[new] = _random_input(node, k, shapes[name], values, rng)
-            inputs.append(helper.make_tensor_value_info(new, types[name], shapes[name]))
+            value = _random_input(node, k, shapes[name], values, rng)
+            feeds[new] = value[None] if lead else value
+            dims = [1, *shapes[name]] if lead else shapes[name]
+            inputs.append(helper.make_tensor_value_info(new, types[name], dims))
+            if lead:
+                before.append(_axis0_node("Squeeze", new, new + "_", opset, inits))
+                new += "_"
         else:
             new = f"c{k}"
             inits.append(numpy_helper.from_array(np.asarray(values[name]), new))
@@ -217,17 +237,31 @@ def _one_node_model(node, active, shapes, types, values, opsets, rng):
     out_names = []
     for k, name in enumerate(node.output):
         new = f"y{k}" if name else ""
-        out_names.append(new)
+        out_names.append(new + "_" if lead and new else new)
         if name and types.get(name) in FLOATS and name in active:
             outputs.append(new)
         if name:
-            out_infos.append(helper.make_tensor_value_info(new, types[name], shapes.get(name)))
+            shape = shapes.get(name)
+            if lead:
+                after.append(_axis0_node("Unsqueeze", new + "_", new, opset, inits))
+                shape = [1, *shape] if shape is not None else None
+            out_infos.append(helper.make_tensor_value_info(new, types[name], shape))
     one = helper.make_node(node.op_type, names, out_names, name=node.name, domain=node.domain)
     one.attribute.extend(node.attribute)
-    graph = helper.make_graph([one], f"one_{node.op_type}", inputs, out_infos, inits)
+    nodes = [*before, one, *after]
+    graph = helper.make_graph(nodes, f"one_{node.op_type}", inputs, out_infos, inits)
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model, feeds, outputs
+
+
+def _axis0_node(op_type: str, source: str, target: str, opset: int, inits: list):
+    """Squeeze or Unsqueeze of axis 0 (axes an input from opset 13, an attribute before)."""
+    if opset < 13:
+        return helper.make_node(op_type, [source], [target], axes=[0])
+    if not any(i.name == "axis0" for i in inits):
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+    return helper.make_node(op_type, [source, "axis0"], [target])
 
 
 def _random_input(node, k: int, shape, values, rng) -> np.ndarray:

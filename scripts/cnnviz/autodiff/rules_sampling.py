@@ -1,4 +1,4 @@
-"""Backward rules of the resampling ops: Gather and GatherElements (registered into `RULES`).
+"""Backward rules of the resampling ops: Gather, GatherElements, GatherND (registered in `RULES`).
 
 A gather reads data at computed positions; its adjoint scatter-adds each output's gradient back
 to the position it was read from: ScatterElements with reduction='add' (opset 16+, CUDA kernels
@@ -88,3 +88,37 @@ def gather_elements(ctx, node, gys):
         "ScatterElements", [ctx.zeros(ds, data), idx, gys[0]], axis=axis, reduction="add"
     )
     return [gx, None]
+
+
+@register("GatherND")
+def gather_nd(ctx, node, gys):
+    """out[i...] = data[idx[i..., 0], ..., idx[i..., k-1], rest]: the first k axes of data are
+    flattened into one, each index tuple becomes a row number on it, and the adjoint is one
+    scatter-add of rows. (The dynamo exporter writes adaptive average pooling to a larger
+    output as a Transpose + GatherND of constant positions, as in torchvision's VGG and AlexNet
+    below 224 px.)"""
+    _check_opset(ctx, node)
+    if int(dict((a.name, a.i) for a in node.attribute).get("batch_dims", 0)):
+        raise refuse(node, "batch_dims > 0 has no rule (only batch_dims=0)")
+    data, indices = node.input[:2]
+    ds, is_ = list(ctx.shape(data)), list(ctx.shape(indices))
+    k = is_[-1]
+    n = int(np.prod(is_[:-1])) if len(is_) > 1 else 1
+    rest = ds[k:]
+    strides = [int(np.prod(ds[j + 1 : k])) for j in range(k)]
+    value = ctx.value(indices)
+    if value is not None:
+        tuples = value.reshape(n, k).astype(np.int64)
+        tuples = np.where(tuples < 0, tuples + np.array(ds[:k]), tuples)
+        rows = ctx.const(tuples @ np.array(strides, dtype=np.int64), "idx")
+    else:
+        tuples = ctx.reshape(indices, [n, k])
+        if ctx.np_dtype(indices) != np.int64:
+            tuples = ctx.op("Cast", [tuples], to=7)
+        negative = ctx.op("Cast", [ctx.op("Less", [tuples, ctx.ints([0])])], to=7)
+        tuples = ctx.op("Add", [tuples, ctx.op("Mul", [negative, ctx.ints(ds[:k])])])
+        weighted = ctx.op("Mul", [tuples, ctx.ints(strides)])
+        rows = ctx.reduce_sum(weighted, [1], keepdims=False)
+    g = ctx.reshape(gys[0], [n, *rest])
+    scattered = scatter_add(ctx, [int(np.prod(ds[:k])), *rest], data, rows, g, n)
+    return [ctx.reshape(scattered, ds), None]
