@@ -117,7 +117,9 @@ def load_model(path: str | Path) -> tuple[onnx.ModelProto, dict | None, Path]:
         raise ModelError(f"{onnx_path} is not a readable ONNX model: {err}") from err
     if card is None:  # a converter's file (NHWC, uint8 ...): checked as export will feed it
         from ..export.onnx_io import adapt_input, read_input
+        from ..export.precision import widen_to_float32
 
+        model = widen_to_float32(model)[0]  # float16: differentiated in float32, as exported
         try:
             spec = read_input(model, onnx_path)
         except ModelError:

@@ -39,6 +39,8 @@ from .onnx_io import (
     unpin_reshapes,
 )
 from .outputs import flatten_scores, select_output, strip_sigmoid
+from .precision import RELATIVE_TOLERANCE as LOW_PRECISION_TOLERANCE
+from .precision import widen_to_float32
 from .sources import (
     DEFAULT_PREPROCESS,
     check_weights,
@@ -76,7 +78,8 @@ def export_model(
     scores of an onnx: model with several.
 
     The model.onnx written always takes float32 [N, 3, H, W] RGB (see `onnx_io`): an onnx:
-    model made for NHWC, BGR, grey, float16 or uint8 input gets an input adapter in front.
+    model made for NHWC, BGR, grey, float64 or uint8 input gets an input adapter in front, and
+    a float16 model is computed in float32 (see `precision`).
     """
     out_dir = Path(out_dir)
     where = f"model {name!r} ({source})"
@@ -212,7 +215,9 @@ def _from_onnx(
     pre = _onnx_preprocess(spec, preprocess, where)
     given = fix_image_size(model, spec, pre["size"])
     order = str(pre.get("channel_order", "RGB")).upper()
-    model, adapter = adapt_input(given, spec, order)
+    model, low = widen_to_float32(given)  # float16: computed (and differentiated) in float32
+    wide_spec = read_input(model, path, spec.layout) if low else spec
+    model, adapter = adapt_input(model, wide_spec, order)
     if adapter:  # the adapter's Transpose meets the model's own; checked below (_check_adapter)
         model = sink_transposes(model)
     model = _symbolic_batch_if_possible(model, spec.dims, pre, threads)
@@ -252,9 +257,13 @@ def _from_onnx(
         "tolerance": None,
         "top1": _top1(out[0], class_names, output_kind),
     }
-    if adapter:
-        verification.update(_check_adapter(given, batch, out, spec, order, where, threads))
+    if adapter or low:
+        verification.update(
+            _check_adapter(given, batch, out, spec, order, where, threads, bool(adapter), low)
+        )
     notes = _changes(model, stripped, sigmoid, flattened, where)
+    if low:
+        notes.append(f"{_precision(low)} (its values widened exactly; gradients in float32)")
     quantized = quantized_ops(model)
     if quantized:
         notes.append(
@@ -265,7 +274,14 @@ def _from_onnx(
     if notes:
         verification["note"] = "; ".join(notes)
     entry = {**_input_entry(model), "model_input": spec.entry(order), "adapter": adapter}
+    if low:
+        entry["precision"] = _precision(low)
     return model, data, pre, class_names, output_kind, verification, entry
+
+
+def _precision(low: list[str]) -> str:
+    """The card's words for a widened model (export/precision.py)."""
+    return f"{' and '.join(low)} model computed in float32"
 
 
 def _changes(
@@ -336,17 +352,29 @@ def _check_adapter(
     order: str,
     where: str,
     threads: int | None,
+    adapter: bool = True,
+    low: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The adapted graph against the model as given, fed the same photo in its own input."""
+    """The adapted (and widened) graph against the model as given, fed the same photo in its
+    own input. A float16 model as given rounds its intermediates to float16, the widened one
+    to float32: their scores differ by about 1e-3 of the largest, hence the wider tolerance."""
     expected = _ort_logits(given, to_model_input(batch, spec, order), threads)
     expected = expected.reshape(out.shape)  # the given model's [N, C, 1, 1]: flattened in `out`
     diff = float(np.max(np.abs(out - expected)))
-    tolerance = 1e-5 * max(1.0, float(np.max(np.abs(expected))))
+    relative = LOW_PRECISION_TOLERANCE if low else 1e-5
+    tolerance = relative * max(1.0, float(np.max(np.abs(expected))))
     if not diff <= tolerance:
+        what = "fed through cnnviz's input adapter" if adapter else ""
+        if low:
+            what += (" and " if what else "") + f"widened from {' and '.join(low)} to float32"
+        hint = (
+            "check preprocess.layout and channel_order"
+            if adapter
+            else "the model depends on float16 rounding or overflow; export it in float32"
+        )
         raise ModelError(
-            f"{where}: the model fed through cnnviz's input adapter differs from the model as "
-            f"given by {diff:.3g} (tolerance {tolerance:.3g}); check preprocess.layout and "
-            "channel_order"
+            f"{where}: the model {what} differs from the model as given by {diff:.3g} "
+            f"(tolerance {tolerance:.3g}) on the photo; {hint}"
         )
     return {"reference": "the model's own input", "max_abs_diff": diff, "tolerance": tolerance}
 

@@ -4,12 +4,13 @@ Every step after export feeds a model one kind of input: float32 [N, 3, H, W], c
 order, normalized on the host by `images.preprocess` -- so every map, gradient and projection is
 in image coordinates. Converters write other inputs: tf2onnx and Keras exports take NHWC
 (`[N, H, W, 3]`), Caffe conversions BGR, some graphs take raw uint8 pixels and Cast them to float
-inside, some take float16 or one grey channel. Export reads the input (`read_input`: layout
+inside, some take float16, float64 or one grey channel (a float16 model is widened to float32
+before the adapter is made: export/precision.py). Export reads the input (`read_input`: layout
 detected from the shape, or `preprocess.layout`) and prepends a small adapter
 (`adapt_input`) that turns cnnviz's input into the one the model was made for:
 
     x [N, 3, H, W] float32 RGB -> channel order (Split/Concat: BGR; Mul + ReduceSum: grey)
-      -> Transpose to NHWC -> Cast to float16 / float64 -> the model's own input tensor
+      -> Transpose to NHWC -> Cast to float64 -> the model's own input tensor
 
 The adapter is made of ops the gradient engine has rules for, so gradients, occlusion and
 projections all reach the image through it (its Transpose then cancels against the model's own

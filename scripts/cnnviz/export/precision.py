@@ -1,0 +1,109 @@
+"""A float16 (or bfloat16) model is computed in float32 (issue 16, item 1).
+
+Why: the gradient engine (autodiff/) differentiates a graph in the types it is written in. In
+float16 a backward pass loses what the maps are made of: gradients below 6e-8 are zero, below
+6e-5 they lose bits, every product keeps 11 significant bits, and a finite-difference check
+(gradcheck) is useless, since a step small enough to measure a derivative is below float16's
+resolution. So export widens such a model: every float16 initializer, Constant and tensor
+attribute (ConstantOfShape's value) becomes float32, Casts to float16 cast to float32 (other
+Casts are kept), and the graph's inputs, outputs and recorded types follow. The input adapter
+then needs no Cast to float16: model.onnx takes float32 as every export does.
+
+Every float16 and bfloat16 number is exactly a float32 number, so the weights are unchanged; the
+forward differs from the model as given only in rounding each intermediate to float32 instead
+of float16, about 1e-3 of the largest score. Export checks the widened graph against the model
+as given, fed its own float16 input, on the verification photo (`RELATIVE_TOLERANCE`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto, numpy_helper
+
+__all__ = ["LOW_PRECISION", "RELATIVE_TOLERANCE", "widen_to_float32"]
+
+LOW_PRECISION = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+# Of the largest |score|: float16 rounds to 4.9e-4 relative per value, and a deep graph's
+# scores move by about 1e-3 of the largest; a wrong layout or channel order moves them by ~1.
+RELATIVE_TOLERANCE = 1e-2
+# Integer attributes that name a tensor type (Cast's `to`; RandomNormal's, EyeLike's `dtype`).
+TYPE_ATTRIBUTES = ("to", "dtype")
+
+
+def widen_to_float32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """(a copy computing in float32, the low-precision types it had, e.g. ["float16"]); the
+    model itself and [] when it has no float16 or bfloat16 tensor, Cast or type."""
+    out = copy.deepcopy(model)
+    seen: set[int] = set()
+    _graph(out.graph, seen)
+    for function in out.functions:
+        _nodes(function.node, seen)
+        for value in getattr(function, "value_info", []):
+            _type(value.type, seen)
+    if not seen:
+        return model, []
+    return out, [LOW_PRECISION[t] for t in sorted(seen)]
+
+
+def _graph(graph: onnx.GraphProto, seen: set[int]) -> None:
+    for i, tensor in enumerate(graph.initializer):
+        if tensor.data_type in LOW_PRECISION:
+            graph.initializer[i].CopyFrom(_tensor(tensor, seen))
+    for sparse in graph.sparse_initializer:
+        if sparse.values.data_type in LOW_PRECISION:
+            sparse.values.CopyFrom(_tensor(sparse.values, seen))
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        _type(value.type, seen)
+    _nodes(graph.node, seen)
+
+
+def _nodes(nodes: Iterable[onnx.NodeProto], seen: set[int]) -> None:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.TENSOR and attr.t.data_type in LOW_PRECISION:
+                attr.t.CopyFrom(_tensor(attr.t, seen))
+            elif attr.type == AttributeProto.TENSORS:
+                for i, tensor in enumerate(attr.tensors):
+                    if tensor.data_type in LOW_PRECISION:
+                        attr.tensors[i].CopyFrom(_tensor(tensor, seen))
+            elif attr.type == AttributeProto.SPARSE_TENSOR:
+                if attr.sparse_tensor.values.data_type in LOW_PRECISION:
+                    attr.sparse_tensor.values.CopyFrom(_tensor(attr.sparse_tensor.values, seen))
+            elif attr.type == AttributeProto.GRAPH:  # If, Loop, Scan bodies
+                _graph(attr.g, seen)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _graph(sub, seen)
+            elif (
+                attr.type == AttributeProto.INT
+                and attr.name in TYPE_ATTRIBUTES
+                and attr.i in LOW_PRECISION
+            ):
+                seen.add(int(attr.i))
+                attr.i = TensorProto.FLOAT
+
+
+def _tensor(tensor: onnx.TensorProto, seen: set[int]) -> onnx.TensorProto:
+    """The same values as float32, exactly (float16 and bfloat16 are subsets of float32)."""
+    seen.add(int(tensor.data_type))
+    wide = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+    wide.doc_string = tensor.doc_string
+    return wide
+
+
+def _type(value_type: onnx.TypeProto, seen: set[int]) -> None:
+    """A tensor type of low precision becomes float32, also inside sequences and optionals."""
+    kind = value_type.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        tensor = getattr(value_type, kind)
+        if tensor.elem_type in LOW_PRECISION:
+            seen.add(int(tensor.elem_type))
+            tensor.elem_type = TensorProto.FLOAT
+    elif kind in ("sequence_type", "optional_type"):
+        _type(getattr(value_type, kind).elem_type, seen)
+    elif kind == "map_type":
+        _type(value_type.map_type.value_type, seen)
