@@ -13,6 +13,10 @@ Every float16 and bfloat16 number is exactly a float32 number, so the weights ar
 forward differs from the model as given only in rounding each intermediate to float32 instead
 of float16, about 1e-3 of the largest score. Export checks the widened graph against the model
 as given, fed its own float16 input, on the verification photo (`RELATIVE_TOLERANCE`).
+
+bfloat16 is widened the same way, but only a graph ONNX Runtime loads as given gets this far
+(its CPU has few bfloat16 kernels; ONNX's Conv takes bfloat16 from opset 22 only), and an image
+input of bfloat16 is refused by `onnx_io.read_input`.
 """
 
 from __future__ import annotations
