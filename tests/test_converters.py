@@ -543,6 +543,7 @@ def test_a_float16_model_is_computed_in_float32(exported, tmp_path, cast_inside)
     """No float16 left in model.onnx; its scores are the float16 model's up to float16
     rounding; gradient maps equal to the float32 twin's (same float16-rounded weights)."""
     from cnnviz.methods.predictions import predict
+    from cnnviz.report.provenance import model_rows
     from cnnviz.runtime import make_session
 
     pre = PAIRS["keras"][3]
@@ -558,7 +559,9 @@ def test_a_float16_model_is_computed_in_float32(exported, tmp_path, cast_inside)
     assert card["input"]["dtype"] == "float32" and card["input"]["adapter"] == []
     own = "float32" if cast_inside else "float16"
     assert card["input"]["model_input"]["dtype"] == own
-    assert "float16 model computed in float32" in card["verification"]["note"]
+    rows = dict(model_rows(tmp_path, "half", card))  # the report's model page says it too
+    assert rows["model's own input"].endswith(f"dtype {own} layout NCHW channel_order RGB; "
+                                              "float16 model computed in float32")  # fmt: skip
     verification = card["verification"]  # checked against the float16 model on the photo
     assert verification["reference"] == "the model's own input"
     assert 0 < verification["max_abs_diff"] <= verification["tolerance"]

@@ -262,8 +262,6 @@ def _from_onnx(
             _check_adapter(given, batch, out, spec, order, where, threads, bool(adapter), low)
         )
     notes = _changes(model, stripped, sigmoid, flattened, where)
-    if low:
-        notes.append(f"{_precision(low)} (its values widened exactly; gradients in float32)")
     quantized = quantized_ops(model)
     if quantized:
         notes.append(

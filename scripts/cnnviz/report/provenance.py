@@ -56,10 +56,11 @@ def describe_verification(v: dict[str, Any] | None) -> str:
 
 
 def _own_input(entry: dict[str, Any]) -> str:
-    """What the model was made for and the adapter export put in front (export/onnx_io.py)."""
-    if not entry.get("adapter"):
-        return ""
-    return f"{describe_io(entry.get('model_input'))}; adapter: {'; '.join(entry['adapter'])}"
+    """What the model was made for, the adapter export put in front (export/onnx_io.py) and
+    the precision it is computed in when export widened it (export/precision.py)."""
+    parts = [f"adapter: {'; '.join(entry['adapter'])}"] if entry.get("adapter") else []
+    parts += [str(entry["precision"])] if entry.get("precision") else []
+    return "; ".join([describe_io(entry.get("model_input")), *parts]) if parts else ""
 
 
 def model_rows(results_dir: Path, name: str, card: dict[str, Any] | None) -> list[tuple[str, str]]:
