@@ -389,9 +389,9 @@ def _two_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 @pytest.mark.slow
 def test_the_workflow_runs_converter_models_end_to_end(tmp_path) -> None:
-    """One Snakemake run: the three converter-style models as onnx: sources with their
-    preprocess (and output) settings, beside the Keras model's twin; maps in image coordinates
-    and the Keras model's maps equal to its twin's."""
+    """One Snakemake run: the three converter-style models and a float16 one as onnx: sources
+    with their preprocess (and output) settings, beside the Keras model's twin; maps in image
+    coordinates and the Keras model's maps equal to its twin's."""
     import yaml
     from cluster.workflow_runs import snakemake
 
@@ -399,6 +399,7 @@ def test_the_workflow_runs_converter_models_end_to_end(tmp_path) -> None:
     _save(keras_style(False), tmp_path / "keras_twin.onnx")
     _save(caffe_style(True), tmp_path / "caffe.onnx")
     _save(uint8_style(True), tmp_path / "raw.onnx")
+    _save(half_style(TensorProto.FLOAT16), tmp_path / "half.onnx")
     _photos(tmp_path / "photos")
     models = {
         "keras": {"source": "onnx:keras.onnx", "preprocess": PAIRS["keras"][2],
@@ -406,6 +407,7 @@ def test_the_workflow_runs_converter_models_end_to_end(tmp_path) -> None:
         "keras_twin": {"source": "onnx:keras_twin.onnx", "preprocess": PAIRS["keras"][3]},
         "caffe": {"source": "onnx:caffe.onnx", "preprocess": PAIRS["caffe"][2]},
         "raw": {"source": "onnx:raw.onnx", "preprocess": {**PAIRS["raw"][2], "layout": "NHWC"}},
+        "half": {"source": "onnx:half.onnx", "preprocess": PAIRS["keras"][3]},
     }  # fmt: skip
     config = {
         "output": "results",
@@ -436,6 +438,8 @@ def test_the_workflow_runs_converter_models_end_to_end(tmp_path) -> None:
             assert maps.shape == (2, H, W), (model, method)
     page = (results / "report" / "raw.html").read_text(encoding="utf-8")
     assert "adapter: uint8 input: its Cast to float32 is cut off" in html.unescape(page)
+    page = (results / "report" / "half.html").read_text(encoding="utf-8")
+    assert "float16 model computed in float32" in html.unescape(page)
     keras = modelcard.load_card(results / "models" / "keras")  # output: predictions, its
     assert keras["output"]["name"] == "logits"  # Softmax stripped: the logits are the scores
     assert "Softmax removed" in keras["verification"]["note"]
