@@ -499,7 +499,8 @@ def half_style(elem: int, cast_inside: bool = False) -> onnx.ModelProto:
     """keras_style's NCHW model computed in float16 (`elem` FLOAT16), or its twin (FLOAT) with
     the same weights rounded to float16 and held in float32. `cast_inside`: the input and output
     stay float32 and Casts to and from `elem` bracket the body (onnxconverter-common's
-    keep_io_types), BN's shift is a Constant node and a ConstantOfShape adds 0.25 after it."""
+    keep_io_types: the last Cast after the Softmax), BN's shift is a Constant node and a
+    ConstantOfShape adds 0.25 after it."""
     dtype = np.float16 if elem == TensorProto.FLOAT16 else np.float32
     weights = {
         k: v.astype(np.float16).astype(dtype) if v.dtype == np.float32 else v
@@ -561,6 +562,8 @@ def test_a_float16_model_is_computed_in_float32(exported, tmp_path, cast_inside)
     card = modelcard.load_card(dirs["half"])
     assert card["input"]["precision"] == "float16 model computed in float32"
     assert card["input"]["dtype"] == "float32" and card["input"]["adapter"] == []
+    # Softmax -> Cast to float32 (keep_io_types) is Cast -> Softmax, stripped: the logits
+    assert card["output"]["kind"] == "logits" and "Softmax removed" in card["verification"]["note"]
     own = "float32" if cast_inside else "float16"
     assert card["input"]["model_input"]["dtype"] == own
     rows = dict(model_rows(tmp_path, "half", card))  # the report's model page says it too

@@ -38,7 +38,7 @@ from .onnx_io import (
     to_model_input,
     unpin_reshapes,
 )
-from .outputs import flatten_scores, select_output, strip_sigmoid
+from .outputs import cast_before_activation, flatten_scores, select_output, strip_sigmoid
 from .precision import RELATIVE_TOLERANCE as LOW_PRECISION_TOLERANCE
 from .precision import widen_to_float32
 from .sources import (
@@ -209,6 +209,7 @@ def _from_onnx(
     spec = read_input(model, path, (preprocess or {}).get("layout"))
     _ort_session(model, threads, f"ONNX model {path}")  # loads at all?
     model = select_output(model, output, where)
+    model = cast_before_activation(model)  # Softmax -> Cast to float32: Cast -> Softmax
     model, stripped = strip_softmax(model)
     model, sigmoid = strip_sigmoid(model)
     model = dequantized_views(model)  # a quantized conv's layer picture, as float

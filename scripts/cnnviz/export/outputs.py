@@ -1,5 +1,6 @@
 """The class-score output of an onnx: model, as converters make it: one output among several
-(config `output:`), a final Sigmoid (multi-label), scores shaped [N, C, 1, 1] (Caffe)."""
+(config `output:`), a final Sigmoid (multi-label), scores shaped [N, C, 1, 1] (Caffe), a final
+Softmax followed by a Cast to float32 (float16 models with float32 outputs)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,54 @@ def select_output(model: onnx.ModelProto, wanted: str | None, where: str) -> onn
     inits = [t for t in graph.initializer if t.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(inits)
+    return out
+
+
+FINAL_ACTIVATIONS = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
+def cast_before_activation(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A final Softmax (LogSoftmax, Sigmoid) followed by a Cast to float32, as float16 models
+    converted with float32 inputs and outputs end (onnxconverter-common's keep_io_types), with
+    the Cast moved in front of it: strip_softmax and strip_sigmoid then find the logits, and the
+    activation runs in float32 (the logits are the same; the scores change by rounding only).
+    The model itself when its output is not made so."""
+    graph = model.graph
+    output = graph.output[0].name
+    index = {o: i for i, node in enumerate(graph.node) for o in node.output}
+    if output not in index:
+        return model
+    cast_at = index[output]
+    cast = graph.node[cast_at]
+    to = next((a.i for a in cast.attribute if a.name == "to"), None)
+    if cast.op_type != "Cast" or to != onnx.TensorProto.FLOAT or cast.input[0] not in index:
+        return model
+    act_at = index[cast.input[0]]
+    act = graph.node[act_at]
+    readers = [n for n in graph.node if act.output[0] in n.input]
+    if (
+        act.op_type not in FINAL_ACTIVATIONS
+        or len(readers) != 1
+        or act.output[0] in {o.name for o in graph.output}
+    ):
+        return model
+    out = copy.deepcopy(model)
+    nodes = list(out.graph.node)
+    cast, act = nodes[cast_at], nodes[act_at]
+    used = {n for node in nodes for n in [*node.input, *node.output]}
+    scores = act.output[0]
+    cast.input[0] = act.input[0]
+    cast.output[0] = FreshNames(used | {t.name for t in out.graph.initializer})(
+        f"{act.input[0]}_float"
+    )
+    act.input[0], act.output[0] = cast.output[0], output
+    nodes.remove(cast)
+    nodes.insert(nodes.index(act), cast)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    kept = [v for v in out.graph.value_info if v.name != scores]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept)
     return out
 
 
