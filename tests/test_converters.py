@@ -591,6 +591,37 @@ def test_a_float16_model_is_computed_in_float32(exported, tmp_path, cast_inside)
     np.testing.assert_allclose(maps["half"], maps["twin"], atol=1e-6 * float(maps["twin"].max()))
 
 
+@pytest.mark.parametrize("keep_io_types", [False, True], ids=["float16_io", "float32_io"])
+def test_ort_float16_converters_model_gives_the_twins_maps(exported, tmp_path, keep_io_types):
+    """The Keras model through ONNX Runtime's own float16 converter (keep_io_types: float32
+    input and output, its Casts appended after every other node): widened, its float32 <-> float32
+    Casts dropped so the adapter's Transpose cancels the model's, nodes sorted; the saliency
+    maps are the float32 twin's up to the weights' rounding to float16."""
+    float16 = pytest.importorskip("onnxruntime.transformers.float16")
+    model = float16.convert_float_to_float16(keras_style(True), keep_io_types=keep_io_types)
+    assert _float16_left(model)
+    src = _save(model, tmp_path / "ort16.onnx")
+    out = tmp_path / "ort16"
+    card = export_model("ort16", f"onnx:{src}", out, preprocess=PAIRS["keras"][2])
+    assert card["input"]["precision"] == "float16 model computed in float32"
+    assert card["output"]["kind"] == "logits"
+    verification = card["verification"]
+    assert 0 < verification["max_abs_diff"] <= verification["tolerance"]
+    exported_model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(exported_model)  # topologically sorted again
+    assert not _float16_left(exported_model)
+    ops = [n.op_type for n in exported_model.graph.node]
+    assert "Transpose" not in ops and ops.count("Cast") <= 1, ops  # the output's Cast stays
+    summary = explain_shard(out, exported["manifest"], "saliency", tmp_path / "s", {}, device="cpu")
+    assert not summary["failed"], summary["failed"]
+    twin_dir = exported["dirs"]["keras_twin"]
+    explain_shard(twin_dir, exported["manifest"], "saliency", tmp_path / "t", {}, device="cpu")
+    twin = read_shard_maps(tmp_path / "t")[1]
+    maps = read_shard_maps(tmp_path / "s")[1]
+    assert maps.shape == twin.shape == (2, H, W)
+    np.testing.assert_allclose(maps, twin, atol=2e-3 * float(twin.max()))  # measured 2.6e-4
+
+
 def test_a_model_that_needs_float16_rounding_is_refused(tmp_path) -> None:
     """x + 2048, Cast to float16 (even numbers only there), back, - 2048: the graph rounds x to
     even numbers, the widened one does not; export refuses it and says why."""

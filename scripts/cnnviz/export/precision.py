@@ -6,8 +6,9 @@ float16 a backward pass loses what the maps are made of: gradients below 6e-8 ar
 (gradcheck) is useless, since a step small enough to measure a derivative is below float16's
 resolution. So export widens such a model: every float16 initializer, Constant and tensor
 attribute (ConstantOfShape's value) becomes float32, Casts to float16 cast to float32 (other
-Casts are kept), and the graph's inputs, outputs and recorded types follow. The input adapter
-then needs no Cast to float16: model.onnx takes float32 as every export does.
+Casts are kept), and the graph's inputs, outputs and recorded types follow; the Casts between
+float16 and float32 that are then float32 to float32 are dropped. The input adapter then needs
+no Cast to float16: model.onnx takes float32 as every export does.
 
 Every float16 and bfloat16 number is exactly a float32 number, so the weights are unchanged; the
 forward differs from the model as given only in rounding each intermediate to float32 instead
@@ -28,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
-__all__ = ["LOW_PRECISION", "RELATIVE_TOLERANCE", "widen_to_float32"]
+__all__ = ["LOW_PRECISION", "RELATIVE_TOLERANCE", "drop_float_casts", "widen_to_float32"]
 
 LOW_PRECISION = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 # Of the largest |score|: float16 rounds to 4.9e-4 relative per value, and a deep graph's
@@ -50,7 +51,51 @@ def widen_to_float32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
             _type(value.type, seen)
     if not seen:
         return model, []
+    drop_float_casts(out)
     return out, [LOW_PRECISION[t] for t in sorted(seen)]
+
+
+def drop_float_casts(model: onnx.ModelProto) -> int:
+    """In place: drop the Casts to float32 of a float32 tensor (a widened float16 graph's
+    Casts between float16 and float32), their readers reading the tensor itself; the number
+    dropped. Sorts the nodes topologically first (ONNX Runtime's float16 converter appends
+    the Casts of its inputs and outputs at the end). A Cast that writes a graph output or that
+    a subgraph reads is kept; so is every Cast when types cannot be inferred."""
+    from ..autodiff.prepare import sort_topologically
+    from ..graph import _skeleton, _value_infos, infer_shapes
+    from .outputs import _subgraph_names
+
+    graph = model.graph
+    sort_topologically(graph)
+    try:
+        typed = _value_infos(infer_shapes(_skeleton(model)))
+    except Exception:  # noqa: BLE001 - the Casts are harmless; dropping them is a nicety
+        return 0
+    keep = {o.name for o in graph.output}
+    for node in graph.node:
+        keep |= _subgraph_names(node)
+    same: dict[str, str] = {}
+    nodes = []
+    for node in graph.node:
+        node.input[:] = [same.get(name, name) for name in node.input]
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        source = typed.get(node.input[0]) if node.op_type == "Cast" else None
+        if (
+            source is not None
+            and to == TensorProto.FLOAT
+            and source.type.tensor_type.elem_type == TensorProto.FLOAT
+            and node.output[0] not in keep
+        ):
+            same[node.output[0]] = node.input[0]
+            continue
+        nodes.append(node)
+    if same:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        values = [v for v in graph.value_info if v.name not in same]
+        del graph.value_info[:]
+        graph.value_info.extend(values)
+    return len(same)
 
 
 def _graph(graph: onnx.GraphProto, seen: set[int]) -> None:
