@@ -35,7 +35,8 @@ from ..graph import input_name
 
 LAYOUTS = ("NCHW", "NHWC")
 CHANNELS = (1, 3)
-# float input types fed through a Cast at the adapter's end; uint8 is cut at its Cast.
+# float input types fed through a Cast at the adapter's end (float16 only where the graph was
+# not widened first: export and gradcheck widen it, export/precision.py); uint8 is cut at its Cast.
 FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16",
                TensorProto.DOUBLE: "float64"}  # fmt: skip
 PIXEL_TYPES = {TensorProto.UINT8: "uint8"}
