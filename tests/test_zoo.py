@@ -1,0 +1,56 @@
+"""The model zoo in CI (benchmarks/zoo.py): the smallest torchvision CNN of each family, random
+weights, exported by cnnviz's export step at 32 px, through gradcheck under the three policies
+and every per-image step on one photo (each explain method's maps finite and of the image's
+size, predictions, activations, filters). A model with ops that have no backward rule today
+must fail exactly where a gradient is needed, naming one of those ops."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
+pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import zoo  # noqa: E402
+
+SIZE = 32
+# The TorchScript exporter cannot write adaptive average pooling to 7x7 (vgg) or 6x6 (alexnet)
+# from a smaller feature map ("output size that are not factor of input size") below 224 px;
+# dynamo can (as a GatherND). TorchScript for the others: a third of dynamo's export time.
+EXPORTER = {"alexnet": "dynamo", "vgg11": "dynamo", "vgg11_bn": "dynamo"}
+# gradcheck's per-op check of the 25088x4096 (vgg) / 9216x4096 (alexnet) classifier Gemm takes
+# 10 s per policy: their convs, pools and ReLUs are checked per op in the other families.
+NO_PER_OP = {"alexnet", "vgg11", "vgg11_bn"}
+GRADIENT_FREE = {"predictions", "activations", "scorecam", "occlusion"}
+
+
+@pytest.mark.parametrize("name", zoo.resolve_models(None, smallest=True))
+def test_smallest_of_each_family(name: str, tmp_path: Path) -> None:
+    exporter = EXPORTER.get(name, "torchscript")
+    size = zoo.size_for(name, SIZE)
+    row = zoo.check_model(
+        name,
+        exporter,
+        size,
+        tmp_path,
+        threads=2,
+        samples=300,
+        per_op=name not in NO_PER_OP,
+        families=True,
+    )
+    assert row["export"]["status"] == "ok", row["export"]
+    steps = row["steps"]
+    assert set(steps) == {*zoo.STEPS, *zoo.per_image_methods(), "filters"}
+    assert all(steps[s]["status"] == "ok" for s in GRADIENT_FREE), zoo.verdict(row)
+    assert len(row["gradcheck"]) == 3
+    # Every check and step passes, or (ops without a rule today) fails naming one of those ops.
+    missing = row["missing"]
+    results = {**{f"gradcheck {p}": r for p, r in row["gradcheck"].items()}, **steps}
+    bad = {k: r.get("reason", "") for k, r in results.items() if r["status"] != "ok"}
+    unexplained = {k: r for k, r in bad.items() if not any(op in r for op in missing)}
+    assert not unexplained, (missing, unexplained)
