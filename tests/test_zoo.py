@@ -1,8 +1,8 @@
 """The model zoo in CI (benchmarks/zoo.py): the smallest torchvision CNN of each family, random
 weights, exported by cnnviz's export step at 32 px, through gradcheck under the three policies
 and every per-image step on one photo (each explain method's maps finite and of the image's
-size, predictions, activations, filters). A model with ops that have no backward rule today
-must fail exactly where a gradient is needed, naming one of those ops."""
+size, predictions, activations, filters): every op has a backward rule and every check and
+step passes."""
 
 from __future__ import annotations
 
@@ -48,9 +48,8 @@ def test_smallest_of_each_family(name: str, tmp_path: Path) -> None:
     assert set(steps) == {*zoo.STEPS, *zoo.per_image_methods(), "filters"}
     assert all(steps[s]["status"] == "ok" for s in GRADIENT_FREE), zoo.verdict(row)
     assert len(row["gradcheck"]) == 3
-    # Every check and step passes, or (ops without a rule today) fails naming one of those ops.
-    missing = row["missing"]
+    # Every op has a backward rule, and every check and step passes.
+    assert row["missing"] == []
     results = {**{f"gradcheck {p}": r for p, r in row["gradcheck"].items()}, **steps}
     bad = {k: r.get("reason", "") for k, r in results.items() if r["status"] != "ok"}
-    unexplained = {k: r for k, r in bad.items() if not any(op in r for op in missing)}
-    assert not unexplained, (missing, unexplained)
+    assert not bad, zoo.verdict(row)
