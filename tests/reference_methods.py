@@ -26,6 +26,7 @@ from cnnviz.methods.cam import (
     SCORECAM_EPS,
     SEED_PREFIX,
     VARIANTS,
+    XGRADCAM_EPS,
     interpolation_matrix,
     layer_tensor,
     score_plan,
@@ -254,11 +255,12 @@ def cam_inputs(
 
 
 def cam_weights(variant: str, activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
-    """Channel weights [N, C] of gradcam / gradcampp from A, G [N, C, h, w].
+    """Channel weights [N, C] of gradcam / gradcampp / xgradcam from A, G [N, C, h, w].
 
     gradcam (Selvaraju et al. 2017): w_k = mean_hw G_k. gradcampp (Chattopadhay et al. 2018,
     eq. 19 as pytorch-grad-cam writes it): a = G^2 / (2 G^2 + sum_hw(A_k) G^3 + 1e-6), a = 0
-    where G == 0; w_k = sum_hw ReLU(G) a.
+    where G == 0; w_k = sum_hw ReLU(G) a. xgradcam (Fu et al. 2020, as pytorch-grad-cam writes
+    it): w_k = sum_hw(G_k A_k) / (sum_hw A_k + 1e-7).
     """
     a = np.asarray(activations, dtype=np.float64)
     g = np.asarray(grads, dtype=np.float64)
@@ -270,16 +272,22 @@ def cam_weights(variant: str, activations: np.ndarray, grads: np.ndarray) -> np.
         alpha = g2 / (2.0 * g2 + sum_a * g2 * g + GRADCAMPP_EPS)
         alpha = np.where(g != 0, alpha, 0.0)
         return (np.maximum(g, 0.0) * alpha).sum(axis=(2, 3))
-    raise ConfigError(f"CAM variant {variant!r} has no channel weights; use gradcam or gradcampp")
+    if variant == "xgradcam":
+        return (g * a).sum(axis=(2, 3)) / (a.sum(axis=(2, 3)) + XGRADCAM_EPS)
+    raise ConfigError(
+        f"CAM variant {variant!r} has no channel weights; use gradcam, gradcampp or xgradcam"
+    )
 
 
 def raw_cam(variant: str, activations: np.ndarray, grads: np.ndarray) -> np.ndarray:
     """[N, h, w] before the ReLU: the weighted sum of the layer's maps (layercam, Jiang et al.
-    2021: spatial weights ReLU(G))."""
+    2021: spatial weights ReLU(G); hirescam, Draelos & Carin 2020: spatial weights G)."""
     a = np.asarray(activations, dtype=np.float64)
     if variant == "layercam":
         return (np.maximum(np.asarray(grads, dtype=np.float64), 0.0) * a).sum(axis=1)
-    if variant in ("gradcam", "gradcampp"):
+    if variant == "hirescam":
+        return (np.asarray(grads, dtype=np.float64) * a).sum(axis=1)
+    if variant in ("gradcam", "gradcampp", "xgradcam"):
         return np.einsum("nc,nchw->nhw", cam_weights(variant, a, grads), a)
     raise ConfigError(f"unknown CAM variant {variant!r}; use one of {', '.join(VARIANTS)}")
 

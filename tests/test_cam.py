@@ -4,6 +4,8 @@ their definitions written out by hand."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
@@ -110,10 +112,11 @@ def _minmax(m: np.ndarray) -> np.ndarray:
 
 
 def _reference_maps(a: np.ndarray, g: np.ndarray) -> dict[str, np.ndarray]:
-    """The three definitions written out per image, channel by channel."""
+    """The variants' definitions written out per image, channel by channel."""
     out: dict[str, list] = {v: [] for v in cam.VARIANTS}
     for ai, gi in zip(a, g, strict=True):
         w_grad = np.array([gk.mean() for gk in gi])
+        w_x = [(gk * ak).sum() / (ak.sum() + 1e-7) for ak, gk in zip(ai, gi, strict=True)]
         w_pp = []
         for ak, gk in zip(ai, gi, strict=True):
             alpha = gk**2 / (2 * gk**2 + ak.sum() * gk**3 + 1e-6)
@@ -123,6 +126,8 @@ def _reference_maps(a: np.ndarray, g: np.ndarray) -> dict[str, np.ndarray]:
             "gradcam": sum(wk * ak for wk, ak in zip(w_grad, ai, strict=True)),
             "gradcampp": sum(wk * ak for wk, ak in zip(w_pp, ai, strict=True)),
             "layercam": sum(np.maximum(gk, 0) * ak for gk, ak in zip(gi, ai, strict=True)),
+            "hirescam": sum(gk * ak for gk, ak in zip(gi, ai, strict=True)),
+            "xgradcam": sum(wk * ak for wk, ak in zip(w_x, ai, strict=True)),
         }
         for v, raw in raws.items():
             out[v].append(_minmax(_bilinear_naive(_minmax(np.maximum(raw, 0)), (H, W))))
@@ -159,8 +164,9 @@ def test_grad_cam_family_matches_numpy_definitions(net_sessions):
     for v in cam.VARIANTS:
         assert maps[v].shape == (3, H, W) and maps[v].dtype == np.float32
         np.testing.assert_allclose(maps[v], expected[v], atol=2e-5, err_msg=v)
-    # The variants really differ here (the check above is not one map three times).
-    assert np.abs(maps["gradcam"] - maps["layercam"]).max() > 0.05
+    # The variants really differ here (the check above is not one map five times).
+    for v, w in itertools.combinations(cam.VARIANTS, 2):
+        assert np.abs(maps[v] - maps[w]).max() > 0.05, (v, w)
 
 
 def test_gradcam_weights_equal_directional_finite_differences(net_sessions):

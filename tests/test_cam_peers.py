@@ -134,7 +134,7 @@ def _peer_maps(case, peer_class, x, targets, **attrs) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["effnet", "vgg"])
 def test_grad_cam_family_matches_pytorch_grad_cam(name, request):
-    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 
     case = request.getfixturevalue(name)
     x, targets = case["x"][:2], case["targets"][:2]
@@ -143,10 +143,18 @@ def test_grad_cam_family_matches_pytorch_grad_cam(name, request):
         ("gradcam", GradCAM),
         ("gradcampp", GradCAMPlusPlus),
         ("layercam", LayerCAM),
+        ("hirescam", HiResCAM),
+        ("xgradcam", XGradCAM),
     ]:
         theirs = _peer_maps(case, peer, x, targets)
         for i in range(len(x)):
             assert _pearson(ours[variant][i], theirs[i]) >= 0.99, (variant, i)
+    # Behind a global average pool and one linear layer (EfficientNet-Lite0's head) G_k is the
+    # same at every position, so HiResCAM and XGrad-CAM reduce to Grad-CAM (Draelos & Carin;
+    # Fu et al.); VGG's flatten + MLP head has gradients that vary over positions.
+    for variant in ("hirescam", "xgradcam"):
+        gap = np.abs(ours[variant] - ours["gradcam"]).max()
+        assert gap < 1e-4 if name == "effnet" else gap > 0.05, (variant, gap)
 
 
 @pytest.mark.parametrize("name", ["effnet", "vgg"])

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import reference_methods as ref
+from cnnviz.method_table import CAM_FAMILY
 from cnnviz.methods import backprop as bp
 from cnnviz.methods import cam
 from cnnviz.methods.explain import METHODS, Job, spread_layers
@@ -101,7 +102,7 @@ def test_cam_family_from_one_graph(tiny):
 
     out = {}
     job = job_for(model, card, x, t)
-    results = cam_family(job, ["gradcam", "gradcampp", "layercam", "guided_gradcam"])
+    results = cam_family(job, list(CAM_FAMILY))
     graph, _ = cam.build_cam_model(model, card, None, 3)
     want = ref.grad_cam_family(make_session(graph, "cpu", 1), card, x, t)
     for variant in cam.VARIANTS:

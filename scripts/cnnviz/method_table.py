@@ -6,7 +6,7 @@ options and groups jobs from these sets, explain computes families together from
 from __future__ import annotations
 
 # Members of one family come from one run of one graph, in one job per shard.
-CAM_FAMILY = ("gradcam", "gradcampp", "layercam", "guided_gradcam")
+CAM_FAMILY = ("gradcam", "gradcampp", "layercam", "hirescam", "xgradcam", "guided_gradcam")
 # Methods that read `methods.cam_layer`.
 CAM_LAYER_METHODS = frozenset({*CAM_FAMILY, "scorecam"})
 # Forward passes only: no gradient, so `gradient_fallback` does not change their maps.

@@ -1,4 +1,5 @@
-"""Class activation maps: Grad-CAM, Grad-CAM++, LayerCAM, guided Grad-CAM and Score-CAM.
+"""Class activation maps: Grad-CAM, Grad-CAM++, LayerCAM, HiResCAM, XGrad-CAM, guided Grad-CAM
+and Score-CAM.
 
 The gradient variants differ only in how they weigh the maps A [C, h, w] of one conv layer
 (pytorch-grad-cam's BaseCAM shape), given G = d logit_target / dA from one run of the cut vjp
@@ -8,6 +9,10 @@ graph (`build_cam_model`: the backward stops at the layer, so a run costs about 
 - gradcampp (Chattopadhay et al. 2018, eq. 19 as pytorch-grad-cam writes it):
   a = G^2 / (2 G^2 + sum_hw(A_k) G^3 + 1e-6), a = 0 where G == 0; w_k = sum_hw ReLU(G) a.
 - layercam (Jiang et al. 2021): cam = ReLU(sum_k ReLU(G_k) * A_k) (spatial weights).
+- hirescam (Draelos & Carin 2020): cam = ReLU(sum_k G_k * A_k), Grad-CAM without averaging the
+  gradient over positions (pytorch-grad-cam's HiResCAM).
+- xgradcam (Fu et al. 2020): w_k = sum_hw(G_k A_k) / (sum_hw A_k + 1e-7); cam = ReLU(sum_k w_k
+  A_k) (pytorch-grad-cam's XGradCAM, its eps; no absolute value in the denominator).
 - guided Grad-CAM: the upsampled Grad-CAM times the guided-backprop input gradient [3, H, W].
 - Score-CAM (Wang et al. 2020), gradient-free: channel k's map, bilinearly upsampled (corners
   aligned, as torch's UpsamplingBilinear2d in pytorch-grad-cam) and min-max normalised, masks the
@@ -35,10 +40,11 @@ import onnx
 
 from ..errors import ConfigError
 
-VARIANTS = ("gradcam", "gradcampp", "layercam")
+VARIANTS = ("gradcam", "gradcampp", "layercam", "hirescam", "xgradcam")
 SEED_PREFIX = "seed:"
 GRAD_PREFIX = "grad:"
 GRADCAMPP_EPS = 1e-6  # pytorch-grad-cam's eps in the alpha denominator
+XGRADCAM_EPS = 1e-7  # pytorch-grad-cam's eps in XGradCAM's weight denominator
 SCORECAM_EPS = 1e-8  # pytorch-grad-cam's eps in the mask normalisation
 
 
@@ -130,8 +136,14 @@ def _raw_cam_in_graph(b, variant: str, a: str, g: str) -> str:
     """[N, h, w] before the ReLU: the weighted sum of the layer's maps A and G [N, C, h, w]."""
     if variant == "layercam":
         return b.reduce("ReduceSum", b.op("Mul", [b.op("Relu", [g]), a]), [1])
+    if variant == "hirescam":
+        return b.reduce("ReduceSum", b.op("Mul", [g, a]), [1])
     if variant == "gradcam":
         weights = b.reduce("ReduceMean", g, [2, 3], keepdims=True)
+    elif variant == "xgradcam":
+        sum_a = b.reduce("ReduceSum", a, [2, 3], keepdims=True)
+        sum_ga = b.reduce("ReduceSum", b.op("Mul", [g, a]), [2, 3], keepdims=True)
+        weights = b.op("Div", [sum_ga, b.op("Add", [sum_a, b.f(XGRADCAM_EPS)])])
     else:  # gradcampp; alpha is 0 where G == 0 without a mask (its numerator is G^2)
         g2 = b.op("Mul", [g, g])
         sum_a = b.reduce("ReduceSum", a, [2, 3], keepdims=True)

@@ -259,6 +259,8 @@ METHODS: dict[str, Callable[[Job], Iterator[Result]]] = {
     "gradcam": _cam_member("gradcam"),
     "gradcampp": _cam_member("gradcampp"),
     "layercam": _cam_member("layercam"),
+    "hirescam": _cam_member("hirescam"),
+    "xgradcam": _cam_member("xgradcam"),
     "guided_gradcam": _cam_member("guided_gradcam"),
     "scorecam": _scorecam,
     "saliency": _gradient_method("gradient", signed=False),
