@@ -32,6 +32,10 @@ METHODS: dict[str, tuple[str, str, str]] = {
                   "(better with several objects)", "heat"),
     "layercam": ("LayerCAM", "positive gradient times activation, position by position "
                  "(finer detail than Grad-CAM)", "heat"),
+    "hirescam": ("HiResCAM", "gradient times activation, position by position, summed over the "
+                 "channels (Grad-CAM without averaging the gradient over the map)", "heat"),
+    "xgradcam": ("XGrad-CAM", "the layer's channels weighted by their gradient averaged with the "
+                 "activation as weight (Axiom-based Grad-CAM)", "heat"),
     "scorecam": ("Score-CAM", "each channel weighted by how much the class score rises when the "
                  "image is masked by it (no gradients)", "heat"),
     "guided_gradcam": ("Guided Grad-CAM", "guided backpropagation multiplied by Grad-CAM: pixel "

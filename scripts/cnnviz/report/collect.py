@@ -37,8 +37,9 @@ from ..failures import find_failures, root_cause
 RESERVED = {"predictions", "activations", "filters", "atlas", "metrics", "pictures"}
 # Display order of the per-image methods (the schema's order); unknown methods follow, sorted.
 METHOD_ORDER = [
-    "gradcam", "gradcampp", "layercam", "scorecam", "guided_gradcam", "saliency", "smoothgrad",
-    "integrated_gradients", "guided_backprop", "deconvnet", "occlusion", "projections",
+    "gradcam", "gradcampp", "layercam", "hirescam", "xgradcam", "scorecam", "guided_gradcam",
+    "saliency", "smoothgrad", "integrated_gradients", "guided_backprop", "deconvnet", "occlusion",
+    "projections",
 ]  # fmt: skip
 _TARGET_STEM = re.compile(r"^(?P<image>.+)_c(?P<target>\d+)$")
 
