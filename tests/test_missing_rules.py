@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from cnnviz.autodiff import UnsupportedOpError, ops_without_rules, vjp
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 from test_autodiff_rules import build
 
 
@@ -42,3 +42,22 @@ def test_ops_off_the_differentiated_path_are_not_named():
     """Differentiating w.r.t. a tensor after CumSum: only the Hardmax nodes stand in the way."""
     with pytest.raises(UnsupportedOpError, match=r"for 1 op type of this model: Hardmax \(2 nodes"):
         vjp(_model(), ["b"])
+
+
+def test_ops_no_gradient_flows_through_are_not_listed():
+    """A channel shuffle's Shape -> Gather -> Reshape chain (torchvision's ShuffleNet through
+    TorchScript): Shape's output is integers, so it needs no rule and the model is covered."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "zero"], ["n"], axis=0, name="n"),
+        helper.make_node("Concat", ["n", "rest"], ["target"], axis=0, name="target"),
+        helper.make_node("Reshape", ["x", "target"], ["y"], name="flat"),
+    ]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([-1], np.int64), "rest")]  # fmt: skip
+    graph = helper.make_graph(nodes, "shuffle", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert ops_without_rules(model) == []
+    vjp(model, ["x"], batch=2)  # and the engine differentiates it

@@ -12,14 +12,25 @@ from .policies import POLICIES
 from .rules import RULES
 
 __all__ = [
-    "POLICIES", "RULES", "UnsupportedOpError", "ops_without_rules", "straight_through_nodes", "vjp",
+    "NO_GRADIENT", "POLICIES", "RULES", "UnsupportedOpError", "ops_without_rules",
+    "straight_through_nodes", "vjp",
 ]  # fmt: skip
+
+
+# Ops through which no gradient flows, so they never need a rule: constants, and ops whose
+# outputs are integers or booleans, or do not depend on their inputs' values (a channel
+# shuffle's Shape -> Gather -> Reshape chain in torchvision's ShuffleNet).
+NO_GRADIENT = frozenset({
+    "Constant", "Shape", "Size", "ConstantOfShape", "Range", "EyeLike", "NonZero", "ArgMax",
+    "ArgMin", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or",
+    "Xor", "IsNaN", "IsInf",
+})  # fmt: skip
 
 
 def ops_without_rules(model) -> list[str]:  # noqa: ANN001 - onnx.ModelProto
     """Nodes no backward rule covers ("op_type node_name"): where a gradient would fail, or,
     with the finite-difference fallback, be approximate. Constants never need one."""
-    ruled = set(RULES) | {op for rules in POLICIES.values() for op in rules} | {"Constant"}
+    ruled = set(RULES) | {op for rules in POLICIES.values() for op in rules} | NO_GRADIENT
     return [
         f"{node.op_type} {node.name}".strip()
         for node in model.graph.node
