@@ -104,8 +104,7 @@ def method_maps(job, method: str) -> np.ndarray:  # noqa: ANN001
     as `cnnviz explain` runs them, three layers, top 4)."""
     import dataclasses
 
-    from cnnviz.methods.explain import METHODS as RUN
-    from cnnviz.methods.explain import spread_layers
+    from cnnviz.methods.explain import run_method, spread_layers
     from cnnviz.methods.projections import ProjectionRunner
 
     name, _, rows = method.partition(":")
@@ -118,7 +117,7 @@ def method_maps(job, method: str) -> np.ndarray:  # noqa: ANN001
         done = runner.project_layers(job.inputs, 4)
         return np.stack([np.stack([item["projection"] for layer in done.values()
                                    for item in layer[i]]) for i in range(len(job.ids))])
-    return np.stack([raw for _, raw, _, _ in RUN[name](job)])
+    return np.stack([raw for _, raw, _, _ in run_method(job, name)])
 
 
 def placement(model, device: str) -> dict[str, int]:  # noqa: ANN001

@@ -103,7 +103,7 @@ def per_image_methods() -> list[str]:
     """Every per-image `cnnviz explain` method (explain.METHODS and projections)."""
     from cnnviz.methods.explain import METHODS
 
-    return [*METHODS, "projections"]
+    return list(METHODS)
 
 
 def resolve_models(names: list[str] | None, smallest: bool = False) -> list[str]:
@@ -401,7 +401,7 @@ def _activations(model_dir: Path, manifest: Path, out: Path, threads: int | None
 def method_groups(families: bool) -> list[list[str]]:
     """Each method alone (its own seconds), or the CAM family in one run as the workflow's
     explain job computes it (`families`: cheaper; the family's seconds are shared)."""
-    from cnnviz.method_table import CAM_FAMILY
+    from cnnviz.registry import CAM_FAMILY
 
     methods = per_image_methods()
     if not families:

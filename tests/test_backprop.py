@@ -8,7 +8,7 @@ import onnx
 import pytest
 from cnnviz.errors import ConfigError
 from cnnviz.methods import backprop as bp
-from cnnviz.methods.explain import METHODS, completeness_error, ig_points
+from cnnviz.methods.explain import completeness_error, ig_points, run_method
 from cnnviz.runner import Runner, chunk_plan
 from numpy_conv import conv3x3, conv3x3_transpose
 from onnx import TensorProto, helper, numpy_helper
@@ -153,7 +153,7 @@ def test_smoothgrad_is_seeded_mean_of_noisy_gradients():
 
     def heat(seed: int) -> np.ndarray:  # explain's SmoothGrad, 4 rows per call: two calls
         job = job_for(model, {}, x, [2], batch_size=4, seed=seed, **options)
-        return next(METHODS["smoothgrad"](job))[1]
+        return next(run_method(job, "smoothgrad"))[1]
 
     a = heat(3)
     assert np.array_equal(a, heat(3))
@@ -205,18 +205,20 @@ def test_bad_arguments_are_named():
     card = {"preprocess": {"scale": 255.0, "mean": [0.5] * 3, "std": [0.25] * 3}}
     with pytest.raises(ConfigError, match="baseline"):
         list(
-            METHODS["integrated_gradients"](
-                job_for(model, card, images(1), [0], steps=4, baseline="grey")
+            run_method(
+                job_for(model, card, images(1), [0], steps=4, baseline="grey"),
+                "integrated_gradients",
             )
         )
     with pytest.raises(ConfigError, match="method"):
         list(
-            METHODS["integrated_gradients"](
-                job_for(model, card, images(1), [0], steps=4, method="simpson")
+            run_method(
+                job_for(model, card, images(1), [0], steps=4, method="simpson"),
+                "integrated_gradients",
             )
         )
     with pytest.raises(ConfigError, match="samples"):
-        list(METHODS["smoothgrad"](job_for(model, card, images(1), [0], samples=0)))
+        list(run_method(job_for(model, card, images(1), [0], samples=0), "smoothgrad"))
 
 
 def test_signed_rgb_maps_zero_to_grey():

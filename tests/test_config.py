@@ -96,20 +96,3 @@ def test_schema_offers_exactly_the_sample_photos_the_code_writes() -> None:
     assert sorted(offered) == sorted(SAMPLE_IMAGES)
 
 
-def test_every_method_the_code_computes_is_offered_captioned_ordered_and_on_by_default() -> None:
-    """The schema's method enums, its default, the shipped config, the report's captions and
-    order all name exactly the methods `cnnviz explain` computes (and projections)."""
-    from cnnviz.methods.explain import METHODS
-    from cnnviz.report.captions import METHODS as CAPTIONS
-    from cnnviz.report.collect import METHOD_ORDER
-
-    computed = sorted([*METHODS, "projections"])
-    methods = yaml.safe_load(SCHEMA.read_text())["properties"]["methods"]["properties"]
-    enabled = methods["enabled"]
-    assert sorted(enabled["items"]["enum"]) == computed
-    assert enabled["default"] == enabled["items"]["enum"] == default_config()["methods"]["enabled"]
-    metrics = yaml.safe_load(SCHEMA.read_text())["properties"]["metrics"]["properties"]
-    scored = [metrics["methods"]["oneOf"][1]["items"]["enum"],
-              metrics["randomization"]["properties"]["methods"]["items"]["enum"]]
-    assert [sorted(e) for e in scored] == [sorted(METHODS)] * 2
-    assert sorted(CAPTIONS) == computed and sorted(METHOD_ORDER) == computed

@@ -24,8 +24,9 @@ from cnnviz.autodiff.gradcheck import gradcheck
 from cnnviz.errors import ConfigError, ModelError
 from cnnviz.export import export_model
 from cnnviz.images import stage_shard
-from cnnviz.methods.explain import METHODS, explain_shard
+from cnnviz.methods.explain import explain_shard
 from cnnviz.methods.shard_maps import read_array, read_index, read_shard_maps
+from cnnviz.registry import SCORED
 from onnx import TensorProto, helper, numpy_helper
 from onnx_build import finish_model
 from PIL import Image
@@ -282,7 +283,7 @@ def test_gradcheck_passes_on_the_adapted_model(exported, name) -> None:
 @pytest.mark.parametrize("name", sorted(PAIRS))
 def test_every_method_gives_the_twins_maps_in_image_coordinates(exported, name) -> None:
     root = exported["root"]
-    for method in sorted(METHODS):
+    for method in SCORED:
         out = {}
         for model in (name, f"{name}_twin"):
             folder = root / "explain" / model / method

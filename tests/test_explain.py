@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cnnviz.methods.explain import METHODS, explain_shard
+from cnnviz.methods.explain import explain_shard
 from cnnviz.methods.shard_maps import read_shard_maps
 from cnnviz.pictures import render_shard
+from cnnviz.registry import SCORED
 from onnx import helper
 from test_activations import _staged, tiny_model, write_model_dir
 
@@ -44,7 +45,7 @@ def shard(tmp_path: Path) -> tuple[Path, Path]:
     return model_dir, _staged(tmp_path)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", SCORED)
 def test_every_method_writes_one_array_file_and_an_index(shard, tmp_path: Path,
                                                          method: str) -> None:
     model_dir, manifest = shard

@@ -14,12 +14,12 @@ import numpy as np
 import onnx
 import pytest
 import reference_methods as ref
-from cnnviz.method_table import CAM_FAMILY
 from cnnviz.methods import backprop as bp
 from cnnviz.methods import cam
-from cnnviz.methods.explain import METHODS, Job, spread_layers
+from cnnviz.methods.explain import Job, run_method, spread_layers
 from cnnviz.methods.projections import ProjectionRunner
 from cnnviz.modelcard import load_card, model_path
+from cnnviz.registry import CAM_FAMILY
 from cnnviz.runner import Runner, chunk_plan
 from cnnviz.runtime import make_session
 from test_activations import tiny_model
@@ -62,7 +62,7 @@ def job_for(model, card, x, targets, batch_size: int = 2, **options) -> Job:  # 
 
 
 def maps_of(job: Job, method: str) -> tuple[np.ndarray, list]:
-    results = list(METHODS[method](job))
+    results = list(run_method(job, method))
     return np.stack([raw for _, raw, _, _ in results]), results
 
 

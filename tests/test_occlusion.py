@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from cnnviz.errors import ConfigError
-from cnnviz.methods.explain import METHODS
+from cnnviz.methods.explain import run_method
 from cnnviz.methods.occlusion import window_starts
 from onnx import TensorProto, helper, numpy_helper
 from test_method_graphs import job_for
@@ -45,7 +45,7 @@ def occlusion(
 ) -> np.ndarray:
     """[N, H, W]: explain's occlusion maps of the images x [N, C, H, W]."""
     job = job_for(_model(), CARD, x, targets, batch_size, window=window, stride=stride)
-    return np.stack([raw for _, raw, _, _ in METHODS["occlusion"](job)])
+    return np.stack([raw for _, raw, _, _ in run_method(job, "occlusion")])
 
 
 def _prob(x: np.ndarray, target: int) -> float:

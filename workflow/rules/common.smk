@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
 from cnnviz import plan  # noqa: E402  (stdlib-only module)
 from cnnviz import audit  # noqa: E402  (its DAG-time helpers are stdlib-only)
 from cnnviz import failures  # noqa: E402  (stdlib-only at import)
-from cnnviz import method_table  # noqa: E402  (stdlib-only)
+from cnnviz import registry  # noqa: E402  (stdlib-only)
 from cnnviz import resume  # noqa: E402  (stdlib only)
 from cnnviz.config import config_errors  # noqa: E402
 
@@ -182,12 +182,12 @@ def results_root(wildcards, input):
 
 def cam_family_options(wildcards):
     """The CAM family's members share their options (target, layer, fallback)."""
-    return method_options(SimpleNamespace(method=method_table.CAM_FAMILY[0]))
+    return method_options(SimpleNamespace(method=registry.CAM_FAMILY[0]))
 
 
 def method_options(wildcards):
     """Only the options that change this method's maps: editing one reruns that method alone."""
-    options = method_table.method_options(
+    options = registry.method_options(
         config["methods"], config["gradient_fallback"], wildcards.method
     )
     return json.dumps(options, sort_keys=True)

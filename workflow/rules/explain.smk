@@ -1,7 +1,7 @@
 # Per-image explanations: one job per model, shard and method; the CAM family's members
-# (method_table.CAM_FAMILY) come from one job, since one run of their graph gives every variant.
+# (registry.CAM_FAMILY) come from one job, since one run of their graph gives every variant.
 # Targets come from the shard's predictions (no second forward pass).
-CAM_FAMILY = [m for m in method_table.CAM_FAMILY if m in METHODS]
+CAM_FAMILY = [m for m in registry.CAM_FAMILY if m in METHODS]
 SINGLE_METHODS = [m for m in METHODS if m not in CAM_FAMILY]
 
 

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .. import registry
 from ..artifacts import write_json
 from ..errors import CnnvizError, ConfigError
-from ..method_table import CAM_FAMILY, GRADIENT_FREE
 from . import backprop
 from .common import known_classes, resolve_targets
 
@@ -119,20 +119,13 @@ def cam_family(job: Job, members: list[str] | tuple[str, ...]) -> dict[str, list
     return results
 
 
-def _cam_member(method: str) -> Callable[[Job], Iterator[Result]]:
-    def run(job: Job) -> Iterator[Result]:
-        yield from cam_family(job, [method])[method]
-
-    return run
-
-
-def _scorecam(job: Job) -> Iterator[Result]:
+def scorecam(job: Job) -> Iterator[Result]:
     """Score-CAM: the layer's maps of every image in one graph, each image's channels scored in
     another (blank and duplicate channels once: `cam.score_plan`), the weighted maps finished
     in a third."""
     from .cam import scorecam_graphs
 
-    rows = max_rows(job.card, int(job.options.get("batch_size", 64)))  # masked inputs per call
+    rows = max_rows(job.card, int(job.options["batch_size"]))  # masked inputs per call
     images, _ = _images_per_call(job)
     acts_graph, scores_graph, finish_graph, tensor = scorecam_graphs(
         job.model, job.card, _cam_layer(job), images, rows
@@ -185,27 +178,32 @@ def _gradient_method(policy: str, signed: bool) -> Callable[[Job], Iterator[Resu
     return run
 
 
-def _smoothgrad(job: Job) -> Iterator[Result]:
-    samples = int(job.options.get("samples", 25))
-    noise_level = float(job.options.get("noise_level", 0.15))
+saliency = _gradient_method("gradient", signed=False)
+guided_backprop = _gradient_method("guided", signed=True)
+deconvnet = _gradient_method("deconvnet", signed=True)
+
+
+def smoothgrad(job: Job) -> Iterator[Result]:
+    samples = int(job.options["samples"])
+    noise_level = float(job.options["noise_level"])
     if samples < 1 or noise_level < 0:
         raise ConfigError(f"smoothgrad needs samples >= 1 and noise_level >= 0, got "
                           f"{samples}, {noise_level}")
     images, points = _images_per_call(job, samples)
     graph = backprop.smoothgrad_graph(job.model, images, points, noise_level, job.fallback)
-    noise = backprop.unit_noise(samples, job.inputs.shape[1:], int(job.options.get("seed", 0)))
+    noise = backprop.unit_noise(samples, job.inputs.shape[1:], int(job.options["seed"]))
     weights = np.full(samples, 1.0 / samples, np.float32)
     out = _runner(job, graph).run(_row_feeds(job), {"noise": noise, "weights": weights})
     for r, (i, _) in enumerate(job.rows):
         yield i, backprop.channel_max_abs(out["signed"][r]), None, {"samples": samples}
 
 
-def _integrated_gradients(job: Job) -> Iterator[Result]:
-    steps = int(job.options.get("steps", 50))
+def integrated_gradients(job: Job) -> Iterator[Result]:
+    steps = int(job.options["steps"])
     alphas, weights = ig_points(str(job.options.get("method", "gausslegendre")), steps)
     images, points = _images_per_call(job, len(alphas))
     graph = backprop.integrated_gradients_graph(job.model, images, points, job.fallback)
-    baseline = backprop.make_baseline(job.options.get("baseline", "zero"), job.inputs[0],
+    baseline = backprop.make_baseline(job.options["baseline"], job.inputs[0],
                                       job.card["preprocess"])
     out = _runner(job, graph).run(
         _row_feeds(job), {"alphas": alphas, "weights": weights}, {"baseline": baseline[None]}
@@ -238,10 +236,10 @@ def max_rows(card: dict[str, Any], rows: int) -> int:
     return min(rows, fixed) if isinstance(fixed, int) and fixed > 0 else rows
 
 
-def _occlusion(job: Job) -> Iterator[Result]:
+def occlusion(job: Job) -> Iterator[Result]:
     from .occlusion import occlusion_graph, patch_counts, patch_origins
 
-    window, stride = int(job.options.get("window", 32)), int(job.options.get("stride", 16))
+    window, stride = int(job.options["window"]), int(job.options["stride"])
     size = tuple(job.inputs.shape[-2:])
     origins = patch_origins(size, window, stride)
     # forward passes only: twice the rows of a gradient call fit in the same memory
@@ -255,25 +253,21 @@ def _occlusion(job: Job) -> Iterator[Result]:
         yield i, raw, None, {"window": window, "stride": stride}
 
 
-METHODS: dict[str, Callable[[Job], Iterator[Result]]] = {
-    "gradcam": _cam_member("gradcam"),
-    "gradcampp": _cam_member("gradcampp"),
-    "layercam": _cam_member("layercam"),
-    "hirescam": _cam_member("hirescam"),
-    "xgradcam": _cam_member("xgradcam"),
-    "guided_gradcam": _cam_member("guided_gradcam"),
-    "scorecam": _scorecam,
-    "saliency": _gradient_method("gradient", signed=False),
-    "smoothgrad": _smoothgrad,
-    "integrated_gradients": _integrated_gradients,
-    "guided_backprop": _gradient_method("guided", signed=True),
-    "deconvnet": _gradient_method("deconvnet", signed=True),
-    "occlusion": _occlusion,
-}
-# Methods computed together when a job asks for several: {member: (family, runner)}.
-FAMILIES: dict[str, tuple[str, Callable[[Job, list[str]], dict[str, list[Result]]]]] = {
-    m: ("cam", cam_family) for m in CAM_FAMILY
-}
+# Declared in cnnviz.registry (name, family, options, caption, "module:function").
+METHODS = tuple(registry.METHODS)
+
+
+def run_method(job: Job, method: str) -> Iterator[Result]:
+    """One per-image method's results for job.rows (a family member from its family's one
+    run), its options filled in from the registry's defaults where the job gives none."""
+    spec = registry.METHODS[method]
+    if spec.scored is False:
+        raise CnnvizError(f"{method} writes its own rows (explain_shard), not per-row maps")
+    job = _for_method(job, method)
+    if spec.family:
+        yield from registry.resolve(registry.FAMILIES[spec.family])(job, [method])[method]
+    else:
+        yield from registry.resolve(spec.run)(job)
 
 
 def _cam_layer(job: Job) -> str | None:
@@ -364,7 +358,7 @@ def explain_shard(
     out_dirs = [Path(out_dir)] if isinstance(out_dir, (str, Path)) else [Path(d) for d in out_dir]
     if len(methods) != len(out_dirs):
         raise CnnvizError(f"{len(methods)} methods but {len(out_dirs)} output folders")
-    unknown = [m for m in methods if m not in METHODS and m != "projections"]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CnnvizError(f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}")
     options = options or {}
@@ -374,7 +368,9 @@ def explain_shard(
                            predictions)
     outcome: dict[str, tuple[list, list]] = {m: ([], []) for m in methods}
     if "projections" in methods:
-        outcome["projections"] = _projections(job, out_dirs[methods.index("projections")])
+        outcome["projections"] = projections(
+            _for_method(job, "projections"), out_dirs[methods.index("projections")]
+        )
     computed = [m for m in methods if m != "projections"]
     if job.rows and computed:
         outcome.update(_run_methods(job, computed, out_dirs))
@@ -394,15 +390,16 @@ def _run_methods(job: Job, methods: list[str], out_dirs: list[Path]) -> dict[str
     folders = dict(zip(methods, out_dirs, strict=False)) if len(out_dirs) == len(methods) else {}
     groups: dict[str, list[str]] = {}
     for m in methods:
-        groups.setdefault(FAMILIES[m][0] if m in FAMILIES else m, []).append(m)
+        groups.setdefault(registry.METHODS[m].family or m, []).append(m)
     outcome = {}
     for members in groups.values():
         started = time.perf_counter()
         try:
-            if members[0] in FAMILIES:
-                results = FAMILIES[members[0]][1](job, members)
+            family = registry.METHODS[members[0]].family
+            if family:
+                results = registry.resolve(registry.FAMILIES[family])(job, members)
             else:
-                results = {members[0]: list(METHODS[members[0]](job))}
+                results = {members[0]: list(run_method(job, members[0]))}
         except CnnvizError as error:
             log.error("%s failed: %s", ", ".join(members), error)
             for m in members:
@@ -413,6 +410,12 @@ def _run_methods(job: Job, methods: list[str], out_dirs: list[Path]) -> dict[str
         for m in members:
             outcome[m] = _write_rows(job, m, results[m], seconds, folders[m])
     return outcome
+
+
+def _for_method(job: Job, method: str) -> Job:
+    """The job with `method`'s own options filled in where the caller gave none (the
+    registry's defaults: a CLI call or a test need not spell them out)."""
+    return dataclasses.replace(job, options=registry.with_defaults(method, job.options))
 
 
 def _write_rows(
@@ -449,7 +452,7 @@ def approximation_notes(job: Job, method: str) -> dict[str, Any]:
     estimates, and the report says so."""
     from ..autodiff import ops_without_rules, straight_through_nodes
 
-    if method in GRADIENT_FREE:
+    if not registry.METHODS[method].gradient:
         return {}
 
     def listed(nodes: list[str]) -> str:
@@ -469,14 +472,16 @@ def approximation_notes(job: Job, method: str) -> dict[str, Any]:
     return {"approximate": True, "notes": notes} if notes else {}
 
 
-def _projections(job: Job, out_dir: Path) -> tuple[list, list]:
+def projections(job: Job, out_dir: Path) -> tuple[list, list]:
+    """Deconvnet projections of each image's strongest units at a few layers, written as one
+    array file per shard (unlike the other methods, it writes its own rows)."""
     from .projections import ProjectionRunner
     from .shard_maps import ProjectionWriter
 
-    layers = job.options.get("layers", "auto")
+    layers = job.options["layers"]
     if layers in (None, "auto"):
         layers = spread_layers(job.card, 3)
-    top_k = int(job.options.get("top_k", 4))
+    top_k = int(job.options["top_k"])
     try:
         images = max(1, min(len(job.ids), job.batch_size // max(1, top_k)))
         projector = ProjectionRunner(

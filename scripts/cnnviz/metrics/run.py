@@ -78,11 +78,12 @@ def job_for(
 
 def compute_maps(job: Any, method: str) -> np.ndarray:
     """[rows, H, W] float32 raw maps of `method` for job.rows, in order (explain's METHODS)."""
-    from ..methods.explain import METHODS
+    from ..methods.explain import run_method
+    from ..registry import SCORED as METHODS
 
     if method not in METHODS:
         raise ConfigError(f"metrics: unknown method {method!r}; known: {', '.join(METHODS)}")
-    maps = [np.asarray(raw, np.float32) for _, raw, _, _ in METHODS[method](job)]
+    maps = [np.asarray(raw, np.float32) for _, raw, _, _ in run_method(job, method)]
     if len(maps) != len(job.rows):
         raise CnnvizError(f"{method} returned {len(maps)} maps for {len(job.rows)} rows")
     return np.stack(maps) if maps else np.zeros((0, *job.inputs.shape[-2:]), np.float32)

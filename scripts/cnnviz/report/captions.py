@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 
+from .. import registry
 from ..render import ACTIVATION_CMAP, HEAT_CMAP
 
 HEAT_READING = (
@@ -19,43 +20,10 @@ HEAT_READING = (
     "model saw, scaled to this map's maximum)"
 )
 HEAT_SHORT = "bright = more evidence for the class, dark = little or none"
-SIGNED_READING = (
-    "grey = no effect; colours show the sign of the gradient per RGB channel (brighter = "
-    "positive, darker = negative)"
-)
-
 # method -> (title, what it computes, how to read it). "heat" means HEAT_READING.
 METHODS: dict[str, tuple[str, str, str]] = {
-    "gradcam": ("Grad-CAM", "the layer's channels weighted by their mean gradient for the class",
-                "heat"),
-    "gradcampp": ("Grad-CAM++", "Grad-CAM with weights from higher-order gradient terms "
-                  "(better with several objects)", "heat"),
-    "layercam": ("LayerCAM", "positive gradient times activation, position by position "
-                 "(finer detail than Grad-CAM)", "heat"),
-    "hirescam": ("HiResCAM", "gradient times activation, position by position, summed over the "
-                 "channels (Grad-CAM without averaging the gradient over the map)", "heat"),
-    "xgradcam": ("XGrad-CAM", "the layer's channels weighted by their gradient averaged with the "
-                 "activation as weight (Axiom-based Grad-CAM)", "heat"),
-    "scorecam": ("Score-CAM", "each channel weighted by how much the class score rises when the "
-                 "image is masked by it (no gradients)", "heat"),
-    "guided_gradcam": ("Guided Grad-CAM", "guided backpropagation multiplied by Grad-CAM: pixel "
-                       "detail inside the class region", "heat"),
-    "saliency": ("Saliency", "|d class score / d pixel|, the largest over R, G, B", "heat"),
-    "smoothgrad": ("SmoothGrad", "the gradient averaged over noisy copies of the image "
-                   "(less speckle than saliency)", "heat"),
-    "integrated_gradients": ("Integrated Gradients", "gradients summed along a path from a "
-                             "blank baseline to the image; they add up to the score change",
-                             "heat"),
-    "guided_backprop": ("Guided backprop", "the gradient with negative signals stopped at every "
-                        "ReLU, both ways: the edges that support the class", "heat"),
-    "deconvnet": ("Deconvnet", "Zeiler & Fergus's deconvnet: the class signal projected back "
-                  "through rectified unpooling", "heat"),
-    "occlusion": ("Occlusion", "the drop in class probability when a grey window covers each "
-                  "place (bright = covering it hurts the class most)", "heat"),
-    "projections": ("Deconvnet projections", "the strongest units of a layer projected back to "
-                    "pixels (left) beside the image patch they see (right)",
-                    "left: " + SIGNED_READING),
-}  # fmt: skip
+    name: (m.title, m.what, m.reading) for name, m in registry.METHODS.items()
+}
 
 
 def method_title(method: str) -> str:

@@ -31,16 +31,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .. import registry
 from ..artifacts import read_json
 from ..failures import find_failures, root_cause
 
 RESERVED = {"predictions", "activations", "filters", "atlas", "metrics", "pictures"}
-# Display order of the per-image methods (the schema's order); unknown methods follow, sorted.
-METHOD_ORDER = [
-    "gradcam", "gradcampp", "layercam", "hirescam", "xgradcam", "scorecam", "guided_gradcam",
-    "saliency", "smoothgrad", "integrated_gradients", "guided_backprop", "deconvnet", "occlusion",
-    "projections",
-]  # fmt: skip
+# Display order of the per-image methods (the registry's); unknown methods follow, sorted.
+METHOD_ORDER = list(registry.METHODS)
 _TARGET_STEM = re.compile(r"^(?P<image>.+)_c(?P<target>\d+)$")
 
 

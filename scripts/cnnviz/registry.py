@@ -1,0 +1,275 @@
+"""Every per-image method, declared once.
+
+A method is one entry of `METHODS`: its name, caption, the function computing its raw maps
+(imported only when a job runs it), the family it is computed with, what it needs (a cut
+layer, the engine's backward) and its options with their defaults. Everything else is derived
+from here: the explain step's dispatch and option defaults, the workflow's option routing and
+job grouping, the report's method order and captions, and the config schema's `methods:`
+block (written by `python3 -m cnnviz.registry --write-schema`; tests/test_registry.py fails
+when the schema, config/config.yaml, config/README.md or README.md disagree with it).
+
+Adding a method: one function `run(job) -> Iterator[Result]` in its own module under
+cnnviz/methods, one `Method(...)` entry below, `--write-schema`, and its tests.
+
+Stdlib only: the Snakefile imports this module on every parse.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of a method (`methods.<method>.<name>` in the config)."""
+
+    default: Any
+    description: str
+    schema: Mapping[str, Any]  # JSON-schema constraints (type, minimum, enum, ...)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str  # the report's name for it
+    what: str  # what the map shows, one clause (captions)
+    run: str  # "module:function" computing the maps (see cnnviz.methods.explain.Result)
+    family: str | None = None  # members of one family come from one run (see FAMILIES)
+    gradient: bool = True  # runs the engine's backward: `gradient_fallback` changes its maps
+    cam_layer: bool = False  # reads `methods.cam_layer`
+    options: Mapping[str, Option] = field(default_factory=dict)
+    reading: str = "heat"  # how to read the picture; "heat" = captions.HEAT_READING
+    scored: bool = True  # per-image maps the metrics can score (projections are not)
+
+
+def _int(default: int, description: str, minimum: int | None = None) -> Option:
+    schema: dict[str, Any] = {"type": "integer"}
+    if minimum is not None:
+        schema["minimum"] = minimum
+    return Option(default, description, schema)
+
+
+def _choice(default: str, description: str, *values: str) -> Option:
+    return Option(default, description, {"enum": list(values)})
+
+
+SIGNED_READING = (
+    "grey = no effect; colours show the sign of the gradient per RGB channel (brighter = "
+    "positive, darker = negative)"
+)
+_CAM = "cnnviz.methods.explain:cam_family"
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("gradcam", "Grad-CAM", "the layer's channels weighted by their mean gradient for "
+           "the class", _CAM, family="cam", cam_layer=True),
+    Method("gradcampp", "Grad-CAM++", "Grad-CAM with weights from higher-order gradient terms "
+           "(better with several objects)", _CAM, family="cam", cam_layer=True),
+    Method("layercam", "LayerCAM", "positive gradient times activation, position by position "
+           "(finer detail than Grad-CAM)", _CAM, family="cam", cam_layer=True),
+    Method("hirescam", "HiResCAM", "gradient times activation, position by position, summed "
+           "over the channels (Grad-CAM without averaging the gradient over the map)", _CAM,
+           family="cam", cam_layer=True),
+    Method("xgradcam", "XGrad-CAM", "the layer's channels weighted by their gradient averaged "
+           "with the activation as weight (Axiom-based Grad-CAM)", _CAM, family="cam",
+           cam_layer=True),
+    Method("scorecam", "Score-CAM", "each channel weighted by how much the class score rises "
+           "when the image is masked by it (no gradients)", "cnnviz.methods.explain:scorecam",
+           gradient=False, cam_layer=True,
+           options={"batch_size": _int(64, "masked images per ONNX Runtime call", 1)}),
+    Method("guided_gradcam", "Guided Grad-CAM", "guided backpropagation multiplied by "
+           "Grad-CAM: pixel detail inside the class region", _CAM, family="cam",
+           cam_layer=True),
+    Method("saliency", "Saliency", "|d class score / d pixel|, the largest over R, G, B",
+           "cnnviz.methods.explain:saliency"),
+    Method("smoothgrad", "SmoothGrad", "the gradient averaged over noisy copies of the image "
+           "(less speckle than saliency)", "cnnviz.methods.explain:smoothgrad", options={
+               "samples": _int(25, "noisy copies", 1),
+               "noise_level": Option(0.15, "noise sigma as a fraction of the input's range",
+                                     {"type": "number", "exclusiveMinimum": 0}),
+               "seed": _int(0, "RNG seed"),
+           }),
+    Method("integrated_gradients", "Integrated Gradients", "gradients summed along a path "
+           "from a blank baseline to the image; they add up to the score change",
+           "cnnviz.methods.explain:integrated_gradients", options={
+               "steps": _int(50, "path points", 2),
+               "baseline": _choice("zero", "zero (the mean image after normalization), black "
+                                   "or white", "zero", "black", "white"),
+           }),
+    Method("guided_backprop", "Guided backprop", "the gradient with negative signals stopped "
+           "at every ReLU, both ways: the edges that support the class",
+           "cnnviz.methods.explain:guided_backprop"),
+    Method("deconvnet", "Deconvnet", "Zeiler & Fergus's deconvnet: the class signal projected "
+           "back through rectified unpooling", "cnnviz.methods.explain:deconvnet"),
+    Method("occlusion", "Occlusion", "the drop in class probability when a grey window covers "
+           "each place (bright = covering it hurts the class most)",
+           "cnnviz.methods.explain:occlusion", gradient=False, options={
+               "window": _int(32, "grey patch size, in model input pixels", 1),
+               "stride": _int(16, "step between patches, in model input pixels", 1),
+           }),
+    Method("projections", "Deconvnet projections", "the strongest units of a layer projected "
+           "back to pixels (left) beside the image patch they see (right)",
+           "cnnviz.methods.explain:projections", reading="left: " + SIGNED_READING,
+           scored=False, options={
+               "layers": Option("auto", "layers to project from; auto = three layers spread "
+                                "over the depth", {"oneOf": [
+                                    {"const": "auto"},
+                                    {"type": "array", "minItems": 1,
+                                     "items": {"type": "string"}}]}),
+               "top_k": _int(4, "strongest channels per layer", 1),
+           }),
+]}  # fmt: skip
+
+# A family's members are computed by one function from one graph: {family: "module:function"},
+# called with (job, members) and returning {member: results}.
+FAMILIES: dict[str, str] = {"cam": _CAM}
+
+
+def family_members(family: str) -> tuple[str, ...]:
+    return tuple(m.name for m in METHODS.values() if m.family == family)
+
+
+CAM_FAMILY = family_members("cam")
+SCORED = tuple(m.name for m in METHODS.values() if m.scored)
+
+
+def defaults(method: str) -> dict[str, Any]:
+    """The method's own options at their defaults."""
+    return {name: option.default for name, option in METHODS[method].options.items()}
+
+
+def with_defaults(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """`given` (a job's options) with the method's own options filled in where absent."""
+    return {**defaults(method), **given}
+
+
+def method_options(methods_config: Mapping[str, Any], gradient_fallback: str,
+                   method: str) -> dict[str, Any]:
+    """Only the options that change `method`'s maps (editing one reruns that method alone)."""
+    spec = METHODS[method]
+    options: dict[str, Any] = {"target": methods_config["target"]}
+    if spec.gradient:
+        options["gradient_fallback"] = gradient_fallback
+    if spec.cam_layer:
+        options["cam_layer"] = methods_config["cam_layer"]
+    if spec.options:
+        options.update(with_defaults(method, methods_config.get(method) or {}))
+    return options
+
+
+def resolve(path: str) -> Callable[..., Any]:
+    """The function named "module:function" (imported on first use: numpy, onnx)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# ---- the config schema's `methods:` block ---------------------------------------------------
+def methods_schema() -> dict[str, Any]:
+    """The JSON schema of the config's `methods:` section."""
+    names = list(METHODS)
+    properties: dict[str, Any] = {
+        "enabled": {"type": "array", "uniqueItems": True,
+                    "items": {"$ref": "#/$defs/method"}, "default": names},
+        "target": {
+            "description": "Classes to explain: top1, {top_k: k}, or a list of class indices "
+                           "or labels.",
+            "default": "top1",
+            "oneOf": [
+                {"const": "top1"},
+                {"type": "object", "additionalProperties": False, "required": ["top_k"],
+                 "properties": {"top_k": {"type": "integer", "minimum": 1}}},
+                {"type": "array", "minItems": 1, "items": {"oneOf": [
+                    {"type": "integer", "minimum": 0}, {"type": "string", "minLength": 1}]}},
+            ],
+        },
+        "cam_layer": {"description": "Layer for the CAM family; auto = the last conv layer "
+                      "with a spatial output.", "type": "string", "default": "auto"},
+    }  # fmt: skip
+    for method in METHODS.values():
+        if method.options:
+            properties[method.name] = {
+                "type": "object", "additionalProperties": False, "default": {},
+                "properties": {
+                    name: {**option.schema, "default": option.default,
+                           "description": option.description}
+                    for name, option in method.options.items()
+                },
+            }  # fmt: skip
+    return {"type": "object", "additionalProperties": False, "default": {},
+            "description": "Per-image explanations; one job per model, shard and method "
+                           "(a family's members share one).",
+            "properties": properties}  # fmt: skip
+
+
+def method_defs() -> dict[str, Any]:
+    """`$defs` of the schema: a method name, and a method the metrics can score."""
+    return {"method": {"enum": list(METHODS)}, "scored_method": {"enum": list(SCORED)}}
+
+
+# Generated blocks of the schema file: {key: (indent, content)}. The rest is written by hand;
+# it refers to the method names as {"$ref": "#/$defs/method"} (or scored_method).
+def _blocks() -> dict[str, tuple[int, dict[str, Any]]]:
+    return {"$defs": (0, method_defs()), "methods": (2, methods_schema())}
+
+
+def _marks(key: str, indent: int) -> tuple[str, str]:
+    pad = " " * indent
+    return (f"{pad}# >>> {key}: generated by cnnviz.registry (--write-schema)\n",
+            f"{pad}# <<< {key}\n")
+
+
+def schema_block(key: str) -> str:
+    """The schema file's generated lines for `key` (JSON is YAML), between their marks."""
+    indent, content = _blocks()[key]
+    begin, end = _marks(key, indent)
+    body = _flow(content, indent + 2)
+    return begin + " " * indent + f"{key}:\n" + " " * (indent + 2) + body + "\n" + end
+
+
+def _flow(value: Any, indent: int) -> str:
+    """JSON (so YAML) with one key per line, and small values (lists of names, short
+    objects) on one line."""
+    flat = json.dumps(value)
+    if not isinstance(value, dict) or len(flat) + indent <= 96:
+        return flat
+    pad = " " * (indent + 2)
+    items = [f"{pad}{json.dumps(k)}: {_flow(v, indent + 2)}" for k, v in value.items()]
+    return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+
+
+def write_schema(path: Path) -> bool:
+    """Replace the generated blocks of the schema file at `path`; True when it changed."""
+    text = original = path.read_text(encoding="utf-8")
+    for key, (indent, _) in _blocks().items():
+        begin, end = _marks(key, indent)
+        head, found, rest = text.partition(begin)
+        if not found or end not in rest:
+            raise SystemExit(f"{path}: no block marked {begin.strip()!r} ... {end.strip()!r}")
+        text = head + schema_block(key) + rest.split(end, 1)[1]
+    if text != original:
+        path.write_text(text, encoding="utf-8")
+    return text != original
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write-schema", action="store_true",
+                        help="rewrite workflow/schemas/config.schema.yaml's methods block")
+    args = parser.parse_args(argv)
+    schema = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+    if args.write_schema:
+        print(f"{schema}: {'rewritten' if write_schema(schema) else 'up to date'}")
+    else:
+        for method in METHODS.values():
+            print(f"{method.name:22} {method.title}: {method.what}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
