@@ -1,0 +1,81 @@
+"""Torch models and their ONNX twins for the CAM peers' tests (FullGrad, multi-layer LayerCAM).
+
+`vgg16_case`: a seeded random-weight torchvision VGG16 at 64x64 (avgpool dropped, the first
+Linear resized so the small input fits; no BatchNorm, every conv biased), exported through
+TorchScript; `effnet_case`: the pretrained EfficientNet-Lite0 as the pipeline exports it (the
+export folds each BatchNorm into its bias-free conv). torch is an oracle only.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+
+def _case(model: onnx.ModelProto, card: dict[str, Any], net: Any, x: np.ndarray) -> dict:
+    from cnnviz.runtime import make_session
+
+    logits = make_session(model, "cpu", 2).run(None, {card["input"]["name"]: x})[0]
+    return {"card": card, "model": model, "net": net, "x": x,
+            "targets": [int(t) for t in logits.argmax(1)]}
+
+
+def vgg16_case(images: int = 2) -> dict[str, Any]:
+    import torch
+    import torchvision
+    from cnnviz.graph import conv_layers
+
+    torch.manual_seed(0)
+    net = torchvision.models.vgg16(weights=None)
+    for module in net.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False  # forward hooks on in-place ReLUs see overwritten tensors
+    net.avgpool = torch.nn.Identity()
+    net.classifier[0] = torch.nn.Linear(512 * 2 * 2, 4096)
+    net.eval()
+    x = np.random.default_rng(0).normal(size=(images, 3, 64, 64)).astype(np.float32)
+    buf = io.BytesIO()
+    torch.onnx.export(net, torch.from_numpy(x[:1]), buf, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    model = onnx.load_from_string(buf.getvalue())
+    card = {
+        "name": "vgg16-random",
+        "input": {"name": "input", "shape": ["batch", 3, 64, 64]},
+        "output": {"name": "logits", "kind": "logits", "num_classes": 1000},
+        "labels": [str(i) for i in range(1000)],
+        "layers": conv_layers(model),
+    }
+    return _case(model, card, net, x)
+
+
+def effnet_case(effnet_dir: Path, images: int = 2) -> dict[str, Any]:
+    import sys
+
+    import torch
+    from cnnviz.images import preprocess
+    from cnnviz.modelcard import load_card
+    from PIL import Image
+    from skimage import data
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch_oracle
+
+    card = load_card(effnet_dir)
+    model = onnx.load(str(effnet_dir / card["onnx"]))
+    photos = [data.chelsea(), data.coffee(), data.astronaut()][:images]
+    x = np.stack([preprocess(Image.fromarray(p), card["preprocess"]) for p in photos])
+    net = torch_oracle.pretrained_effnet()
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    case = _case(model, card, net, x)
+    assert case["targets"] == [int(t) for t in ref.argmax(1)]
+    return case
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
