@@ -128,3 +128,21 @@ def test_palette_png_has_the_grid_pixels(tmp_path):
     assert np.array_equal(np.asarray(stored.convert("RGB")), channel_grid(act))
     single = save_grid_png(tmp_path / "c.png", act[0], min_side=224)
     assert Image.open(single).size == (224, 224)
+
+
+def test_relevance_pictures_are_red_for_blue_against_and_symmetric_about_zero():
+    from cnnviz.render import map_picture
+
+    view = np.full((20, 40, 3), 200, np.uint8)  # light grey image, twice the map's size
+    raw = np.zeros((10, 20), np.float32)
+    raw[:, :5], raw[:, -5:] = 3.0, -3.0  # for the class left, against it right
+    picture = map_picture(view, raw, None, "relevance")
+    assert picture.shape == (20, 40, 3)
+    left, middle, right = picture[10, 2].astype(int), picture[10, 20].astype(int), picture[10, 37]
+    assert left[0] > 150 and left[2] < 100, left  # red
+    assert right[2] > 150 and right[0] < 100, right  # blue
+    assert abs(int(middle[0]) - int(middle[2])) < 8 and middle.min() > 180  # white-ish: zero
+    # the scale is symmetric: -x is drawn as +x with red and blue swapped
+    np.testing.assert_array_equal(picture[10, 2][::-1], picture[10, 37])
+    mirrored = map_picture(view, -raw, None, "relevance")
+    np.testing.assert_array_equal(mirrored[10, 2], picture[10, 37])

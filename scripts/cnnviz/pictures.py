@@ -15,7 +15,8 @@ Which rows (config `report.pictures`, per shard and method):
 Writes `{out_dir}/{image}_c{target}.png` (projections: `{image}_{layer}.png`) and
 `{out_dir}/pictures.json` ({"method", "selection", "pictures": [{"row", "image", "target" or
 "layer", "png"}], "rows": how many the index has}). The picture of a map is the one
-`explain.picture` defines: a signed signal as RGB (grey = 0), else the raw map's positive part
+render.map_picture draws: a signed attribution in a diverging colour map (rows marked "picture":
+"relevance"), a signed signal as RGB (grey = 0), else the raw map's positive part
 over the image the model saw, at the image's own resolution (render.map_picture). Only the
 projections' pictures import the engine (methods.projections.projection_grid).
 """
@@ -160,11 +161,11 @@ def _draw(view: np.ndarray, index: dict[str, Any], arrays: dict[str, np.ndarray]
 def _map_picture(view: np.ndarray, arrays: dict[str, np.ndarray], row: dict[str, Any]
                  ) -> np.ndarray:
     from .methods.shard_maps import signed_row
-    from .render import map_picture  # explain.picture's drawing, without the engine's imports
+    from .render import map_picture  # without the engine's imports
 
     raw = np.asarray(arrays["maps"][row["row"]], np.float32)
     signed = signed_row(arrays["signed"], row) if "signed" in arrays else None
-    return map_picture(view, raw, signed)
+    return map_picture(view, raw, signed, row.get("picture"))
 
 
 def _projection_picture(view: np.ndarray, array: np.ndarray, row: dict[str, Any]) -> np.ndarray:

@@ -62,6 +62,12 @@ SIGNED_READING = (
     "grey = no effect; colours show the sign of the gradient per RGB channel (brighter = "
     "positive, darker = negative)"
 )
+# Signed attributions (relevance, DeepLIFT, input x gradient): rows marked "picture": "relevance"
+# are drawn by render.relevance_picture.
+RELEVANCE_READING = (
+    "red = evidence for the class, blue = against it, white = none (scaled to this map's "
+    "largest magnitude, over a grey copy of the image)"
+)
 _CAM = "cnnviz.methods.explain:cam_family"
 
 METHODS: dict[str, Method] = {m.name: m for m in [

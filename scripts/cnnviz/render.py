@@ -20,6 +20,7 @@ from .artifacts import write_with
 
 ACTIVATION_CMAP = "viridis"
 HEAT_CMAP = "inferno"
+RELEVANCE_CMAP = "bwr"  # diverging: blue < 0, white = 0, red > 0 (zennit's and captum's choice)
 BLANK_EPS = 1e-6  # a channel whose max |value| is <= this is blank (see is_blank)
 SEPARATOR = 2  # px between tiles
 BACKGROUND = (255, 255, 255)  # separators and unused grid cells
@@ -204,12 +205,30 @@ def signed_rgb(grad: np.ndarray, percentile: float = 99.5) -> np.ndarray:
     return np.rint((unit.transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)
 
 
-def map_picture(view: np.ndarray, raw: np.ndarray, signed: np.ndarray | None) -> np.ndarray:
-    """What people see of one explanation map: a signed [3, H, W] signal as RGB (grey = 0) at
-    the model's input size, else the raw [H, W] map's positive part, scaled to [0, 1], over
+def relevance_picture(view: np.ndarray, raw: np.ndarray, percentile: float = 99.5,
+                      alpha: float = 0.8) -> np.ndarray:
+    """A signed [H, W] attribution (relevance, DeepLIFT, input x gradient) in a diverging
+    colour map, red = for the class, blue = against, white = 0, symmetric about 0 and scaled by
+    a robust max |value|, over a grey copy of `view` (at the view's resolution)."""
+    raw = np.asarray(raw, dtype=np.float32)
+    scale = float(np.percentile(np.abs(raw), percentile)) if raw.size else 0.0
+    if scale <= 0:
+        scale = float(np.abs(raw).max()) or 1.0
+    unit = np.clip(raw / scale, -1.0, 1.0) * 0.5 + 0.5
+    grey = np.asarray(view, np.uint8)[..., :3].mean(axis=-1, keepdims=True).repeat(3, axis=-1)
+    return overlay(grey.astype(np.uint8), unit, alpha, RELEVANCE_CMAP)
+
+
+def map_picture(view: np.ndarray, raw: np.ndarray, signed: np.ndarray | None,
+                kind: str | None = None) -> np.ndarray:
+    """What people see of one explanation map: kind "relevance": the signed raw map in a
+    diverging colour map (relevance_picture); a signed [3, H, W] signal as RGB (grey = 0) at
+    the model's input size; else the raw [H, W] map's positive part, scaled to [0, 1], over
     `view` (the image the model saw, at its own resolution)."""
     from .methods.common import normalize_map
 
+    if kind == "relevance":
+        return relevance_picture(view, raw)
     if signed is not None:
         return signed_rgb(signed)
     return overlay(view, normalize_map(np.maximum(raw, 0)))

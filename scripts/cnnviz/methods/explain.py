@@ -65,15 +65,6 @@ class Job:
         return [t for _, t in self.rows]
 
 
-def picture(job: Job, index: int, raw: np.ndarray, signed: np.ndarray | None) -> np.ndarray:
-    """What people see of one map: a signed [3, H, W] signal as RGB (grey = 0) at the model's
-    input size, else the raw map's positive part over the image the model saw, at the image's
-    own resolution. Drawn by the render step (cnnviz.pictures) through render.map_picture."""
-    from ..render import map_picture
-
-    return map_picture(job.views[index], raw, signed)
-
-
 # ---- the methods ---------------------------------------------------------------------------
 # Each method is one graph (cnnviz.methodgraph) run by the one runner (cnnviz.runner): the host
 # feeds the staged inputs and targets and gets finished maps back.
