@@ -54,16 +54,12 @@ def vgg16_case(images: int = 2) -> dict[str, Any]:
 
 
 def effnet_case(effnet_dir: Path, images: int = 2) -> dict[str, Any]:
-    import sys
-
     import torch
+    import torch_oracle
     from cnnviz.images import preprocess
     from cnnviz.modelcard import load_card
     from PIL import Image
     from skimage import data
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import torch_oracle
 
     card = load_card(effnet_dir)
     model = onnx.load(str(effnet_dir / card["onnx"]))

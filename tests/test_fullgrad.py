@@ -9,22 +9,17 @@ into the convs' biases in our export).
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from cnnviz.autodiff import vjp
+from cnnviz.methods.fullgrad import OPTIONS, bias_layers, fullgrad_graph
+from cnnviz.runner import Runner
+from cnnviz.runtime import make_session
 from onnx import TensorProto, helper
-
-sys.path.insert(0, str(Path(__file__).parent))
-from onnx_build import finish_model  # noqa: E402
-
-from cnnviz.autodiff import vjp  # noqa: E402
-from cnnviz.methods.fullgrad import OPTIONS, bias_layers, fullgrad_graph  # noqa: E402
-from cnnviz.runner import Runner  # noqa: E402
-from cnnviz.runtime import make_session  # noqa: E402
+from onnx_build import finish_model
 
 BN_EPS = 1e-3
 
