@@ -298,3 +298,39 @@ def test_rise_options_are_checked():
         assert method in ("eigencam", "ablationcam", "rise")
         for spec in options.values():
             assert {"default", "type", "description"} <= set(spec)
+
+
+# ---- the explain entry points ------------------------------------------------------------
+def _job(options: dict, rows: list[tuple[int, int]], x: np.ndarray):
+    from cnnviz.methods.explain import Job
+
+    return Job(NET, CARD, [f"img{i}" for i in range(len(x))], x, [], rows, options, "cpu", 1, 3)
+
+
+def _defaults(method: str, **changed) -> dict:
+    return {k: spec["default"] for k, spec in gf.OPTIONS[method].items()} | changed
+
+
+def test_run_functions_give_one_finished_map_per_row():
+    x = RNG.uniform(-1, 1, size=(3, C, H, W)).astype(np.float32)
+    rows = [(0, 0), (2, 1), (0, 3), (1, 2)]
+    eigen = list(gf.run_eigencam(_job(_defaults("eigencam"), rows, x)))
+    ablation = list(gf.run_ablationcam(_job(_defaults("ablationcam", batch=4), rows, x)))
+    rise = list(gf.run_rise(_job(_defaults("rise", masks=40, grid=3, batch=16), rows, x)))
+    a = _acts(x)
+    for results in (eigen, ablation, rise):
+        assert [r[0] for r in results] == [i for i, _ in rows]
+        for _, raw, signed, _ in results:
+            assert raw.shape == (H, W) and raw.dtype == np.float32 and signed is None
+    for (i, _target), (_, raw, _, info) in zip(rows, eigen, strict=True):
+        np.testing.assert_allclose(raw, _finish(_eigen_reference(a[i])), atol=1e-4)
+        assert info == {"layer": "A"}
+    for (i, target), (_, raw, _, info) in zip(rows, ablation, strict=True):
+        np.testing.assert_allclose(raw, _ablation_reference(x[i], target, False)[0], atol=1e-4)
+        assert info["ablated"] == 5 and info["channels"] == 6
+    grids, shifts = gf.rise_masks(40, 3, 0.5, 0, (H, W))
+    session = make_session(NET, "cpu", 1)
+    for (i, target), (_, raw, _, info) in zip(rows, rise, strict=True):
+        want = _rise_reference(session, x[i], target, grids, shifts, 0.5, False)
+        np.testing.assert_allclose(raw, want, rtol=1e-4, atol=1e-6)
+        assert info["masks"] == 40
