@@ -266,6 +266,9 @@ def test_gradcheck_catches_a_wrong_rule(cnn_dir, monkeypatch):
     assert ops["GlobalAveragePool"]["max_rel_err"] > 0.5
     assert ops["Conv"]["status"] == "ok"
     assert result["layer"]["status"] == "fail"  # the Grad-CAM weights are off by 2x
+    # end to end, the retry at eps / 10 (for kinks) does not rescue a wrong gradient
+    e2e = result["end_to_end"]
+    assert e2e["status"] == "fail" and e2e["eps"] == pytest.approx(1e-3) and e2e["scale"] > 1.5
     assert not result["passed"]
     assert "FAILED: GlobalAveragePool" in format_report(result)
 

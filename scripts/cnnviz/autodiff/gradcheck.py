@@ -192,20 +192,27 @@ def end_to_end(model, x, policy, modified, device, rng, samples, eps, layer, ten
     else:
         coords = random_coordinates(x.size, samples, rng)
         start = time.perf_counter()
-        fd = central_differences(
-            forward,
-            name,
-            x,
-            seed=seed,
-            output_name=logits_name,
-            coordinates=coords,
-            eps=eps,
-            batch_size=32,
-            one_sided=True,
-        )
-        stats = compare_fd(got[0].reshape(-1)[coords], fd)
-        row.update(stats, fd_seconds=round(time.perf_counter() - start, 3))
-        ok = stats["cosine"] >= E2E_COSINE and abs(stats["scale"] - 1) < SCALE_TOL
+        # A deep ReLU net has kinks within eps of many coordinates, most too small to be told
+        # from noise (compare_fd's KINK), which bend the differences (ShuffleNet-x1.5 at 32 px:
+        # 97 of 300 coordinates, cosine 0.986). A right gradient agrees better as eps shrinks
+        # (fewer kinks in reach; 0.999 at eps / 10 there), a wrong one at no eps: one retry.
+        for trial in (eps, eps / 10):
+            fd = central_differences(
+                forward,
+                name,
+                x,
+                seed=seed,
+                output_name=logits_name,
+                coordinates=coords,
+                eps=trial,
+                batch_size=32,
+                one_sided=True,
+            )
+            stats = compare_fd(got[0].reshape(-1)[coords], fd)
+            ok = stats["cosine"] >= E2E_COSINE and abs(stats["scale"] - 1) < SCALE_TOL
+            if ok:
+                break
+        row.update(stats, eps=trial, fd_seconds=round(time.perf_counter() - start, 3))
         row["status"] = "ok" if ok else "fail"
     if tensor:
         layer_row = _layer_check(
