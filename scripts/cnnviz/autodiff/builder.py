@@ -7,6 +7,8 @@ intermediate tensor (Grad-CAM's last conv layer) therefore costs about one forwa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import onnx
 from onnx import TensorProto, helper
 
@@ -21,9 +23,12 @@ from .prepare import (
     prepare,
     static_shapes,
 )
-from .rules import RULES
+from .rules import RULES, Rule
 from .rules_elementwise import STRAIGHT_THROUGH
 
+# A rule per node, chosen on the prepared graph (LRP composites, cnnviz.autodiff.rules_lrp):
+# {a node's first output: its rule}, taking precedence over the policy's and the op's rule.
+NodeRules = Callable[[Context, onnx.GraphProto], Mapping[str, Rule]]
 FALLBACKS = ("error", "finite-differences")
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
@@ -35,6 +40,7 @@ def vjp(
     policy: str = "gradient",
     batch: int = 1,
     fallback: str = "error",
+    node_rules: NodeRules | None = None,
 ) -> onnx.ModelProto:
     """A model computing the forward outputs, each wrt tensor, and ``grad:<wrt>`` for each.
 
@@ -42,7 +48,9 @@ def vjp(
     ``seed:S`` of S's static shape. Without `seed_outputs` the graph's single output is seeded, or
     the logits feeding it when it is a final Softmax (noted in metadata "cnnviz.seed_note").
     Nodes differentiated by the finite-difference fallback or by a straight-through estimator
-    (QuantizeLinear) are listed in "cnnviz.approximate".
+    (QuantizeLinear) are listed in "cnnviz.approximate". `node_rules`, called with the context
+    and the prepared graph, chooses rules per node (a backward signal that is not a gradient,
+    e.g. LRP relevance).
     """
     wrt = list(dict.fromkeys([wrt] if isinstance(wrt, str) else wrt))
     if policy not in POLICIES:
@@ -63,6 +71,8 @@ def vjp(
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
     ctx = Context(shapes, dtypes, constant_values(graph), set(), opset, policy)
     ctx.active_tensors = _active_tensors(graph, wrt, seeds, dtypes, set(ctx.constants))
+    if node_rules is not None:
+        ctx.node_rules = dict(node_rules(ctx, graph))
 
     adjoints: dict[str, list[str]] = {}
     seed_inputs = []
@@ -106,7 +116,7 @@ def _differentiate(ctx: Context, graph, adjoints: dict[str, list[str]], fallback
         if all(g is None for g in gys):
             continue
         ctx.scope = f"bwd/{node.name or node.op_type}"
-        rule = POLICIES[ctx.policy].get(node.op_type) or RULES.get(node.op_type)
+        rule = _rule(ctx, node)
         if _without_rule(ctx, node):
             rule = _fallback_rule(ctx, node, fallback)
             approximate.append(node.name or node.op_type)
@@ -163,9 +173,13 @@ def _total(ctx: Context, adjoints: dict[str, list[str]], name: str) -> str | Non
     return parts[0]
 
 
+def _rule(ctx: Context, node: onnx.NodeProto) -> Rule | None:
+    chosen = ctx.node_rules.get(node.output[0]) if node.output else None
+    return chosen or POLICIES[ctx.policy].get(node.op_type) or RULES.get(node.op_type)
+
+
 def _without_rule(ctx: Context, node: onnx.NodeProto) -> bool:
-    rule = POLICIES[ctx.policy].get(node.op_type) or RULES.get(node.op_type)
-    return rule is None or node.domain not in ("", "ai.onnx")
+    return _rule(ctx, node) is None or node.domain not in ("", "ai.onnx")
 
 
 def _refuse_missing_rules(ctx: Context, graph) -> None:

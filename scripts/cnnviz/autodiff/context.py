@@ -74,6 +74,7 @@ class Context(Emitter):
         self.active_tensors = active
         self.opset = opset
         self.policy = policy
+        self.node_rules: dict = {}  # {node's first output: Rule}, see builder.NodeRules
 
     # ---- facts about forward tensors -------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:
