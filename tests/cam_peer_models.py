@@ -65,7 +65,7 @@ def effnet_case(effnet_dir: Path, images: int = 2) -> dict[str, Any]:
     model = onnx.load(str(effnet_dir / card["onnx"]))
     photos = [data.chelsea(), data.coffee(), data.astronaut()][:images]
     x = np.stack([preprocess(Image.fromarray(p), card["preprocess"]) for p in photos])
-    net = torch_oracle.pretrained_effnet()
+    net = torch_oracle.pretrained_effnet(own_head_relu6=True)  # head_act: the head's ReLU6
     with torch.no_grad():
         ref = net(torch.from_numpy(x)).numpy()
     case = _case(model, card, net, x)
