@@ -53,13 +53,16 @@ def gradient_model(
     batch: int = 1,
     seed_output: str | None = None,
     fallback: str = "error",
+    node_rules: Any = None,
 ) -> onnx.ModelProto:
-    """The vjp graph of `model` w.r.t. its (first) input, seeded at the logits by default."""
+    """The vjp graph of `model` w.r.t. its (first) input, seeded at the logits by default
+    (`node_rules`: the vjp's per-node rules, e.g. autodiff.reference.deeplift_rules)."""
     from ..autodiff import vjp
 
     wrt = model_input_name(model)
     seeds = [seed_output] if seed_output else None
-    g = vjp(model, wrt=[wrt], seed_outputs=seeds, policy=policy, batch=batch, fallback=fallback)
+    g = vjp(model, wrt=[wrt], seed_outputs=seeds, policy=policy, batch=batch, fallback=fallback,
+            node_rules=node_rules)
     # A final Softmax is skipped by the seed: expose the seeded logits too (IG's completeness).
     outputs = {o.name for o in g.graph.output}
     for seed in g.graph.input:
@@ -178,13 +181,14 @@ def _inline_gradient(
     policy: str,
     fallback: str,
     prefix: str = "model",
+    node_rules: Any = None,
 ) -> dict[str, str]:
     """Inline the vjp of `model` at batch `rows` (input := rows_x, seed := one-hot of the rows'
     `targets`); returns the new names of its outputs, with "grad" and "value" (the seeded
     tensor, e.g. the logits) added."""
     from ..methodgraph import one_hot, seed_input, static_dims
 
-    core = gradient_model(model, policy, rows, fallback=fallback)
+    core = gradient_model(model, policy, rows, fallback=fallback, node_rules=node_rules)
     x = model_input_name(model)
     seed = seed_input(core)
     dims = static_dims(seed)[1:]
