@@ -261,3 +261,35 @@ def test_options_are_declared_once():
     baseline = OPTIONS["deeplift"]["baseline"]
     assert baseline["enum"] == ["zero", "black", "white"]
     assert baseline["default"] == "zero"
+
+
+def test_run_functions_give_signed_maps_per_row():
+    """run_deeplift / run_input_x_gradient through explain.Job with OPTIONS' defaults (and the
+    "white" baseline through the preprocessing): one float32 [H, W] channel sum and one signed
+    [3, H, W] attribution per (image, target) row, marked for the relevance picture; DeepLIFT's
+    rows equal the graph's and sum to the logit change."""
+    from cnnviz.methods.attribution import run_deeplift, run_input_x_gradient
+    from cnnviz.methods.backprop import make_baseline
+    from cnnviz.methods.explain import Job
+
+    model = cnn()
+    x = np.random.default_rng(5).normal(size=(2, C, H, W)).astype(F32)
+    rows = [(0, 1), (1, 4), (0, 2)]
+    card = {"preprocess": {"scale": 255.0, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25]}}
+    defaults = {k: v["default"] for k, v in OPTIONS["deeplift"].items()}
+    for options in (defaults, {**defaults, "baseline": "white"}):
+        job = Job(model, card, ["a", "b"], x, [], rows, options, "cpu", 1, 4)  # 2 images a call
+        results = list(run_deeplift(job))
+        assert [r[0] for r in results] == [0, 1, 0]
+        base = make_baseline(options["baseline"], x[0], card["preprocess"])
+        want = _deeplift(model, x[[0, 1, 0]], [1, 4, 2], base)
+        for r, (_, raw, signed, info) in enumerate(results):
+            assert raw.dtype == np.float32 and raw.shape == (H, W) and signed.shape == (C, H, W)
+            np.testing.assert_allclose(signed, want["signed"][r], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(raw, signed.sum(0), rtol=1e-5, atol=1e-6)
+            assert info["picture"] == "relevance" and info["baseline"] == options["baseline"]
+            assert info["delta_error"] < 1e-4
+    job = Job(model, card, ["a", "b"], x, [], rows, {}, "cpu", 1, 2)
+    results = list(run_input_x_gradient(job))
+    assert len(results) == 3 and all(r[2].shape == (C, H, W) for r in results)
+    np.testing.assert_allclose(results[1][1], results[1][2].sum(0), rtol=1e-5, atol=1e-6)
