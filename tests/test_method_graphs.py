@@ -174,7 +174,8 @@ def test_projections_from_one_graph(tiny):
     model, card = tiny
     x = images(3, 8)
     layers = [row["name"] for row in card["layers"]]
-    new = ProjectionRunner(model, card, layers, 2, images=2, device="cpu", threads=1)
+    new = ProjectionRunner(model, card, layers, 2, images=2, device="cpu", threads=1,
+                           policy="deconvnet")
     old = ref.Projector(model, card, layers, 2, "cpu", 1)
     got = new.project_layers(x, 2)
     for i in range(3):
@@ -237,7 +238,8 @@ def test_effnet_every_gradient_method_matches_its_reference(effnet):
 def test_effnet_projections_match_the_projector(effnet):
     model, card, x, _ = effnet
     layers = spread_layers(card, 2)
-    got = ProjectionRunner(model, card, layers, 2, 2, "cpu", 2).project_layers(x, 2)
+    runner = ProjectionRunner(model, card, layers, 2, 2, "cpu", 2, policy="deconvnet")
+    got = runner.project_layers(x, 2)
     projector = ref.Projector(model, card, layers, 2, "cpu", 2)
     for i in range(2):
         want = projector.project_layers(x[i : i + 1], 2)

@@ -74,7 +74,8 @@ def deconvnet(x, channel):
 
 def test_projection_equals_numpy_deconvnet_and_stays_in_receptive_field():
     x = RNG.normal(size=(3, S, S)).astype(np.float32)
-    runner = pj.ProjectionRunner(tiny_model(), CARD, ["conv2"], 6, 1, device="cpu", threads=1)
+    runner = pj.ProjectionRunner(tiny_model(), CARD, ["conv2"], 6, 1, device="cpu", threads=1,
+                                  policy="deconvnet")
     items = runner.project_layers(x[None])["conv2"][0]  # all six channels, strongest first
     _, _, a2 = forward(x)
     assert [it["channel"] for it in items] == list(np.argsort(-a2.reshape(6, -1).max(axis=1)))
@@ -99,7 +100,8 @@ def test_projection_equals_numpy_deconvnet_and_stays_in_receptive_field():
 
 def test_top_k_are_the_strongest_channels_for_each_image(tmp_path):
     images = RNG.normal(size=(3, 3, S, S)).astype(np.float32)
-    runner = pj.ProjectionRunner(tiny_model(), CARD, ["conv1", "conv2"], 3, 2, "cpu", 1)
+    runner = pj.ProjectionRunner(tiny_model(), CARD, ["conv1", "conv2"], 3, 2, "cpu", 1,
+                                  policy="deconvnet")
     projected = runner.project_layers(images)  # 3 images in calls of 2, the last one padded
     results = projected["conv2"]
     for image, items in zip(images, results, strict=True):
@@ -164,7 +166,8 @@ def test_the_graph_breaks_relu6_ties_as_the_definition():
         "layers": [{"name": "conv", "tensor": "a", "conv_output": "c"}],
     }
     x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
-    got = pj.ProjectionRunner(model, card, ["conv"], 4, 2, "cpu", 1).project_layers(x)["conv"]
+    runner = pj.ProjectionRunner(model, card, ["conv"], 4, 2, "cpu", 1, policy="deconvnet")
+    got = runner.project_layers(x)["conv"]
     want = ref.Projector(model, card, ["conv"], 4).project(x, "conv", 4)
     for g, w in zip(got, want, strict=True):
         assert sum(it["value"] == 6.0 for it in w) >= 2  # ties at the ceiling are really there

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,25 @@ def check_config_file(path: str | Path, schema_path: str | Path = SCHEMA) -> lis
     """Every problem of a config file: its YAML (with the line), then each schema violation."""
     data = load_config_file(path)
     return config_errors(data, schema_path)
+
+
+@lru_cache(maxsize=4)
+def _schema(schema_path: str) -> dict[str, Any]:
+    return yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+
+
+def section_defaults(section: str, schema_path: str | Path = SCHEMA) -> dict[str, Any]:
+    """The defaults the schema writes for a top-level config section, nested sections filled
+    in too: the one place they are written (a step called without a config, by a test or by
+    hand, gets the same values the workflow's validation fills in)."""
+    return _defaults(_schema(str(schema_path))["properties"][section])
+
+
+def _defaults(node: dict[str, Any]) -> dict[str, Any]:
+    out = dict(node.get("default") or {})
+    for key, child in (node.get("properties") or {}).items():
+        if child.get("type") == "object" and "properties" in child:
+            out[key] = {**_defaults(child), **out.get(key, {})}
+        elif "default" in child:
+            out.setdefault(key, child["default"])
+    return out

@@ -117,8 +117,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
                "window": _int(32, "grey patch size, in model input pixels", 1),
                "stride": _int(16, "step between patches, in model input pixels", 1),
            }),
-    Method("projections", "Deconvnet projections", "the strongest units of a layer projected "
-           "back to pixels (left) beside the image patch they see (right)",
+    Method("projections", "Projections", "the strongest units of a layer projected back to "
+           "pixels (left) beside the image patch they see (right)",
            "cnnviz.methods.explain:projections", reading="left: " + SIGNED_READING,
            scored=False, options={
                "layers": Option("auto", "layers to project from; auto = three layers spread "
@@ -127,6 +127,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
                                     {"type": "array", "minItems": 1,
                                      "items": {"type": "string"}}]}),
                "top_k": _int(4, "strongest channels per layer", 1),
+               "policy": _choice("auto", "the backward rule: auto = deconvnet where max "
+                                 "pooling lies below the layer, guided backprop elsewhere "
+                                 "(a deconvnet projection without switches is the same for "
+                                 "every image)", "auto", "deconvnet", "guided", "gradient"),
            }),
 ]}  # fmt: skip
 

@@ -8,8 +8,8 @@ image patch under the unit's receptive field. A map-reduce, so it scales to many
   per image and channel its strongest unit; a per-channel top-k kept across batches. Writes
   `shards/{shard}.json`: per layer, per channel at most k entries [value, pre, image, y, x].
 - reduce (per model): merges the shard files one at a time into the global top-k, picks the
-  channels to show, loads only the winning images, projects each winner alone (deconvnet
-  policy, seeded with its value at its position), crops projection and image to the unit's
+  channels to show, loads only the winning images, projects each winner alone (under
+  `atlas.policy`: projection_policy; seeded with its value at its position), crops projection and image to the unit's
   receptive field (`cnnviz.receptive`) and tiles them: per channel a grid of projections and a
   grid of patches side by side. Writes `{layer}.png` + `{layer}.json`.
 
@@ -37,13 +37,12 @@ import onnx
 from ..artifacts import read_json, write_json, write_with
 from ..errors import ConfigError, ImageError, ModelError
 from ..failures import check_input, failure_of, upstream_message
+from .projection_policy import resolve as resolve_policy
 
 log = logging.getLogger("cnnviz.atlas")
 
 FORMAT = "cnnviz.atlas.shard/1"
 CHANNEL_MODES = ("most_active", "first")
-DEFAULTS: dict[str, Any] = {"layers": "auto", "top_k": 9, "channels": "most_active",
-                            "count": 16, "named": {}}  # fmt: skip
 CELL = 48  # px per projection / patch tile
 SEP = 1  # px between tiles
 GAP = 6  # px between a channel's projections and its patches
@@ -159,7 +158,9 @@ def batch_topk(ids: Sequence[str], act: np.ndarray, pre: np.ndarray | None, k: i
 # ---- layers and options --------------------------------------------------------------------
 def atlas_options(options: dict[str, Any] | None) -> dict[str, Any]:
     """The config's atlas section with defaults filled in and checked."""
-    merged = {**DEFAULTS, **(options or {})}
+    from ..config import section_defaults
+
+    merged = {**section_defaults("atlas"), **(options or {})}
     if int(merged["top_k"]) < 1 or int(merged["count"]) < 1:
         raise ConfigError(f"atlas: top_k and count must be >= 1, got {merged['top_k']}, "
                           f"{merged['count']}")
@@ -471,16 +472,17 @@ def reduce_atlas(
         named = (opts["named"] or {}).get(row["name"])
         chosen = choose_channels(top, opts["channels"], int(opts["count"]), named, row["name"])
         runner = None
+        policy, why = resolve_policy(model, row["tensor"], opts["policy"])
         if top.filled[chosen].any():  # one layer's graph at a time: memory of one
             from ..runner import Runner
             from .projections import unit_projection_graph
 
-            graph = unit_projection_graph(model, row["tensor"], max(1, batch_size))
+            graph = unit_projection_graph(model, row["tensor"], max(1, batch_size), policy)
             runner = Runner(graph, device, threads)
         info = _layer_atlas(model, card, row, top, chosen, paths, runner, out_dir, batch_size)
         del runner
         info.update({"selection": "named" if named else opts["channels"],
-                     "images_ranked": len(ranked)})
+                     "images_ranked": len(ranked), "policy": policy, "policy_reason": why})
         if failed:
             info["failed"] = sorted(failed, key=lambda f: json.dumps(f, sort_keys=True))
         write_json(out_dir / f"{row['name']}.json", info)

@@ -162,11 +162,26 @@ def _gradient_method(policy: str, signed: bool) -> Callable[[Job], Iterator[Resu
         images, _ = _images_per_call(job)
         graph = backprop.gradient_graph(job.model, policy, images, job.fallback)
         out = _runner(job, graph).run(_row_feeds(job))
-        extra = {"policy": policy} if signed else {}
+        extra: dict[str, Any] = {"policy": policy} if signed else {}
+        if policy == "deconvnet":
+            extra.update(_deconvnet_note(job.model))
         for r, (i, _) in enumerate(job.rows):
             yield i, out["map"][r], (out["signed"][r] if signed else None), extra
 
     return run
+
+
+def _deconvnet_note(model: onnx.ModelProto) -> dict[str, Any]:
+    """Say so when the deconvnet map cannot depend on the image: without max pooling its rule
+    never looks at the forward pass (projection_policy), so every image of a class gets the
+    same map."""
+    from .projection_policy import switches_below
+
+    if any(switches_below(model, out.name) for out in model.graph.output):
+        return {}
+    return {"image_independent": True, "notes": [
+        "the same map for every image of this class: the model has no max pooling, and "
+        "without its switches the deconvnet never looks at the image (guided backprop does)"]}
 
 
 saliency = _gradient_method("gradient", signed=False)
@@ -364,7 +379,7 @@ def explain_shard(
         )
     computed = [m for m in methods if m != "projections"]
     if job.rows and computed:
-        outcome.update(_run_methods(job, computed, out_dirs))
+        outcome.update(_run_methods(job, computed, [out_dirs[methods.index(m)] for m in computed]))
     summaries = {}
     for m, folder in zip(methods, out_dirs, strict=True):
         done, failures = outcome[m]
@@ -378,7 +393,7 @@ def explain_shard(
 
 def _run_methods(job: Job, methods: list[str], out_dirs: list[Path]) -> dict[str, tuple]:
     """Compute the methods (a family's members together) and write each one's rows."""
-    folders = dict(zip(methods, out_dirs, strict=False)) if len(out_dirs) == len(methods) else {}
+    folders = dict(zip(methods, out_dirs, strict=True))
     groups: dict[str, list[str]] = {}
     for m in methods:
         groups.setdefault(registry.METHODS[m].family or m, []).append(m)
@@ -428,6 +443,8 @@ def _write_rows(
             "label": labels[target] if target < len(labels) else str(target),
             "time_s": round(seconds, 4), **extra, **notes,
         })  # fmt: skip
+        if extra.get("notes") and notes.get("notes"):
+            rows[-1]["notes"] = [*extra["notes"], *notes["notes"]]
         maps.append(raw)
         signals.append(signed)
     done = write_shard_maps(out_dir, method, job.card.get("name"), rows, maps, signals)
@@ -476,7 +493,8 @@ def projections(job: Job, out_dir: Path) -> tuple[list, list]:
     try:
         images = max(1, min(len(job.ids), job.batch_size // max(1, top_k)))
         projector = ProjectionRunner(
-            job.model, job.card, layers, top_k, images, job.device, job.threads, job.fallback
+            job.model, job.card, layers, top_k, images, job.device, job.threads, job.fallback,
+            job.options["policy"],
         )
         started = time.perf_counter()
         projected = projector.project_layers(job.inputs, top_k)
@@ -488,7 +506,9 @@ def projections(job: Job, out_dir: Path) -> tuple[list, list]:
                               top_k, job.inputs.shape[-2:])
     for i, image_id in enumerate(job.ids):
         for layer, items in projected.items():
-            writer.add(image_id, layer, items[i], {"time_s": round(seconds, 4)})
+            policy, why = projector.policies[layer]
+            writer.add(image_id, layer, items[i],
+                       {"time_s": round(seconds, 4), "policy": policy, "policy_reason": why})
     done = writer.close()
     return [{"image": d["image"], "layer": d["layer"], "row": d["row"]} for d in done], []
 

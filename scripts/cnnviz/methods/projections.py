@@ -99,10 +99,12 @@ def projection_graph(
     k: int,
     images: int,
     fallback: str = "error",
+    policies: Sequence[str] | None = None,
 ):  # noqa: ANN201
-    """Every layer's top-k deconvnet projections of a batch of images as one graph.
+    """Every layer's top-k projections of a batch of images as one graph.
 
-    Per layer, the model cut at the layer is differentiated under the deconvnet policy at
+    Per layer, the model cut at the layer is differentiated under its engine policy
+    (`policies`, one per layer; deconvnet by default, see projection_policy) at
     batch images * k (row (b, j): image b, its j-th strongest channel). The seeds are made in
     the graph from the rows' own forward pass: the channels ranked by their peak (the
     pre-activation's when the layer is an activation of it, which breaks ties at a ReLU6
@@ -129,11 +131,13 @@ def projection_graph(
     x_name = backprop.model_input_name(model)
     weights = {t.name for t in model.graph.initializer}  # one copy for every layer's graph
     shapes = {}
+    policies = list(policies or ["deconvnet"] * len(layers))
     for index, name in enumerate(layers):
         row = find_layer(card, name)
         tensor = row["tensor"]
         core = backprop.gradient_model(
-            cut_at(model, [tensor]), "deconvnet", rows, seed_output=tensor, fallback=fallback
+            cut_at(model, [tensor]), policies[index], rows, seed_output=tensor,
+            fallback=fallback,
         )
         seed = seed_input(core)
         channels, h, w = static_dims(seed)[1:]
@@ -223,14 +227,22 @@ class ProjectionRunner:
         device: str = "auto",
         threads: int | None = None,
         fallback: str = "error",
+        policy: str = "auto",
     ) -> None:
+        from ..modelcard import find_layer
         from ..runner import Runner
+        from .projection_policy import resolve
 
         self.layers = list(dict.fromkeys(layers))
         self.k = k
-        self.runner = Runner(
-            projection_graph(model, card, self.layers, k, images, fallback), device, threads
-        )
+        # {layer: (engine policy, why)}: the rule each layer's pictures were made with
+        self.policies = {
+            layer: resolve(model, find_layer(card, layer)["tensor"], policy)
+            for layer in self.layers
+        }
+        graph = projection_graph(model, card, self.layers, k, images, fallback,
+                                 [self.policies[layer][0] for layer in self.layers])
+        self.runner = Runner(graph, device, threads)
 
     def project_layers(self, images: np.ndarray, k: int | None = None) -> dict[str, list]:
         """{layer: per image, per channel: {channel, value, position [y, x], projection

@@ -61,6 +61,8 @@ def explanation_caption(
         parts.append(f"class {info['target']} ({label})" if label else f"class {info['target']}")
     if info.get("layer"):
         parts.append(f"layer {info['layer']}")
+    if info.get("policy_reason"):  # projections (not guided backprop's own maps)
+        parts.append(policy_text(info))
     head = ", ".join(parts)
     head = head[0].upper() + head[1:] if head else method_title(method)
     if uses_heat(method, info):
@@ -108,13 +110,22 @@ def curve_caption(item: dict[str, Any]) -> str:
     )
 
 
+def policy_text(info: dict[str, Any]) -> str:
+    """'projected by guided backprop (auto: no max pooling below this layer, ...)'."""
+    from ..methods.projection_policy import TITLES
+
+    policy = str(info.get("policy", "deconvnet"))
+    reason = info.get("policy_reason")
+    return f"projected by {TITLES.get(policy, policy)}" + (f" ({reason})" if reason else "")
+
+
 def atlas_caption(item: dict[str, Any]) -> str:
     info = item["info"]
     top = info.get("top_k", info.get("k"))
     top_text = f"the {top} images" if top else "the images"
     return (
         f"{item['layer']}: for each channel, {top_text} of this run that excite it most "
-        "(strongest first), as the deconvnet projection and the image patch it sees."
+        f"(strongest first), each {policy_text(info)}, beside the image patch it sees."
     )
 
 
