@@ -2,7 +2,8 @@
 
 `vgg16_case`: a seeded random-weight torchvision VGG16 at 64x64 (avgpool dropped, the first
 Linear resized so the small input fits; no BatchNorm, every conv biased), exported through
-TorchScript; `effnet_case`: the pretrained EfficientNet-Lite0 as the pipeline exports it (the
+TorchScript; `resnet50_case`: a random ResNet-50 at 64x64 (bias-free convs + BatchNorm, folded
+by the export); `effnet_case`: the pretrained EfficientNet-Lite0 as the pipeline exports it (the
 export folds each BatchNorm into its bias-free conv). torch is an oracle only.
 """
 
@@ -27,15 +28,39 @@ def _case(model: onnx.ModelProto, card: dict[str, Any], net: Any, x: np.ndarray)
 def vgg16_case(images: int = 2) -> dict[str, Any]:
     import torch
     import torchvision
-    from cnnviz.graph import conv_layers
 
     torch.manual_seed(0)
     net = torchvision.models.vgg16(weights=None)
+    net.avgpool = torch.nn.Identity()
+    net.classifier[0] = torch.nn.Linear(512 * 2 * 2, 4096)
+    return _exported(net, "vgg16-random", images)
+
+
+def resnet50_case(images: int = 2) -> dict[str, Any]:
+    """Random ResNet-50 at 64 px, its BatchNorms given random statistics (fresh ones are the
+    identity): the export folds each into its bias-free conv."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(weights=None)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.1)
+    return _exported(net, "resnet50-random", images)
+
+
+def _exported(net: Any, name: str, images: int) -> dict[str, Any]:
+    """The torch net (eval, ReLUs not in place) and its TorchScript ONNX export at 64 px."""
+    import torch
+    from cnnviz.graph import conv_layers
+
     for module in net.modules():
         if isinstance(module, torch.nn.ReLU):
             module.inplace = False  # forward hooks on in-place ReLUs see overwritten tensors
-    net.avgpool = torch.nn.Identity()
-    net.classifier[0] = torch.nn.Linear(512 * 2 * 2, 4096)
     net.eval()
     x = np.random.default_rng(0).normal(size=(images, 3, 64, 64)).astype(np.float32)
     buf = io.BytesIO()
@@ -44,7 +69,7 @@ def vgg16_case(images: int = 2) -> dict[str, Any]:
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     model = onnx.load_from_string(buf.getvalue())
     card = {
-        "name": "vgg16-random",
+        "name": name,
         "input": {"name": "input", "shape": ["batch", 3, 64, 64]},
         "output": {"name": "logits", "kind": "logits", "num_classes": 1000},
         "labels": [str(i) for i in range(1000)],

@@ -118,6 +118,25 @@ def test_folded_batchnorm_gives_the_unfolded_map(norm):
     assert np.abs(other - a).max() > 1e-2  # the two normalizations are different maps
 
 
+def test_run_fullgrad_yields_a_map_per_row():
+    """The method interface: run_fullgrad(job) over a job's rows (an image twice, two classes;
+    three rows at two per call)."""
+    from cnnviz.methods.explain import Job
+    from cnnviz.methods.fullgrad import run_fullgrad
+
+    x = np.random.default_rng(3).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    rows = [(0, 1), (1, 2), (0, 4)]
+    options = {k: v["default"] for k, v in OPTIONS["fullgrad"].items()}
+    job = Job(_tiny(True), {"name": "tiny"}, ["a", "b"], x, [], rows, options, "cpu", 1, 2)
+    results = list(run_fullgrad(job))
+    assert [r[0] for r in results] == [0, 1, 0]
+    want = _maps(_tiny(True), x[[0, 1, 0]][:2], [1, 2], "channel")
+    np.testing.assert_allclose(results[0][1], want[0], atol=1e-6)
+    assert results[2][1].shape == (8, 8) and results[2][2] is None
+    assert results[0][3] == {"bias_layers": 2, "normalization": "channel"}
+    assert np.abs(results[0][1] - results[2][1]).max() > 1e-2  # the class matters
+
+
 # ---- against pytorch-grad-cam and the reference code (torch) --------------------------------
 @pytest.fixture(scope="module")
 def vgg():
@@ -126,6 +145,15 @@ def vgg():
     from cam_peer_models import vgg16_case
 
     return vgg16_case()
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from cam_peer_models import resnet50_case
+
+    return resnet50_case()
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +181,12 @@ def _peer(case) -> tuple[np.ndarray, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vgg", "effnet"])
+@pytest.mark.parametrize("name", ["vgg", "resnet", "effnet"])
 def test_fullgrad_matches_pytorch_grad_cam(name, request):
-    """VGG16: the same network on both sides. EfficientNet-Lite0: the peer takes its 49
-    BatchNorm layers' effective biases and the gradients at their outputs; our export folded them
-    into the 49 bias-free convs, whose outputs are the BatchNorms' outputs: the same terms."""
+    """VGG16: the same network on both sides. ResNet-50 and EfficientNet-Lite0: the peer takes
+    the BatchNorm layers' effective biases (53 and 49) and the gradients at their outputs; our
+    exports folded them into the bias-free convs, whose outputs are the BatchNorms' outputs: the
+    same terms."""
     from cam_peer_models import pearson
 
     case = request.getfixturevalue(name)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from cnnviz.autodiff import vjp
+from cnnviz.errors import ConfigError
 from cnnviz.graph import conv_layers
 from cnnviz.methods import cam
 from cnnviz.methods.layercam_fusion import (
@@ -77,6 +78,10 @@ def test_auto_layers_are_the_stage_ends(tiny):
     assert [r["tensor"] for r in stage_layers(card, 4)] == ["r1", "r2", "r3"]
     assert fusion_layers(card, "auto", 2) == ["r2", "r3"]
     assert fusion_layers(card, " w0 , r3", 9) == ["r0", "r3"]  # names or tensors, in order
+    model = tiny[0]
+    assert fusion_layers(card, "p1,r3", 1, model) == ["p1", "r3"]  # any tensor of the model
+    with pytest.raises(ConfigError, match="no layer 'nope'"):
+        fusion_layers(card, "r3,nope", 1, model)
 
 
 def test_one_layer_is_layercam(tiny):
@@ -125,6 +130,23 @@ def test_fusions_are_their_definitions(tiny, fusion):
     assert np.abs(other - ours).max() > 1e-2
 
 
+def test_run_layercam_fusion_yields_a_map_per_row(tiny):
+    """The method interface: run_layercam_fusion(job) with the declared defaults."""
+    from cnnviz.methods.explain import Job
+    from cnnviz.methods.layercam_fusion import run_layercam_fusion
+
+    model, card, x, _ = tiny
+    rows = [(0, 1), (2, 3), (0, 4)]
+    options = {k: v["default"] for k, v in OPTIONS["layercam_fusion"].items()}
+    job = Job(model, card, ["a", "b", "c"], x, [], rows, options, "cpu", 1, 2)
+    results = list(run_layercam_fusion(job))
+    assert [r[0] for r in results] == [0, 2, 0]
+    want = _reference(model, ["r1", "r2", "r3"], x[[0, 2, 0]], [1, 3, 4], "mean")
+    for r, (_, raw, signed, info) in enumerate(results):
+        np.testing.assert_allclose(raw, want[r], atol=1e-4)
+        assert signed is None and info == {"layers": "r1,r2,r3", "fusion": "mean"}
+
+
 # ---- against pytorch-grad-cam (torch) --------------------------------------------------------
 @pytest.fixture(scope="module")
 def vgg():
@@ -133,6 +155,15 @@ def vgg():
     from cam_peer_models import vgg16_case
 
     return vgg16_case()
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from cam_peer_models import resnet50_case
+
+    return resnet50_case()
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +214,28 @@ def test_mean_fusion_matches_pytorch_grad_cam_on_vgg(vgg):
         assert pearson(ours[i], theirs[i]) >= 0.99, i
         np.testing.assert_allclose(ours[i], theirs[i], atol=2e-3)
     print(f"vgg mean: ours {seconds:.3f} s, pytorch-grad-cam {peer_seconds:.3f} s")
+
+
+@pytest.mark.slow
+def test_mean_fusion_matches_pytorch_grad_cam_on_resnet(resnet):
+    """ResNet-50 at 64 px: each stage's output (16, 8, 4, 2 px), the last bottleneck's final
+    ReLU, a tensor of the model that is no conv layer of the card. (Not bn3: torchvision adds
+    the shortcut into bn3's output in place, which the peer's saved activation then holds.)"""
+    from cam_peer_models import pearson
+
+    net = resnet["net"]
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4]
+    names = [f"/layer{k}/layer{k}.{len(s) - 1}/relu_2/Relu_output_0"
+             for k, s in enumerate(stages, 1)]
+    tensors = fusion_layers(resnet["card"], ",".join(names), 4, resnet["model"])
+    assert tensors == names
+    ours, seconds = _timed(resnet["model"], tensors, resnet["x"], resnet["targets"], "mean")
+    theirs, peer_seconds = _peer_layercam(net, [s[-1] for s in stages], resnet["x"],
+                                          resnet["targets"])
+    for i in range(len(ours)):
+        assert pearson(ours[i], theirs[i]) >= 0.99, i
+        np.testing.assert_allclose(ours[i], theirs[i], atol=2e-3)
+    print(f"resnet mean: ours {seconds:.3f} s, pytorch-grad-cam {peer_seconds:.3f} s")
 
 
 @pytest.mark.slow

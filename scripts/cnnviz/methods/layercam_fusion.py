@@ -17,7 +17,7 @@ M_l = ReLU(sum_k ReLU(G_lk) * A_lk), min-max scaled at the layer's resolution
 
 `layers: auto` takes the last layer of each resolution stage (the paper fuses the ends of
 VGG16's stages), the deepest `stages` of them; else a comma-separated list of layer names (or
-tensors) from the model card.
+tensors) from the model card, or of any tensors of the model (a residual block's output).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "type": "string",
             "description": (
                 "auto (the last layer of each resolution stage, the deepest `stages` of them) "
-                "or comma-separated layer names, shallow to deep"
+                "or comma-separated layer names (or tensor names), shallow to deep"
             ),
         },
         "stages": {
@@ -72,15 +72,29 @@ def stage_layers(card: dict[str, Any], stages: int) -> list[dict[str, Any]]:
     return ends[-stages:]
 
 
-def fusion_layers(card: dict[str, Any], layers: str, stages: int) -> list[str]:
-    """The tensors of the `layers` option (see the module docstring), shallow to deep."""
+def fusion_layers(
+    card: dict[str, Any], layers: str, stages: int, model: onnx.ModelProto | None = None
+) -> list[str]:
+    """The tensors of the `layers` option (see the module docstring), shallow to deep. A name
+    that is no layer of the card may be any tensor a node of `model` writes (a residual block's
+    output, e.g. ResNet's /layer4/layer4.2/relu_2/Relu_output_0)."""
     from ..modelcard import find_layer
 
     if str(layers).strip() in ("", "auto"):
-        rows = stage_layers(card, stages)
+        tensors = [row["tensor"] for row in stage_layers(card, stages)]
     else:
-        rows = [find_layer(card, name.strip()) for name in str(layers).split(",") if name.strip()]
-    tensors = list(dict.fromkeys(row["tensor"] for row in rows))
+        written = {o for n in model.graph.node for o in n.output} if model is not None else set()
+        tensors = []
+        for name in (n.strip() for n in str(layers).split(",")):
+            if not name:
+                continue
+            try:
+                tensors.append(find_layer(card, name)["tensor"])
+            except ConfigError:
+                if name not in written:
+                    raise
+                tensors.append(name)
+    tensors = list(dict.fromkeys(tensors))
     if not tensors:
         raise ConfigError(f"layercam_fusion got no layers from {layers!r}")
     return tensors
@@ -148,7 +162,8 @@ def run_layercam_fusion(job: Any) -> Iterator[tuple[int, np.ndarray, None, dict[
     from .explain import _images_per_call, _row_feeds, _runner
 
     fusion = str(job.options["fusion"])
-    tensors = fusion_layers(job.card, job.options["layers"], int(job.options["stages"]))
+    tensors = fusion_layers(job.card, job.options["layers"], int(job.options["stages"]),
+                            job.model)
     images, _ = _images_per_call(job)
     graph = layercam_fusion_graph(job.model, tensors, images, fusion, job.fallback)
     out = _runner(job, graph).run(_row_feeds(job))
