@@ -68,12 +68,23 @@ def _net(skip: bool) -> onnx.ModelProto:
 
 NET, SKIP_NET = _net(False), _net(True)
 CARD = _card([("conv1", "A", [6, H, W])])
+# more channels (16) than positions (2 x 2): Eigen-CAM's other Gram matrix
+WIDE = finish_model(
+    [
+        helper.make_node("Conv", ["input", "w16"], ["c1"], pads=[1, 1, 1, 1], strides=[4, 4]),
+        helper.make_node("Relu", ["c1"], ["A"]),
+        helper.make_node("GlobalAveragePool", ["A"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["logits"]),
+    ],
+    {"w16": RNG.normal(size=(16, C, 3, 3)).astype(np.float32)}, *[[v] for v in _io()], "wide",
+)
+WIDE_CARD = _card([("conv1", "A", [16, 2, 2])], classes=16)
 
 
-def _acts(x: np.ndarray) -> np.ndarray:
+def _acts(x: np.ndarray, model: onnx.ModelProto = NET) -> np.ndarray:
     from cnnviz.graph import cut_at
 
-    session = make_session(cut_at(NET, ["A"]), "cpu", 1)
+    session = make_session(cut_at(model, ["A"]), "cpu", 1)
     return session.run(None, {"input": x})[0].astype(np.float64)
 
 
@@ -96,17 +107,21 @@ def _eigen_reference(a: np.ndarray) -> np.ndarray:
     return -projection if abs(projection.min()) > abs(projection.max()) else projection
 
 
-def test_eigencam_is_the_first_principal_component_with_the_sign_rule():
+@pytest.mark.parametrize("wide", [False, True])
+def test_eigencam_is_the_first_principal_component_with_the_sign_rule(wide):
+    """6 channels over 8 x 8 positions (the C x C Gram matrix) and 16 over 2 x 2 (hw x hw)."""
+    model, card = (WIDE, WIDE_CARD) if wide else (NET, CARD)
     x = RNG.normal(size=(3, C, H, W)).astype(np.float32)
-    out = Runner(gf.eigencam_graph(NET, CARD, None, 2), "cpu", 1).run({"images": x})  # 2 calls
-    a = _acts(x)
+    out = Runner(gf.eigencam_graph(model, card, None, 2), "cpu", 1).run({"images": x})  # 2 calls
+    a = _acts(x, model)
     for i in range(len(x)):
         want = _eigen_reference(a[i])
         got = out["projection"][i]
         # the projection up to a positive factor (the graph never scales by s1): the same sign
         cos = float(np.sum(got * want) / np.linalg.norm(got) / np.linalg.norm(want))
         assert cos > 0.9999, (i, cos)
-        np.testing.assert_allclose(out["map"][i], _finish(want), atol=1e-4)
+        if not wide:  # 2 x 2 upsampled: compared at the layer's size above
+            np.testing.assert_allclose(out["map"][i], _finish(want), atol=1e-4)
         assert abs(got.max()) >= abs(got.min())  # the sign rule: the largest magnitude positive
 
 

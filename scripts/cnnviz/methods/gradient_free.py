@@ -3,10 +3,11 @@
 - eigencam (Muhammad & Yeasin 2020; pytorch-grad-cam's EigenCAM): the CAM layer's maps A
   [C, h, w] as a [hw, C] matrix, centred over the positions, projected on its first principal
   component (first right singular vector v1): cam = X v1 = s1 u1, u1 the first left singular
-  vector. ONNX has no SVD, so the graph takes u1 from the small Gram matrix K = X X^T [hw, hw]
-  by repeated squaring (K <- K^2 / trace(K^2), `EIGEN_SQUARINGS` times: the eigenvalue ratios
-  go to the power 2^20, every other component vanishes) and reads the column of the largest
-  diagonal entry (the one column surely not orthogonal to u1: its entry u1_i^2 is the largest).
+  vector. ONNX has no SVD, so the graph takes u1 from the smaller Gram matrix, K = X X^T
+  [hw, hw] (or v1 from X^T X [C, C] when C < hw, and X v1), by repeated squaring (K <- K^2 /
+  trace, `EIGEN_SQUARINGS` times: the eigenvalue ratios go to the power 2^20, every other
+  component vanishes) and reads the column of the largest diagonal entry (a column surely not
+  orthogonal to u1: its entry u1_i^2 is the largest).
   The singular vector's sign is arbitrary (LAPACK's choice in the peer); the sign rule is
   pytorch-grad-cam's own `get_2d_projection_with_sign_correction` (Seg-Eigen-CAM eq. 13): flip
   the projection when |min| > |max|, so that its largest-magnitude value is positive. The map is
@@ -172,19 +173,12 @@ def eigencam_graph(model: onnx.ModelProto, card: dict[str, Any], layer: str | No
     hw = low[0] * low[1]
     flat = b.op("Transpose", [b.reshape(a, [images, channels, hw])], perm=[0, 2, 1])  # [B,hw,C]
     centred = b.op("Sub", [flat, b.reduce("ReduceMean", flat, [1], keepdims=True)])
-    gram = b.op("MatMul", [centred, b.op("Transpose", [centred], perm=[0, 2, 1])])  # [B,hw,hw]
-    eye = b.float_const(np.eye(hw)[None], "eye")
-    power = gram
-    for _ in range(EIGEN_SQUARINGS):
-        trace = b.reduce("ReduceSum", b.op("Mul", [power, eye]), [1, 2], keepdims=True)
-        # a zero matrix (all positions alike) stays zero: its map is flat, finished to zeros
-        power = b.op("Div", [power, b.op("Max", [trace, b.f(1e-30)])])
-        power = b.op("MatMul", [power, power])
-    diagonal = b.reduce("ReduceSum", b.op("Mul", [power, eye]), [2])  # [B, hw]
-    pick = b.op("Cast", [b.op("Equal", [diagonal, b.reduce("ReduceMax", diagonal, [1], True)])],
-                to=FLOAT)
-    # the column(s) of the largest diagonal entry; ties give parallel columns, summed
-    column = b.op("MatMul", [power, b.reshape(pick, [images, hw, 1])])  # [B, hw, 1] ~ +-u1
+    transposed = b.op("Transpose", [centred], perm=[0, 2, 1])
+    if hw <= channels:  # K = X X^T [hw, hw]: its top eigenvector is u1, the projection's shape
+        column = _top_eigenvector(b, b.op("MatMul", [centred, transposed]), hw, images)
+    else:  # X^T X [C, C]: its top eigenvector is v1; the projection is X v1
+        v1 = _top_eigenvector(b, b.op("MatMul", [transposed, centred]), channels, images)
+        column = b.op("MatMul", [centred, v1])
     projection = b.reshape(column, [images, *low])
     top = b.reduce("ReduceMax", projection, [1, 2], keepdims=True)
     bottom = b.reduce("ReduceMin", projection, [1, 2], keepdims=True)
@@ -196,6 +190,25 @@ def eigencam_graph(model: onnx.ModelProto, card: dict[str, Any], layer: str | No
     graph = MethodGraph(b.build("eigencam"), images, image_inputs=("images",))
     graph.metadata["layer"] = tensor
     return graph
+
+
+def _top_eigenvector(b, gram: str, n: int, images: int) -> str:
+    """[B, n, 1]: +-(a positive multiple of) the top eigenvector of each symmetric positive
+    semi-definite `gram` [B, n, n], by `EIGEN_SQUARINGS` trace-normalised squarings and the
+    column of the largest diagonal entry."""
+    eye = b.float_const(np.eye(n)[None], "eye")
+    power = gram
+    for _ in range(EIGEN_SQUARINGS):
+        trace = b.reduce("ReduceSum", b.op("Mul", [power, eye]), [1, 2], keepdims=True)
+        # a zero matrix (all positions alike) stays zero: its map is flat, finished to zeros
+        power = b.op("Div", [power, b.op("Max", [trace, b.f(1e-30)])])
+        power = b.op("MatMul", [power, power])
+    diagonal = b.reduce("ReduceSum", b.op("Mul", [power, eye]), [2])  # [B, n]
+    # the column of the (first) largest diagonal entry: never two, whose signs could cancel
+    first = b.op("ArgMax", [diagonal], axis=1, keepdims=1)  # [B, 1]
+    index = b.const(np.arange(n, dtype=np.int64)[None], "index")
+    pick = b.op("Cast", [b.op("Equal", [first, index])], to=FLOAT)  # [B, n]
+    return b.op("MatMul", [power, b.reshape(pick, [images, n, 1])])
 
 
 def run_eigencam(job: Any) -> Iterator[Any]:
