@@ -1,0 +1,184 @@
+"""LRP against zennit 0.5.1 on the same torch models and inputs (EpsilonPlusFlat, EpsilonGammaBox).
+
+cnnviz's side is what `cnnviz explain` runs: `lrp.lrp_graph` through the one runner, on the
+ONNX export (TorchScript folds every BatchNorm into its Conv). zennit's side gets the canonizers
+that make the torch model the same network: BatchNorm merged into the preceding layer (zennit's
+MergeBatchNorm; ResNetCanonizer for ResNet-50, the named pairs for EfficientNet-Lite0, whose
+"same"-padding convs hide their order from SequentialMergeBatchNorm) and residual sums as a
+`zennit.layer.Sum` (ResNetCanonizer; for EfficientNet-Lite0 the block's forward below), so that
+its Norm rule applies where ours applies to the ONNX Add. zennit's seed is one-hot times the
+output, as ours.
+
+Models: the pretrained EfficientNet-Lite0 at 224 px on two photos; random-weight VGG16 at 64 px
+(avgpool dropped, the first Linear resized, as in test_cam_peers) and ResNet-50 at 64 px
+(tests/torch_oracle, BatchNorm statistics calibrated), on seeded normal inputs. Times: the same
+batch, 2 threads both, the faster of two calls each: ours after a warm-up call (the session is
+built once per job), zennit's with its composite registered per call, as its Attributor does.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+pytestmark = pytest.mark.slow
+oracle = pytest.importorskip("torch_oracle")  # first: it sets torch's OpenMP wait policy
+torch = pytest.importorskip("torch")
+pytest.importorskip("zennit")
+
+from cnnviz.autodiff.rules_lrp import LrpSettings  # noqa: E402
+from cnnviz.methods.lrp import lrp_graph, pixel_bounds  # noqa: E402
+from cnnviz.runner import Runner  # noqa: E402
+from zennit.attribution import Gradient  # noqa: E402
+from zennit.canonizers import AttributeCanonizer, NamedMergeBatchNorm  # noqa: E402
+from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat  # noqa: E402
+from zennit.layer import Sum  # noqa: E402
+from zennit.torchvision import ResNetCanonizer  # noqa: E402
+
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "scale": 255.0}
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def _onnx(net: torch.nn.Module, x: np.ndarray) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    torch.onnx.export(
+        net, torch.from_numpy(x[:1]), buf, dynamo=False, opset_version=17,
+        input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )  # fmt: skip
+    return onnx.load_from_string(buf.getvalue())
+
+
+# ---- EfficientNet-Lite0 as zennit needs it ----------------------------------------------------
+def _block_forward(self, inputs, drop_connect_rate=None):  # noqa: ANN001, ANN202 - torch module
+    """MBConvBlock's eval forward (Lite: no squeeze-excitation) with the skip connection as a
+    zennit Sum of the stacked summands."""
+    x = inputs
+    if self._block_args.expand_ratio != 1:
+        x = self._swish(self._bn0(self._expand_conv(inputs)))
+    x = self._swish(self._bn1(self._depthwise_conv(x)))
+    x = self._bn2(self._project_conv(x))
+    args = self._block_args
+    if self.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+        x = self.canonizer_sum(torch.stack([inputs, x], dim=-1))
+    return x
+
+
+def _effnet_canonizers(net: torch.nn.Module) -> list:
+    pairs = [(("_conv_stem",), "_bn0"), (("_conv_head",), "_bn1")]
+    for i, block in enumerate(net._blocks):
+        assert not block.has_se
+        prefix = f"_blocks.{i}."
+        if block._block_args.expand_ratio != 1:
+            pairs.append(((prefix + "_expand_conv",), prefix + "_bn0"))
+        pairs += [((prefix + "_depthwise_conv",), prefix + "_bn1"),
+                  ((prefix + "_project_conv",), prefix + "_bn2")]
+
+    def residual(name, module):  # noqa: ANN001, ANN202
+        if type(module).__name__ != "MBConvBlock":
+            return None
+        return {"forward": _block_forward.__get__(module), "canonizer_sum": Sum()}
+
+    return [NamedMergeBatchNorm(pairs), AttributeCanonizer(residual)]
+
+
+@pytest.fixture(scope="module")
+def effnet(effnet_dir):
+    from cnnviz.images import preprocess
+    from cnnviz.modelcard import load_card
+    from PIL import Image
+    from skimage import data
+
+    torch.set_num_threads(2)
+    card = load_card(effnet_dir)
+    model = onnx.load(str(effnet_dir / card["onnx"]))
+    photos = [data.chelsea(), data.coffee()]
+    x = np.stack([preprocess(Image.fromarray(p), card["preprocess"]) for p in photos])
+    net = oracle.pretrained_effnet(own_head_relu6=True)
+    return {"model": model, "net": net, "x": x, "pre": card["preprocess"],
+            "canonizers": lambda: _effnet_canonizers(net)}
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    import torchvision
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    net = torchvision.models.vgg16(weights=None)
+    for module in net.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False
+    net.avgpool = torch.nn.Identity()
+    net.classifier[0] = torch.nn.Linear(512 * 2 * 2, 4096)
+    net.eval()
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    return {"model": _onnx(net, x), "net": net, "x": x, "pre": IMAGENET,
+            "canonizers": lambda: []}
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.set_num_threads(2)
+    net = oracle.build("resnet50")
+    model = onnx.load(str(oracle.export("resnet50", model=net)))
+    x = np.random.default_rng(1).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    return {"model": model, "net": net, "x": x, "pre": IMAGENET,
+            "canonizers": lambda: [ResNetCanonizer()]}
+
+
+def _zennit(case, composite: str, targets, low, high) -> tuple[np.ndarray, float]:
+    """(zennit's relevance [N, 3, H, W], the faster of two calls' seconds)."""
+    x = torch.from_numpy(case["x"])
+    times = []
+    for _ in range(2):
+        if composite == "epsilon_plus_flat":
+            comp = EpsilonPlusFlat(canonizers=case["canonizers"]())
+        else:
+            bounds = [torch.from_numpy(np.broadcast_to(b, x.shape).copy()) for b in (low, high)]
+            comp = EpsilonGammaBox(low=bounds[0], high=bounds[1],
+                                   canonizers=case["canonizers"]())
+        started = time.perf_counter()
+        with Gradient(case["net"], comp) as attributor:
+            _, relevance = attributor(x, lambda out: torch.eye(out.shape[1])[targets] * out)
+        times.append(time.perf_counter() - started)
+    return relevance.numpy(), min(times)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
+@pytest.mark.parametrize("name", ["effnet", "vgg", "resnet"])
+def test_lrp_matches_zennit(name, composite, request):
+    case = request.getfixturevalue(name)
+    x = case["x"]
+    with torch.no_grad():
+        targets = case["net"](torch.from_numpy(x)).argmax(1)
+    low, high = pixel_bounds(case["pre"])  # the models' inputs are their first convs' inputs
+    graph = lrp_graph(case["model"], len(x), composite, LrpSettings(low=low, high=high))
+    runner = Runner(graph, "cpu", 2)
+    feeds = {"images": x, "targets": targets.numpy().astype(np.int64)}
+    runner.run(feeds)
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        ours = runner.run(feeds)
+        times.append(time.perf_counter() - started)
+    seconds = min(times)
+    theirs, their_seconds = _zennit(case, composite, targets, low, high)
+    agreement = []
+    for i in range(len(x)):
+        agreement.append(_pearson(ours["map"][i], theirs[i].sum(0)))
+        assert _pearson(ours["signed"][i], theirs[i]) >= 0.99, (i, "signed")
+        assert agreement[-1] >= 0.99, (i, "map")
+        total, their_total = ours["signed"][i].sum(), theirs[i].sum()
+        assert abs(total - their_total) <= 0.02 * abs(ours["logit"][i]), (total, their_total)
+    print(f"{name} {composite}: Pearson of the maps {min(agreement):.6f} (lowest); "
+          f"ours {seconds:.3f} s, zennit {their_seconds:.3f} s "
+          f"({len(x)} images, 2 threads)")
+    assert seconds <= 0.5 * their_seconds
