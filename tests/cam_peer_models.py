@@ -36,6 +36,32 @@ def vgg16_case(images: int = 2) -> dict[str, Any]:
     return _exported(net, "vgg16-random", images)
 
 
+def vgg16_bn_case(images: int = 2) -> dict[str, Any]:
+    """VGG16-BN as `vgg16_case`: biased convs each followed by a BatchNorm (random statistics),
+    which the export folds into the conv's bias."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.vgg16_bn(weights=None)
+    net.avgpool = torch.nn.Identity()
+    net.classifier[0] = torch.nn.Linear(512 * 2 * 2, 4096)
+    _random_statistics(net)
+    return _exported(net, "vgg16-bn-random", images)
+
+
+def _random_statistics(net: Any) -> None:
+    """Random BatchNorm statistics and affine parameters (fresh ones are the identity)."""
+    import torch
+
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.1)
+
+
 def resnet50_case(images: int = 2) -> dict[str, Any]:
     """Random ResNet-50 at 64 px, its BatchNorms given random statistics (fresh ones are the
     identity): the export folds each into its bias-free conv."""
@@ -44,12 +70,7 @@ def resnet50_case(images: int = 2) -> dict[str, Any]:
 
     torch.manual_seed(0)
     net = torchvision.models.resnet50(weights=None)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 2)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_(0, 0.1)
+    _random_statistics(net)
     return _exported(net, "resnet50-random", images)
 
 

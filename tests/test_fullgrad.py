@@ -205,6 +205,36 @@ def test_fullgrad_matches_pytorch_grad_cam(name, request):
 
 
 @pytest.mark.slow
+def test_fullgrad_of_a_folded_conv_bias_and_batchnorm():
+    """VGG16-BN: each biased conv is followed by a BatchNorm. The peer on the torch model takes
+    26 terms (the conv's bias at the conv's output, BatchNorm's effective bias at its output),
+    our folded export 13; the peer on the torch model folded the same way
+    (torch.nn.utils.fusion.fuse_conv_bn_eval) takes our 13. Per-channel scaling makes a conv's
+    term and its BatchNorm's the same picture (dy/dz differs per channel by the constant
+    w_bn / s), so the unfolded peer only weighs the input term half as much: both agree."""
+    import copy
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from cam_peer_models import pearson, vgg16_bn_case
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    case = vgg16_bn_case()
+    assert len(bias_layers(case["model"])) == 13
+    ours = _maps(case["model"], case["x"], case["targets"], "channel")
+    folded = copy.deepcopy(case["net"])
+    for i, module in enumerate(folded.features):
+        if isinstance(module, torch.nn.BatchNorm2d):
+            folded.features[i - 1] = fuse_conv_bn_eval(folded.features[i - 1], module)
+            folded.features[i] = torch.nn.Identity()
+    for net in (folded, case["net"]):
+        theirs, _ = _peer(dict(case, net=net))
+        for i in range(len(ours)):
+            assert pearson(ours[i], theirs[i]) >= 0.99, i
+            np.testing.assert_allclose(ours[i], theirs[i], atol=5e-3)
+
+
+@pytest.mark.slow
 def test_fullgrad_layer_normalization_is_the_reference_code(vgg):
     """normalization: layer against the authors' code (idiap/fullgrad-saliency, FullGrad.saliency
     and _postProcess) written with torch autograd: abs, min-max over each term's [C, h, w] (eps
