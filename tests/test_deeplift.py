@@ -129,6 +129,26 @@ def test_equal_inputs_fall_back_to_the_gradient():
     np.testing.assert_allclose(m[0], w[:, 0], rtol=1e-6)  # only unit 0 is on
 
 
+def test_a_product_of_two_computed_tensors_splits_its_change_by_the_means():
+    """y = a * b with a = x1, b = x2, from x0 = (1, 0) to x = (3, 2): a's multiplier is
+    mean(b) = 1 and b's is mean(a) = 2, so the attributions 2 * 1 + 2 * 2 = 6 = f(x) - f(x0)
+    (the gradient, (2, 3), would give 10). y = x1 * x1: multiplier 2 mean(x1) = 4."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "e1"], ["a"]),
+        helper.make_node("MatMul", ["x", "e2"], ["b"]),
+        helper.make_node("Mul", ["a", "b"], ["y"]),
+    ]
+    inits = {"e1": np.array([[1.0], [0.0]], F32), "e2": np.array([[0.0], [1.0]], F32)}
+    model = _vector_model(nodes, inits, 2, 1)
+    m = _multipliers(model, np.array([[3.0, 2.0]]), np.array([[1.0, 0.0]]))
+    np.testing.assert_allclose(m, [[1.0, 2.0]], rtol=1e-6)
+    nodes = [helper.make_node("MatMul", ["x", "e1"], ["a"]),
+             helper.make_node("Mul", ["a", "a"], ["y"])]  # fmt: skip
+    square = _vector_model(nodes, inits, 2, 1)
+    m = _multipliers(square, np.array([[3.0, 2.0]]), np.array([[1.0, 0.0]]))
+    np.testing.assert_allclose(m, [[4.0, 0.0]], rtol=1e-6)
+
+
 def test_an_odd_number_of_rows_is_refused():
     model = _vector_model([helper.make_node("Relu", ["x"], ["y"])], {}, 2)
     with pytest.raises(UnsupportedOpError, match="even number of rows"):
@@ -177,16 +197,48 @@ def cnn(opset: int = 17) -> onnx.ModelProto:
     return finish_model(nodes, inits, [x], [y])
 
 
+def gated_cnn() -> onnx.ModelProto:
+    """Conv -> SiLU (x * Sigmoid(x)) -> squeeze-excitation (GlobalAveragePool -> Conv -> Relu ->
+    Conv -> HardSigmoid, times the feature map) -> HardSwish -> GlobalAveragePool -> Gemm:
+    products of two computed tensors, as in MobileNetV3 and EfficientNet-B0."""
+    rng = np.random.default_rng(4)
+
+    def n(*shape, s=0.5):
+        return (rng.normal(size=shape) * s).astype(F32)
+
+    inits = {"w1": n(6, C, 3, 3), "b1": n(6, s=0.1), "ws": n(3, 6, 1, 1), "we": n(6, 3, 1, 1),
+             "wf": n(K, 6, s=1.0), "bf": n(K, s=1.0)}  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c1"], ["s1"]),
+        helper.make_node("Mul", ["c1", "s1"], ["silu"]),
+        helper.make_node("GlobalAveragePool", ["silu"], ["sq"]),
+        helper.make_node("Conv", ["sq", "ws"], ["z"]),
+        helper.make_node("Relu", ["z"], ["zr"]),
+        helper.make_node("Conv", ["zr", "we"], ["e"]),
+        helper.make_node("HardSigmoid", ["e"], ["gate"], alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["silu", "gate"], ["se"]),
+        helper.make_node("HardSwish", ["se"], ["hs"]),
+        helper.make_node("GlobalAveragePool", ["hs"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1),
+    ]
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", C, H, W])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", K])
+    return finish_model(nodes, inits, [x], [y])
+
+
 def _deeplift(model, x, targets, baseline, images=2):
     graph = deeplift_graph(model, images)
     feeds = {"images": x, "targets": np.asarray(targets, np.int64)}
     return Runner(graph, "cpu", 2).run(feeds, None, {"baseline": baseline[None]})
 
 
-def test_deeplift_sums_to_the_change_of_the_logit():
+@pytest.mark.parametrize("make", [cnn, gated_cnn])
+def test_deeplift_sums_to_the_change_of_the_logit(make):
     """sum (x - x0) * m = f_t(x) - f_t(x0) for every image and baseline (every nonlinearity is
-    rescaled); 3 images at 2 per call (a padded chunk)."""
-    model = cnn()
+    rescaled, products split by the means); 3 images at 2 per call (a padded chunk)."""
+    model = make()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, C, H, W)).astype(F32)
     import onnxruntime as ort

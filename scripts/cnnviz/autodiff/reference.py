@@ -8,7 +8,7 @@ their gradient, which is their multiplier. Then sum_i (x - x0)_i * m_i = f(x) - 
 
 A graph differentiated with these rules (`deeplift_rules`, the vjp's node_rules) runs the model
 on 2B rows: rows [0, B) are the inputs x, rows [B, 2B) their references x0, in the same order.
-Every forward tensor u then holds u(x) and u(x0); a rule reads Δu by slicing the batch axis, and
+Every forward tensor u then holds u(x) and u(x0); a rule reads Δu off the batch axis, and
 both halves get the same multiplier (the reference half's backward is not used for the
 attributions). This is captum's construction (DeepLift runs the model on torch.cat([x, x0])), so
 one forward and one backward of 2B rows give the attributions of B images. The rules assume
@@ -27,10 +27,14 @@ Definitions (captum 0.9.0's DeepLift where it has the op):
   difference is split as (top - o0) + (o - top); the first part goes to the window's argmax under
   x, the second (<= 0) to its argmax under x0 (switch unpooling of each half), their sum over the
   two halves is divided by Δu.
-- Everything else keeps its gradient (rules.py): products of two computed tensors (SiLU written
-  as x * Sigmoid(x), squeeze-excitation), Max/Min, GlobalMaxPool, ReduceMax and an inner Softmax
-  (captum has a Softmax rule; a final Softmax is skipped by the seed) are then not exact, and
-  summation-to-delta holds only approximately.
+- Mul of two computed tensors (SiLU written as x * Sigmoid(x), squeeze-excitation gates): each
+  operand's multiplier is the other's mean over x and x0, so Δ(ab) = Δa mean(b) + Δb mean(a)
+  holds exactly (the two-player Shapley split of a product). captum has no rule for products
+  (autograd's b(x), which breaks summation-to-delta); on models without such products (VGG,
+  ResNet, EfficientNet-Lite0) the two definitions agree.
+- Everything else keeps its gradient (rules.py): Max/Min, GlobalMaxPool, ReduceMax, Div of two
+  computed tensors and an inner Softmax (captum has a Softmax rule; a final Softmax is skipped by
+  the seed) are then not exact, and summation-to-delta holds only approximately.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import onnx
 
 from .context import Context, UnsupportedOpError
 from .policies import POLICIES
-from .rules import RULES, Rule, only_first_input
+from .rules import RULES, Rule, _binary, only_first_input
 
 EPS = 1e-10  # captum DeepLift's default eps: below it, |Δu| counts as no change
 
@@ -138,9 +142,28 @@ def max_pool_rescale(ctx: Context, node, gys: list) -> list:
     return [ctx.reshape(ctx.op("Where", [small, true, ratio]), ctx.shape(u))]
 
 
+def product_rescale(ctx: Context, node, gys: list) -> list:
+    """Mul of two computed tensors: a's multiplier is mean(b) = (b(x) + b(x0)) / 2 and b's is
+    mean(a), since Δ(ab) = Δa mean(b) + Δb mean(a) exactly. With one computed operand the
+    product is linear in it: its gradient."""
+    a, b = node.input[:2]
+    if not (ctx.active(a) and ctx.active(b)):
+        return RULES["Mul"](ctx, node, gys)
+
+    def mean(t: str) -> str:  # the halves' mean, repeated for both halves: t's shape
+        half = _combine(ctx, _pair(ctx, node, t), [[0.5, 0.5]], t)
+        half = ctx.reshape(half, _half_shape(ctx, t))
+        return ctx.op("Concat", [half, half], axis=0)
+
+    g = gys[0]
+    return _binary(
+        ctx, node, lambda: ctx.op("Mul", [g, mean(b)]), lambda: ctx.op("Mul", [g, mean(a)])
+    )
+
+
 def deeplift_rules(ctx: Context, graph) -> dict[str, Rule]:
     """The rescale rules of a graph's nodes, for `vjp(..., node_rules=deeplift_rules)`: the
-    rescaled activations and MaxPool; every other node keeps its rule under the policy
+    rescaled activations, MaxPool and products; every other node keeps its rule under the policy
     "gradient". The vjp's batch is [inputs; references] (module docstring)."""
     rules: dict[str, Rule] = {}
     for node in graph.node:
@@ -150,4 +173,6 @@ def deeplift_rules(ctx: Context, graph) -> dict[str, Rule]:
             rules[node.output[0]] = rescale
         elif node.op_type == "MaxPool":
             rules[node.output[0]] = max_pool_rescale
+        elif node.op_type == "Mul":
+            rules[node.output[0]] = product_rescale
     return rules
