@@ -8,7 +8,7 @@ test_cam_peers) and ResNet-50 (64 px, torch_oracle.build: BatchNorm calibrated) 
 with the "zero" baseline. Each map (the channel sum, and the signed [3, H, W] attribution) must
 have Pearson >= 0.99 with captum's, and ours must sum to f(x) - f(x0).
 
-How captum is run, and the one definitional difference:
+How captum is run, and the definitional differences:
 
 - captum's DeepLift keeps state on the module (its forward hooks store the module's input and
   output, its backward hook deletes them): a module applied twice (ResNet's Bottleneck.relu,
@@ -19,6 +19,9 @@ How captum is run, and the one definitional difference:
   not sum to f(x) - f(x0) (measured and asserted below). Ours rescale ReLU6 (Clip) like every
   activation (cnnviz.autodiff.reference); compared with captum given nn.ReLU6 its `nonlinear`
   rule (the rescale rule it applies to nn.ReLU).
+- A product of two computed tensors (SiLU, squeeze-excitation) splits its change by the means
+  of the operands (exact); captum takes autograd's gradient there. None of the three models has
+  one (tests/test_deeplift.py tests ours).
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ SUM of the signed [3, H, W] attribution (signed [H, W]), and the attribution its
 - DeepLIFT, rescale rule (Shrikumar et al. 2017; captum DeepLift): (x - x0) ⊙ m, where m is the
   input's multiplier: the backward of the model on the rows [x; x0] with the rescale rules of
   cnnviz.autodiff.reference at every activation and MaxPool (Δy/Δu, read from the two halves of
-  the same forward) and the true derivative at linear ops. The attributions sum to
-  f_t(x) - f_t(x0) where every nonlinearity of the model is rescaled; the graph also returns
-  both logits, and each map's info holds the relative summation-to-delta error.
+  the same forward), products of two computed tensors split by the operands' means, and the
+  true derivative at linear ops. The attributions sum to f_t(x) - f_t(x0) where every
+  nonlinearity of the model is one of these; the graph also returns both logits, and each map's
+  info holds the relative summation-to-delta error.
   Baselines as Integrated Gradients' (`backprop.make_baseline`): "zero" (the dataset mean colour
   after normalization), "black" or "white" pixels through the model's preprocessing.
 """
