@@ -139,10 +139,36 @@ def test_norm_rule_at_a_sum_known_values():
     np.testing.assert_allclose(ours, want, rtol=2e-4, atol=1e-5 * np.abs(want).max())
 
 
+def test_norm_rule_at_average_pooling_known_values():
+    """x [1, 1, 2, 3] -> AveragePool(1x2, stride 1) -> Flatten -> Gemm, epsilon at the Gemm:
+    the pool hands each input x_i * sum_j R_j / stab(y_j) / 2 over the windows j holding it
+    (the gradient would hand R_j / 2, whatever x_i)."""
+    w = RNG.normal(size=(2, 4))
+    nodes = [
+        helper.make_node("AveragePool", ["input"], ["y"], kernel_shape=[1, 2]),
+        helper.make_node("Flatten", ["y"], ["f"]),
+        helper.make_node("Gemm", ["f", "W"], ["logits"], transB=1),
+    ]
+    model = finish_model(
+        nodes, {"W": w.astype("f4")},
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 2, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+    )  # fmt: skip
+    x = RNG.random(size=(1, 1, 2, 3)).astype(np.float32) + 0.1
+    ours, _ = _relevance(model, x, 1, "epsilon")
+    xd = x.astype(np.float64)[0, 0]
+    y = (xd[:, :-1] + xd[:, 1:]) / 2
+    logit = y.ravel() @ w[1]
+    r_y = (y.ravel() * w[1] * logit / _stab(logit)).reshape(2, 2)
+    share = r_y / _stab(y) / 2
+    want = xd * (np.pad(share, [(0, 0), (0, 1)]) + np.pad(share, [(0, 0), (1, 0)]))
+    np.testing.assert_allclose(ours[0, 0], want, rtol=2e-4, atol=1e-6)
+
+
 # ---- conservation on convolutional networks ----------------------------------------------------
 def _cnn(bias: bool, batchnorm: bool = False) -> onnx.ModelProto:
-    """Conv(3->6) [BN] - Relu - Conv(6->6, 2 groups) - Relu - MaxPool - Conv(6->6, depthwise) +
-    residual - Relu - GlobalAveragePool - Flatten - Gemm(4)."""
+    """Conv(3->6) [BN] - Relu - AveragePool(3x3, stride 1, pads 1) - Conv(6->6, 2 groups) - Relu
+    - MaxPool - Conv(6->6, depthwise) + residual - Relu - GlobalAveragePool - Flatten - Gemm(4)."""
     def conv(name, cin, cout, group=1, k=3):
         inits[f"{name}.w"] = (RNG.normal(size=(cout, cin // group, k, k)) * 0.4).astype("f4")
         ins = ["", f"{name}.w"]
@@ -167,7 +193,8 @@ def _cnn(bias: bool, batchnorm: bool = False) -> onnx.ModelProto:
         last = "bn"
     nodes += [
         helper.make_node("Relu", [last], ["r1"]),
-        helper.make_node("Conv", ["r1", *c2[1:]], ["a2"], pads=[1] * 4, group=2),
+        helper.make_node("AveragePool", ["r1"], ["ap"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Conv", ["ap", *c2[1:]], ["a2"], pads=[1] * 4, group=2),
         helper.make_node("Relu", ["a2"], ["r2"]),
         helper.make_node("MaxPool", ["r2"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Conv", ["p", *c3[1:]], ["a3"], pads=[1] * 4, group=6),
@@ -245,6 +272,27 @@ def test_unfolded_batchnorm_gives_the_folded_relevance(composite):
     ours = _run_graph(model, x, [1, 2], composite, settings)["signed"]
     twin = _run_graph(folded, x, [1, 2], composite, settings)["signed"]
     np.testing.assert_allclose(ours, twin, rtol=1e-3, atol=1e-5 * np.abs(twin).max())
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box",
+                                       "epsilon_plus_wsquare"])
+def test_a_zero_pad_node_before_the_first_conv_is_its_padding(composite):
+    """TorchScript writes TF "same" padding as Pad + Conv: flat / w-square / z-box see ones and
+    bounds only inside (zennit pads its modified inputs), the border gets no relevance."""
+    model = _cnn(bias=True)
+    split = onnx.ModelProto()
+    split.CopyFrom(model)
+    first = split.graph.node[0]
+    first.input[0] = "padded"
+    first.ClearField("attribute")
+    split.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"))
+    split.graph.node.insert(0, helper.make_node("Pad", ["input", "pads"], ["padded"]))
+    x = RNG.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    settings = LrpSettings(low=np.full((1, 3, 1, 1), -3.0), high=np.full((1, 3, 1, 1), 3.0))
+    ours = _run_graph(split, x, [1, 2], composite, settings)["signed"]
+    want = _run_graph(model, x, [1, 2], composite, settings)["signed"]
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("composite", ["epsilon", "zplus", "gamma"])

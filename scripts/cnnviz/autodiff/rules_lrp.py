@@ -70,6 +70,8 @@ class Affine:
     output: str  # y: the last merged follower's output
     followers: list[onnx.NodeProto]
     nonnegative: bool  # the input is known to be >= 0 (after a ReLU)
+    # 1 inside, 0 on the border a zero Pad node added to the input ([1, 1, *spatial]), else None
+    pad_mask: np.ndarray | None = None
 
 
 # ---- building blocks ---------------------------------------------------------------------------
@@ -115,9 +117,23 @@ def _bias(ctx: Context, z: str, b: np.ndarray | None, like: str) -> str:
     return ctx.op("Add", [z, ctx.const(np.asarray(b, dtype=ctx.np_dtype(like)), "b")])
 
 
-def _ones_like_input(ctx: Context, x: str) -> str:
+def _synthetic_input(ctx: Context, lin: Affine, value: np.ndarray | float, hint: str) -> str:
+    """A constant input of the layer (ones, z-box's bounds) at batch 1: what zennit's input
+    modifiers make, before the padding, so that a zero Pad node's border stays 0."""
+    x = lin.node.input[0]
     shape = (1, *ctx.shape(x)[1:])
-    return ctx.const(np.ones(shape, dtype=ctx.np_dtype(x)), "ones")
+    full = np.broadcast_to(np.asarray(value, np.float64), shape)
+    if lin.pad_mask is not None:
+        full = full * lin.pad_mask
+    return ctx.const(np.ascontiguousarray(full, dtype=ctx.np_dtype(x)), hint)
+
+
+def _unpadded(ctx: Context, lin: Affine, r: str) -> str:
+    """Relevance on a zero Pad node's border dropped (it would be the padding's)."""
+    if lin.pad_mask is None:
+        return r
+    return ctx.op("Mul", [r, ctx.const(lin.pad_mask.astype(ctx.np_dtype(lin.node.input[0])),
+                                       "unpadded")])
 
 
 def _parts(ctx: Context, lin: Affine, x: str) -> tuple[str, str | None]:
@@ -225,10 +241,8 @@ def zbox_rule(lin: Affine, low: np.ndarray, high: np.ndarray,
 
     def rule(ctx, node, gys):
         x = node.input[0]
-        shape = (1, *ctx.shape(x)[1:])
-        dtype = ctx.np_dtype(x)
-        lo = ctx.const(np.broadcast_to(low, shape).astype(dtype), "low")
-        hi = ctx.const(np.broadcast_to(high, shape).astype(dtype), "high")
+        lo = _synthetic_input(ctx, lin, low, "low")
+        hi = _synthetic_input(ctx, lin, high, "high")
         w = _weight(ctx, lin, None, "w")
         wp = _weight(ctx, lin, np.maximum(lin.weight, 0), "wpos")
         wn = _weight(ctx, lin, np.minimum(lin.weight, 0), "wneg")
@@ -252,9 +266,9 @@ def _unit_input_rule(lin: Affine, w: np.ndarray, bias: np.ndarray | None,
     def rule(ctx, node, gys):
         x = node.input[0]
         wc = _weight(ctx, lin, w, "wunit")
-        z = _bias(ctx, _forward(ctx, lin, wc, _ones_like_input(ctx, x)), bias, x)
+        z = _bias(ctx, _forward(ctx, lin, wc, _synthetic_input(ctx, lin, 1.0, "ones")), bias, x)
         g = ctx.op("Div", [gys[0], stabilize(ctx, z, stabilizer, x)])
-        return _out(node, _transpose(ctx, lin, wc, g))
+        return _out(node, _unpadded(ctx, lin, _transpose(ctx, lin, wc, g)))
 
     return rule
 
@@ -455,7 +469,8 @@ def affine(
     weight = np.asarray(weight, np.float64)
     bias = None if bias is None else np.asarray(bias, np.float64)
     lin = Affine(node, weight, bias, node.input[1], node.output[0], [],
-                 _nonnegative(ctx, node.input[0], producers))
+                 _nonnegative(ctx, node.input[0], producers),
+                 _pad_mask(ctx, producers.get(node.input[0])) if op == "Conv" else None)
     while lin.output not in outputs and len(consumers.get(lin.output, [])) == 1:
         nxt = consumers[lin.output][0]
         merged = _merge(ctx, lin, nxt, channel_shape, out_axis)
@@ -497,6 +512,29 @@ def _merge(ctx, lin: Affine, nxt, channel_shape, out_axis):
             return None
         return lin.weight, bias + np.asarray(value, np.float64).reshape(channel_shape)
     return None
+
+
+def _pad_mask(ctx: Context, pad: onnx.NodeProto | None) -> np.ndarray | None:
+    """[1, 1, *spatial] of a Conv's input made by a zero Pad of the spatial axes (1 inside)."""
+    if pad is None or pad.op_type != "Pad" or ctx.opset < 11:
+        return None
+    value = ctx.value(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
+    pads = ctx.value(pad.input[1]) if len(pad.input) > 1 else None
+    constant = attrs_of(pad).get("mode", "constant") == "constant"
+    if not constant or pads is None or (value is not None and float(np.asarray(value)) != 0):
+        return None
+    if len(pad.input) > 3 and pad.input[3]:
+        return None  # pads of chosen axes (opset 18): not seen in exports yet
+    shape = ctx.shape(pad.output[0])
+    rank = len(shape)
+    pads = [int(p) for p in pads]
+    if any(pads[:2]) or any(pads[rank:rank + 2]) or any(p < 0 for p in pads):
+        return None
+    mask = np.zeros((1, 1, *shape[2:]))
+    inside = tuple(slice(b, n - e) for b, e, n in zip(pads[2:rank], pads[rank + 2:], shape[2:],
+                                                      strict=True))
+    mask[(0, 0, *inside)] = 1.0
+    return mask
 
 
 def _nonnegative(ctx: Context, name: str, producers: Mapping[str, onnx.NodeProto]) -> bool:
