@@ -36,7 +36,15 @@ from cnnviz.methods.lrp import lrp_graph, pixel_bounds  # noqa: E402
 from cnnviz.runner import Runner  # noqa: E402
 from zennit.attribution import Gradient  # noqa: E402
 from zennit.canonizers import AttributeCanonizer, NamedMergeBatchNorm  # noqa: E402
-from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat  # noqa: E402
+from zennit.composites import (  # noqa: E402
+    EpsilonAlpha2Beta1,
+    EpsilonAlpha2Beta1Flat,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    EpsilonPlusFlat,
+    LayerMapComposite,
+    layer_map_base,
+)
 from zennit.layer import Sum  # noqa: E402
 from zennit.torchvision import ResNetCanonizer  # noqa: E402
 
@@ -183,3 +191,52 @@ def test_lrp_matches_zennit(name, composite, request):
           f"ours {seconds:.3f} s, zennit {their_seconds:.3f} s "
           f"({len(x)} images, 2 threads)")
     assert seconds <= 0.5 * their_seconds
+
+
+def _uniform(rule) -> LayerMapComposite:  # noqa: ANN001 - a zennit rule
+    from zennit.types import Convolution
+
+    return LayerMapComposite(layer_map_base() + [(Convolution, rule),
+                                                 (torch.nn.Linear, rule.copy())])
+
+
+def test_every_composite_matches_zennit_on_a_small_cnn():
+    """Strided, grouped and depthwise convs with biases, max and average pooling, a Linear head:
+    every composite (and the epsilon / gamma parameters) against zennit, float32 round-off."""
+    from zennit.rules import Epsilon, Gamma, ZPlus
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), torch.nn.ReLU6(),
+        torch.nn.Conv2d(8, 16, 1), torch.nn.AvgPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(16 * 2 * 2, 10),
+    ).eval()  # fmt: skip
+    x = np.random.default_rng(3).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    model = _onnx(net, x)
+    low, high = np.full((1, 3, 1, 1), -2.5, np.float32), np.full((1, 3, 1, 1), 2.5, np.float32)
+    bounds = [torch.from_numpy(np.broadcast_to(b, x.shape).copy()) for b in (low, high)]
+    cases = [
+        ("epsilon_plus_flat", {}, EpsilonPlusFlat()),
+        ("epsilon_gamma_box", {"gamma": 0.5},
+         EpsilonGammaBox(low=bounds[0], high=bounds[1], gamma=0.5)),
+        ("epsilon_plus", {}, EpsilonPlus()),
+        ("epsilon_alpha2_beta1", {}, EpsilonAlpha2Beta1()),
+        ("epsilon_alpha2_beta1_flat", {}, EpsilonAlpha2Beta1Flat()),
+        ("epsilon", {"epsilon": 0.25}, _uniform(Epsilon(epsilon=0.25))),
+        ("zplus", {}, _uniform(ZPlus())),
+        ("gamma", {"gamma": 0.25}, _uniform(Gamma(gamma=0.25))),
+    ]  # fmt: skip
+    with torch.no_grad():
+        targets = net(torch.from_numpy(x)).argmax(1)
+    feeds = {"images": x, "targets": targets.numpy().astype(np.int64)}
+    for composite, params, theirs_composite in cases:
+        settings = LrpSettings(low=low, high=high, **params)
+        ours = Runner(lrp_graph(model, 2, composite, settings), "cpu", 2).run(feeds)["signed"]
+        with Gradient(net, theirs_composite) as attributor:
+            _, theirs = attributor(torch.from_numpy(x),
+                                   lambda out: torch.eye(10)[targets] * out)
+        theirs = theirs.numpy()
+        scale = np.abs(theirs).max()
+        np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4 * scale, err_msg=composite)
