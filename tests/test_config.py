@@ -19,7 +19,7 @@ def default_config() -> dict:
     return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "quick.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "quick.yaml", "seed-vgg16.yaml"])
 def test_shipped_configs_are_valid(name: str) -> None:
     config = yaml.safe_load((REPO / "config" / name).read_text())
     assert config_errors(config, SCHEMA) == []
