@@ -347,3 +347,17 @@ def test_run_lrp_yields_signed_maps():
         assert info["signed"] and info["composite"] == "epsilon_gamma_box"
         assert info["relevance_sum"] == pytest.approx(info["logit"], rel=1e-4)
     assert not np.allclose(results[0][2], results[2][2])  # two targets of one image differ
+
+
+def test_run_lrp_names_a_bad_option():
+    from cnnviz.errors import ConfigError
+    from cnnviz.methods.explain import Job
+
+    model = _cnn(bias=False)
+    x = RNG.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    card = {"preprocess": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    for bad in ({"composite": "epsilon_plus_flatt"}, {"gamma": -1.0}):
+        options = {k: v["default"] for k, v in OPTIONS["lrp"].items()} | bad
+        job = Job(model, card, ["a"], x, [], [(0, 1)], options, "cpu", 1, 2)
+        with pytest.raises(ConfigError, match="composite|gamma"):
+            list(run_lrp(job))

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from ..autodiff.rules_lrp import COMPOSITES, LrpSettings, composite_rules
+from ..errors import ConfigError
 
 OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "lrp": {
@@ -158,6 +159,11 @@ def lrp_graph(
 def settings_of(options: dict[str, Any], card: dict[str, Any], model: onnx.ModelProto,
                 size: tuple[int, ...]) -> LrpSettings:
     """The rules' parameters from a job's options and the model card (z-box's pixel range)."""
+    composite, epsilon, gamma = options["composite"], options["epsilon"], options["gamma"]
+    if composite not in COMPOSITES:
+        raise ConfigError(f"lrp composite {composite!r} is not one of {', '.join(COMPOSITES)}")
+    if float(epsilon) < 0 or float(gamma) < 0:
+        raise ConfigError(f"lrp needs epsilon >= 0 and gamma >= 0, got {epsilon}, {gamma}")
     low, high = pixel_bounds(card["preprocess"])
     if COMPOSITES[str(options["composite"])].first == "zbox":
         low, high = bounds_at_first_conv(model, low, high, size)
