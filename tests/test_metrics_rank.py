@@ -290,3 +290,59 @@ def test_max_sensitivity_equals_quantus_with_the_same_draws(quantus, tiny_job, m
     # Seeded: the same again; another seed gives other values.
     assert max_sensitivity(job, method, originals, samples, radius, seed)[0] == ours
     assert max_sensitivity(job, method, originals, samples, radius, seed + 1)[0] != ours
+
+
+# ---- the metrics job and the summary's ranking -------------------------------------------------
+def test_metrics_job_scores_boxes_road_and_ranks_the_methods(tiny_job, tmp_path):
+    import json
+
+    from cnnviz.cli import main
+    from cnnviz.methods.explain import explain_shard
+    from cnnviz.metrics import metrics_shard
+
+    root, model_dir, manifest = tiny_job["root"], tiny_job["model_dir"], tiny_job["manifest"]
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("im0.png,0,0,10,12\nim1,5,6,20,24\n")  # im2: no box
+    settings = {"steps": 4, "randomization": {"methods": []}, "class_sensitivity": {"classes": []},
+                "road": {"fractions": [0.25, 0.75]},
+                "max_sensitivity": {"samples": 2, "methods": ["gradcam"]}}  # fmt: skip
+    outputs = []
+    for method in ("gradcam", "saliency", "random"):
+        maps = root / "tiny" / method / "s000"
+        if method != "random":
+            explain_shard(model_dir, manifest, method, maps, {"target": "top1"}, "cpu", 1, 4)
+        out = tmp_path / "metrics" / f"{method}.json"
+        doc = metrics_shard(model_dir, manifest, method, out, None if method == "random" else maps,
+                            {"target": "top1"}, settings, "cpu", 1, 4, boxes)  # fmt: skip
+        outputs.append(out)
+        assert doc["failed"] == [] and doc["unboxed"] == ["im2"]
+        assert doc["road_fractions"] == [0.25, 0.75]
+        by_id = {r["image"]: r for r in doc["images"]}
+        assert "pointing_game" in by_id["im0"] and "pointing_game" not in by_id["im2"]
+        for record in doc["images"]:
+            assert len(record["road"]["morf"]) == 2 and 0 <= record["sparseness"] <= 1
+            assert ("max_sensitivity" in record) == (method == "gradcam")
+        # the defaults come from the schema: ROAD's noise, max-sensitivity's radius
+        assert doc["settings"]["road"]["noise"] == 0.01
+        assert doc["settings"]["max_sensitivity"]["radius"] == 0.2
+    # im0's box in the input frame: stretch 20 x 24 -> 12 x 12, x 0..10 -> 0..6, y 0..12 -> 0..6
+    from cnnviz.metrics.run import box_masks
+
+    masks, unboxed = box_masks(tiny_job["job"], manifest, boxes)
+    assert unboxed == ["im2"] and masks[0].sum() == 36 and masks[0][:6, :6].all()
+
+    out_dir = tmp_path / "summary"
+    args = ["metrics-summary", "--inputs", *map(str, outputs), "--out-dir", str(out_dir)]
+    assert main(args) == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["images_without_box"] == ["im2"]
+    ranked = {r["metric"]: r for r in summary["ranking"]}
+    assert {"road_gap", "pointing_game", "energy_pointing_game", "sparseness", "complexity",
+            "max_sensitivity", "insertion_auc"} <= set(ranked)  # fmt: skip
+    assert [r["method"] for r in ranked["max_sensitivity"]["order"]] == ["gradcam"]
+    for entry in summary["ranking"]:
+        values = [r["value"] for r in entry["order"]]
+        assert values == sorted(values, reverse=entry["better"] == "higher")
+        assert entry["guide"] and entry["order"][0]["rank"] == 1
+    rows = summary["methods"]
+    assert rows["gradcam"]["boxed_maps"] == 2 and "road_gap_mean" in rows["random"]

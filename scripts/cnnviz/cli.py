@@ -196,6 +196,7 @@ def _metrics(args: argparse.Namespace) -> None:
         device=args.device,
         threads=args.threads,
         batch_size=args.batch_size,
+        boxes=Path(args.boxes) if args.boxes else None,
     )
 
 
@@ -439,6 +440,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the metrics JSON to write")
     p.add_argument("--options", default="{}", help="the method's options as JSON")
     p.add_argument("--metrics", default="{}", help="the config's metrics section as JSON")
+    p.add_argument("--boxes", default="", help="CSV of object boxes per image (optional)")
     runtime_options(p)
 
     p = add(

@@ -23,38 +23,34 @@ import onnx
 from ..artifacts import write_json
 from ..errors import CnnvizError, ConfigError
 from ..failures import check_input
+from .complexity import complexity, sparseness
+from .localization import energy_pointing_game, pointing_game
+from .road import road_curves
 
 log = logging.getLogger("cnnviz.metrics")
 
 REFERENCE = "random"
-DEFAULTS: dict[str, Any] = {
-    "steps": 56,
-    "baseline": "grey",
-    "insertion_baseline": "blur",
-    "blur_sigma": 5.0,
-    "batch_size": 32,
-    "seed": 0,
-    "randomization": {
-        "cuts": 6,
-        "seed": 0,
-        "init": "match",
-        "threshold": 0.5,
-        "methods": ["gradcam", "saliency", "guided_backprop", "integrated_gradients"],
-    },
-    "class_sensitivity": {"classes": ["last"]},
-}
 CURVE_DIGITS = 6
 
 
 def resolve_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
-    """The config's `metrics` section with every default filled in (a deep copy)."""
-    out = copy.deepcopy(DEFAULTS)
+    """The config's `metrics` section with every default filled in (a deep copy). The defaults
+    are the schema's (cnnviz.config.section_defaults), the one place they are written."""
+    from ..config import section_defaults
+
+    defaults = section_defaults("metrics")
+    out = {k: copy.deepcopy(v) for k, v in defaults.items() if k not in ("enabled", "methods")}
     for key, value in (settings or {}).items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key].update(value)
         else:
             out[key] = value
     return out
+
+
+def listed(method: str, methods: Any) -> bool:
+    """Whether a metric's `methods` setting (a list, or auto = every scored method) has it."""
+    return method != REFERENCE and (methods == "auto" or method in (methods or []))
 
 
 # ---- maps from explain.py's methods -----------------------------------------------------------
@@ -134,12 +130,17 @@ def metrics_shard(
     device: str = "auto",
     threads: int | None = None,
     batch_size: int = 8,
+    boxes: Path | None = None,
 ) -> dict[str, Any]:
-    """Compute every metric of `method` over one shard and write `out` (JSON); return it."""
+    """Compute every metric of `method` over one shard and write `out` (JSON); return it.
+
+    `boxes`: the CSV of object boxes per image (config `images.boxes`) for the pointing games.
+    """
     from ..methods.explain import load_job
     from ..runtime import make_session
     from .perturbation import Scorer, baseline_image, perturbation_curves
     from .randomization import randomization_test
+    from .robustness import max_sensitivity
     from .sensitivity import class_sensitivity
 
     s = resolve_settings(settings)
@@ -156,6 +157,7 @@ def metrics_shard(
     scorer = Scorer(make_session(job.model, device, threads), card, int(s["batch_size"]))
     probs = scorer.probabilities(job.inputs) if job.ids else np.zeros((0, 0))
     timing: dict[str, Any] = {"maps": len(job.rows)}
+    masks, unboxed = box_masks(job, Path(manifest), boxes)
 
     started = time.perf_counter()
     records, fractions = [], []
@@ -175,8 +177,27 @@ def metrics_shard(
             "deletion_auc": curves["deletion_auc"], "insertion_auc": curves["insertion_auc"],
             "deletion_curve": [round(v, CURVE_DIGITS) for v in curves["deletion"]],
             "insertion_curve": [round(v, CURVE_DIGITS) for v in curves["insertion"]],
+            "sparseness": sparseness(raw), "complexity": _finite(complexity(raw)),
         })  # fmt: skip
+        if i in masks:
+            records[-1]["pointing_game"] = int(pointing_game(raw, masks[i]))
+            records[-1]["energy_pointing_game"] = energy_pointing_game(raw, masks[i])
     timing["deletion_insertion_s_per_map"] = _per_map(time.perf_counter() - started, records)
+
+    road_settings = s["road"]
+    if road_settings["enabled"] and records:
+        started = time.perf_counter()
+        for record, (i, target), raw in zip(records, job.rows, maps, strict=True):
+            curves = road_curves(
+                scorer, job.inputs[i], raw, target, list(road_settings["fractions"]),
+                float(road_settings["noise"]), np.random.default_rng([int(s["seed"]), i]),
+                int(s["seed"]),
+            )  # fmt: skip
+            record["road"] = {
+                k: [round(x, CURVE_DIGITS) for x in v] if isinstance(v, list) else v
+                for k, v in curves.items()
+            }
+        timing["road_s_per_map"] = _per_map(time.perf_counter() - started, records)
 
     cuts: list[dict] = []
     originals = np.stack(maps) if maps else None
@@ -204,19 +225,64 @@ def metrics_shard(
         except CnnvizError as error:
             log.error("%s: class sensitivity failed: %s", method, error)
             failed.append({"metric": "class_sensitivity", "error": str(error)})
+    sensitivity = s["max_sensitivity"]
+    if listed(method, sensitivity["methods"]) and records:
+        try:
+            values, seconds = max_sensitivity(
+                job, method, originals, int(sensitivity["samples"]), float(sensitivity["radius"]),
+                int(sensitivity["seed"]),
+            )  # fmt: skip
+            for record, value in zip(records, values, strict=True):
+                record["max_sensitivity"] = value
+            timing["max_sensitivity_s_per_map"] = _per_map(seconds, records)
+        except CnnvizError as error:
+            log.error("%s: max-sensitivity failed: %s", method, error)
+            failed.append({"metric": "max_sensitivity", "error": str(error)})
 
     result = {
         "description": f"Quality metrics of the {method} maps of model {card.get('name')!r} "
-                       f"over shard {Path(manifest).stem}: per map deletion / insertion, "
-                       "randomization test, class sensitivity (see metrics/summary.json).",
+                       f"over shard {Path(manifest).stem}: per map deletion / insertion, ROAD, "
+                       "randomization test, class sensitivity, pointing games, sparseness, "
+                       "complexity, max-sensitivity (see metrics/summary.json).",
         "model": card.get("name"), "method": method, "shard": Path(manifest).stem,
         "settings": s, "options": options,
         "fractions": fractions, "randomization_cuts": cuts,
+        "road_fractions": list(road_settings["fractions"]) if road_settings["enabled"] else [],
+        "boxes": str(boxes) if boxes else None, "unboxed": unboxed if boxes else [],
         "images": records, "failed": failed, "timing": timing,
     }  # fmt: skip
     write_json(out, result)
     log.info("%s: metrics of %d maps, %s", method, len(records), timing)
     return result
+
+
+def box_masks(
+    job: Any, manifest: Path, boxes: Path | None
+) -> tuple[dict[int, np.ndarray], list[str]]:
+    """({image index: [H, W] bool mask of its boxes in the input frame}, ids without a box).
+
+    An image whose boxes all lie outside the region the model sees counts as without a box.
+    """
+    from ..images import read_manifest
+    from .localization import box_mask, boxes_of, read_boxes
+
+    if not boxes:
+        return {}, list(job.ids)
+    table = read_boxes(boxes)
+    entries = {e["id"]: e for e in read_manifest(manifest)["images"]}
+    masks, unboxed = {}, []
+    for i, image_id in enumerate(job.ids):
+        found = boxes_of(entries.get(image_id, {}), table)
+        mask = box_mask(entries[image_id], found, job.card["preprocess"]) if found else None
+        if mask is None or not mask.any():
+            unboxed.append(image_id)
+        else:
+            masks[i] = mask
+    return masks, unboxed
+
+
+def _finite(value: float) -> float | None:
+    return value if np.isfinite(value) else None
 
 
 def _per_map(seconds: float, records: list) -> float:

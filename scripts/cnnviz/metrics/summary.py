@@ -45,7 +45,48 @@ HOW_TO_READ = {
     "not the class.",
     "flags": "Each flag names a method and the metric that says its maps should not be trusted "
     "for that property (the value and the threshold are beside it).",
+    "road_morf": "ROAD (Rong et al. 2022), most relevant first: mean target probability after "
+    "the map's top pixels (each fraction of road_fractions) are removed and filled in from their "
+    "neighbours (noisy linear imputation, so the hole's shape gives nothing away): lower is "
+    "better.",
+    "road_lerf": "ROAD, least relevant first: the same with the map's least relevant pixels "
+    "removed: higher is better (the class should survive losing what the map calls unimportant).",
+    "road_gap": "ROAD's LeRF minus MoRF: higher is better; near 0 (or below the 'random' row) "
+    "the map's order says little about what the model uses.",
+    "pointing_game": "Pointing game (Zhang et al. 2016): the share of maps whose maximum lies in "
+    "the image's object box (images.boxes): higher is better; the 'random' row is about the "
+    "boxes' share of the image.",
+    "energy_pointing_game": "Energy-based pointing game (Wang et al. 2020): the share of the "
+    "map's positive mass inside the boxes: higher is better; a uniform map scores the boxes' "
+    "share of the image.",
+    "sparseness": "Gini index of |map| (Chalasani et al. 2020): 0 = every pixel alike, 1 = one "
+    "pixel holds everything; higher is better (a few named pixels are easier to read), as long "
+    "as ROAD and the pointing games stay good.",
+    "complexity": "Entropy of |map| / sum |map| (Bhatt et al. 2020): 0 = one pixel, log(H W) = "
+    "uniform; lower is better.",
+    "max_sensitivity": "Max-sensitivity (Yeh et al. 2019): the largest relative change "
+    "||m(x + d) - m(x)|| / ||m(x)|| of the map over a few seeded uniform input perturbations "
+    "|d| <= radius: lower is better (a tiny input change should not redraw the map).",
+    "ranking": "Each metric orders the methods best first ('better' says which way); 'random' "
+    "is the yardstick: a method ranked below it on a metric is no better than chance there. "
+    "No method wins everywhere: CAMs tend to lead on localization and ROAD, gradients on "
+    "sparseness.",
 }
+# (column of the per-method table, which way is better) for the ranking, in reading order.
+RANKED = (
+    ("road_gap_mean", "higher"),
+    ("road_morf_mean", "lower"),
+    ("road_lerf_mean", "higher"),
+    ("insertion_auc_mean", "higher"),
+    ("deletion_auc_mean", "lower"),
+    ("pointing_game_mean", "higher"),
+    ("energy_pointing_game_mean", "higher"),
+    ("sparseness_mean", "higher"),
+    ("complexity_mean", "lower"),
+    ("max_sensitivity_mean", "lower"),
+    ("randomized_spearman_mean", "lower"),
+    ("class_last_spearman_mean", "lower"),
+)
 
 
 def _stats(values: list[float | None], none_as: float | None = None) -> tuple[float | None, ...]:
@@ -88,8 +129,21 @@ def summarize(paths: list[Path], out_dir: Path) -> dict[str, Any]:
         failed += [{"method": method, "shard": d.get("shard"), **f} for d in docs
                    for f in d.get("failed", [])]  # fmt: skip
         row: dict[str, Any] = {"maps": len(images)}
-        for key in ("deletion_auc", "insertion_auc"):
-            row[f"{key}_mean"], row[f"{key}_std"] = _stats([r[key] for r in images])
+        for key in ("deletion_auc", "insertion_auc", "sparseness", "complexity",
+                    "max_sensitivity"):  # fmt: skip
+            if any(key in r for r in images):
+                row[f"{key}_mean"], row[f"{key}_std"] = _stats([r.get(key) for r in images])
+        roads = [r["road"] for r in images if r.get("road")]
+        pairs = (("road_morf", "morf_mean"), ("road_lerf", "lerf_mean"), ("road_gap", "gap"))
+        for name, key in pairs if roads else ():
+            row[f"{name}_mean"], row[f"{name}_std"] = _stats([r[key] for r in roads])
+        boxed = [r for r in images if "pointing_game" in r]
+        if boxed:
+            row["boxed_maps"] = len(boxed)
+            row["pointing_game_mean"], _ = _stats([r["pointing_game"] for r in boxed])
+            row["energy_pointing_game_mean"], row["energy_pointing_game_std"] = _stats(
+                [r["energy_pointing_game"] for r in boxed]
+            )
         cuts = next((d["randomization_cuts"] for d in docs if d.get("randomization_cuts")), [])
         ranked = [r["randomization"] for r in images if r.get("randomization")]
         if cuts and ranked:
@@ -157,6 +211,7 @@ def summarize(paths: list[Path], out_dir: Path) -> dict[str, Any]:
     for method, row in methods.items():
         row["flags"] = ", ".join(f["metric"] for f in flags if f["method"] == method)
     model = next((d.get("model") for d in shards), None)
+    unboxed = sorted({i for d in shards if d.get("boxes") for i in d.get("unboxed", [])})
     summary = {
         "description": f"How far the explanations of model {model!r} can be trusted: deletion "
         "and insertion (Petsiuk et al. 2018), the model-parameter randomization test (Adebayo "
@@ -168,7 +223,11 @@ def summarize(paths: list[Path], out_dir: Path) -> dict[str, Any]:
         "shards": sorted({str(d.get("shard")) for d in shards}),
         "how_to_read": HOW_TO_READ,
         "methods": _rounded(methods),
+        "ranking": ranking(methods),
         "flags": flags,
+        "road_fractions": next((d["road_fractions"] for d in shards if d.get("road_fractions")),
+                               []),
+        "images_without_box": unboxed,
         "randomization_spearman": spearman_by_cut,
         "randomization_ssim": ssim_by_cut,
         "timing_s_per_map": timing,
@@ -186,12 +245,36 @@ def summarize(paths: list[Path], out_dir: Path) -> dict[str, Any]:
 def _timing(docs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     maps = [d.get("timing", {}).get("maps", 0) for d in docs]
-    for key in ("deletion_insertion_s_per_map", "randomization_s_per_map",
-                "class_sensitivity_s_per_map"):  # fmt: skip
+    for key in ("deletion_insertion_s_per_map", "road_s_per_map", "randomization_s_per_map",
+                "class_sensitivity_s_per_map", "max_sensitivity_s_per_map"):  # fmt: skip
         pairs = [(d["timing"][key], n) for d, n in zip(docs, maps, strict=True)
                  if key in d.get("timing", {}) and n]  # fmt: skip
         if pairs:
             out[key] = round(sum(v * n for v, n in pairs) / sum(n for _, n in pairs), 4)
+    return out
+
+
+def ranking(methods: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per metric of RANKED that some method has: the methods best first, with the reading guide.
+
+    {"metric", "better", "guide", "order": [{"rank", "method", "value"}]}; equal values (at 4
+    digits) share a rank.
+    """
+    out = []
+    for column, better in RANKED:
+        values = {m: round(r[column], 4) for m, r in methods.items() if r.get(column) is not None}
+        if not values:
+            continue
+        sign = -1.0 if better == "higher" else 1.0
+        order = sorted(values, key=lambda m: (sign * values[m], m))
+        rows: list[dict[str, Any]] = []
+        for k, method in enumerate(order):
+            tied = rows and rows[-1]["value"] == values[method]
+            rows.append({"rank": rows[-1]["rank"] if tied else k + 1, "method": method,
+                         "value": values[method]})  # fmt: skip
+        metric = column.removesuffix("_mean")
+        guide = HOW_TO_READ.get(metric) or HOW_TO_READ.get(metric.replace("class_last", "class"))
+        out.append({"metric": metric, "better": better, "guide": guide, "order": rows})
     return out
 
 
