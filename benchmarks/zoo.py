@@ -141,8 +141,9 @@ def method_options(size: int) -> dict[str, Any]:
         "baseline": "zero",
         "window": window,  # occlusion
         "stride": window // 2,
-        "layers": "auto",  # projections
+        "layers": "auto",  # projections, layercam_fusion
         "top_k": 2,
+        "masks": 64,  # rise (the other methods' options: the registry's defaults)
     }
 
 

@@ -16,7 +16,8 @@ from cnnviz.registry import SCORED
 from onnx import helper
 from test_activations import _staged, tiny_model, write_model_dir
 
-SIGNED = {"guided_backprop", "deconvnet", "guided_gradcam"}
+# methods that also store a signed [3, H, W] signal (the relevance methods draw their raw map)
+SIGNED = {"guided_backprop", "deconvnet", "guided_gradcam", "input_x_gradient", "deeplift", "lrp"}
 
 
 def with_softsign(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -42,7 +42,8 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config["metrics"].update(steps=8)
     config["metrics"]["randomization"].update(cuts=2)
     methods = config.setdefault("methods", {})
-    methods.update(smoothgrad={"samples": 4}, integrated_gradients={"steps": 8})
+    methods.update(smoothgrad={"samples": 4}, integrated_gradients={"steps": 8},
+                   rise={"masks": 64, "batch": 32})
     # one picture per method and shard: the other image's maps are written, not drawn
     config["report"]["pictures"] = {"top": 1}
     configfile = workdir / "config.yaml"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,10 +84,37 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("xgradcam", "XGrad-CAM", "the layer's channels weighted by their gradient averaged "
            "with the activation as weight (Axiom-based Grad-CAM)", _CAM, family="cam",
            cam_layer=True),
+    Method("eigencam", "Eigen-CAM", "the layer's activations projected on their first "
+           "principal component (no gradients and no class: the same map for every target)",
+           "cnnviz.methods.gradient_free:run_eigencam", gradient=False, cam_layer=True),
+    Method("ablationcam", "Ablation-CAM", "each channel weighted by how much the class score "
+           "drops when the channel is zeroed (no gradients)",
+           "cnnviz.methods.gradient_free:run_ablationcam", gradient=False, cam_layer=True,
+           options={"batch": _int(64, "ablated copies of the layer's maps run through the "
+                                  "rest of the network per call", 1)}),
     Method("scorecam", "Score-CAM", "each channel weighted by how much the class score rises "
            "when the image is masked by it (no gradients)", "cnnviz.methods.explain:scorecam",
            gradient=False, cam_layer=True,
            options={"batch_size": _int(64, "masked images per ONNX Runtime call", 1)}),
+    Method("layercam_fusion", "LayerCAM, fused", "LayerCAM at several depths, shallow to "
+           "deep, each scaled and fused into one map (fine detail from the shallow layers)",
+           "cnnviz.methods.layercam_fusion:run_layercam_fusion", options={
+               "layers": Option("auto", "auto (the last layer of each resolution stage, the "
+                                "deepest `stages` of them) or comma-separated layer names "
+                                "(or tensor names), shallow to deep", {"type": "string"}),
+               "stages": _int(4, "with layers: auto, how many resolution stages give a layer",
+                              1),
+               "fusion": _choice("mean", "mean of the scaled layer maps (pytorch-grad-cam) or "
+                                 "the maximum of tanh(2 map) (the paper, TorchCAM)", "mean",
+                                 "max"),
+           }),
+    Method("fullgrad", "FullGrad", "the input gradient times the input plus, for every layer "
+           "with a bias, its gradient times the bias, each scaled and summed (Srinivas & "
+           "Fleuret)", "cnnviz.methods.fullgrad:run_fullgrad", options={
+               "normalization": _choice("channel", "where each term is min-max scaled before "
+                                        "the sum: per channel (pytorch-grad-cam's FullGrad) or "
+                                        "per layer (the authors' code)", "channel", "layer"),
+           }),
     Method("guided_gradcam", "Guided Grad-CAM", "guided backpropagation multiplied by "
            "Grad-CAM: pixel detail inside the class region", _CAM, family="cam",
            cam_layer=True),
@@ -106,6 +134,35 @@ METHODS: dict[str, Method] = {m.name: m for m in [
                "baseline": _choice("zero", "zero (the mean image after normalization), black "
                                    "or white", "zero", "black", "white"),
            }),
+    Method("input_x_gradient", "Input × Gradient", "each pixel's value times the class "
+           "score's gradient there: its first-order share of the score",
+           "cnnviz.methods.attribution:run_input_x_gradient", reading=RELEVANCE_READING),
+    Method("deeplift", "DeepLIFT", "each pixel's share of the change in class score from the "
+           "baseline to the image (rescale rule, Shrikumar et al.); the shares add up to it",
+           "cnnviz.methods.attribution:run_deeplift", reading=RELEVANCE_READING, options={
+               "baseline": _choice("zero", "the reference input: zero (the mean image after "
+                                   "normalization), black or white", "zero", "black",
+                                   "white"),
+           }),
+    Method("lrp", "LRP", "layer-wise relevance propagation (Bach et al.): the class score "
+           "passed back layer by layer by the composite's rule per layer; the relevance adds "
+           "up to the score", "cnnviz.methods.lrp:run_lrp", reading=RELEVANCE_READING, options={
+               "composite": _choice("epsilon_plus_flat", "which rule at which layer (zennit's "
+                                    "composites): epsilon_plus_flat = flat at the first layer, "
+                                    "z+ at convolutions, epsilon at dense layers; "
+                                    "epsilon_gamma_box = z-box (the pixel range) first, gamma "
+                                    "at convolutions, epsilon at dense layers; see "
+                                    "config/README.md for the others",
+                                    "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_plus",
+                                    "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat",
+                                    "epsilon_plus_wsquare", "epsilon", "zplus", "alpha_beta",
+                                    "gamma"),
+               "epsilon": Option(1e-6, "the epsilon rule's stabilizer (larger absorbs weak or "
+                                 "contradictory relevance, e.g. 0.25)",
+                                 {"type": "number", "minimum": 0}),
+               "gamma": Option(0.25, "the gamma rule's weight of positive contributions",
+                               {"type": "number", "minimum": 0}),
+           }),
     Method("guided_backprop", "Guided backprop", "the gradient with negative signals stopped "
            "at every ReLU, both ways: the edges that support the class",
            "cnnviz.methods.explain:guided_backprop"),
@@ -116,6 +173,17 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "cnnviz.methods.explain:occlusion", gradient=False, options={
                "window": _int(32, "grey patch size, in model input pixels", 1),
                "stride": _int(16, "step between patches, in model input pixels", 1),
+           }),
+    Method("rise", "RISE", "the class score under random masks of the image, averaged with "
+           "each mask as its weight (Petsiuk et al.; no gradients)",
+           "cnnviz.methods.gradient_free:run_rise", gradient=False, options={
+               "masks": _int(4000, "random masks N (the paper's 4000 for ResNet-50)", 1),
+               "grid": _int(7, "cells per side of the random binary grid (the paper's 7)", 1),
+               "p": Option(0.5, "probability that a grid cell keeps the image (the paper's "
+                           "0.5)", {"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+               "seed": _int(0, "seed of the grids and shifts (the same masks for every "
+                            "image)", 0),
+               "batch": _int(32, "masked images scored per ONNX Runtime call", 1),
            }),
     Method("projections", "Projections", "the strongest units of a layer projected back to "
            "pixels (left) beside the image patch they see (right)",
@@ -152,9 +220,17 @@ def defaults(method: str) -> dict[str, Any]:
     return {name: option.default for name, option in METHODS[method].options.items()}
 
 
+# Options every method of a kind shares (`methods.target`, `methods.cam_layer`).
+TARGET_DEFAULT, CAM_LAYER_DEFAULT = "top1", "auto"
+
+
 def with_defaults(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
-    """`given` (a job's options) with the method's own options filled in where absent."""
-    return {**defaults(method), **given}
+    """`given` (a job's options) with the method's own options, and the shared ones it reads,
+    filled in where absent."""
+    shared = {"target": TARGET_DEFAULT}
+    if METHODS[method].cam_layer:
+        shared["cam_layer"] = CAM_LAYER_DEFAULT
+    return {**shared, **defaults(method), **given}
 
 
 def method_options(methods_config: Mapping[str, Any], gradient_fallback: str,
@@ -187,7 +263,7 @@ def methods_schema() -> dict[str, Any]:
         "target": {
             "description": "Classes to explain: top1, {top_k: k}, or a list of class indices "
                            "or labels.",
-            "default": "top1",
+            "default": TARGET_DEFAULT,
             "oneOf": [
                 {"const": "top1"},
                 {"type": "object", "additionalProperties": False, "required": ["top_k"],
@@ -197,7 +273,7 @@ def methods_schema() -> dict[str, Any]:
             ],
         },
         "cam_layer": {"description": "Layer for the CAM family; auto = the last conv layer "
-                      "with a spatial output.", "type": "string", "default": "auto"},
+                      "with a spatial output.", "type": "string", "default": CAM_LAYER_DEFAULT},
     }  # fmt: skip
     for method in METHODS.values():
         if method.options:
@@ -243,7 +319,8 @@ def schema_block(key: str) -> str:
 def _flow(value: Any, indent: int) -> str:
     """JSON (so YAML) with one key per line, and small values (lists of names, short
     objects) on one line."""
-    flat = json.dumps(value)
+    # YAML 1.1 (PyYAML) reads 1e-06 as a string: write exponents with a mantissa dot
+    flat = re.sub(r"(?<![\w.])(-?\d+)e([-+]?\d+)", r"\1.0e\2", json.dumps(value))
     if not isinstance(value, dict) or len(flat) + indent <= 96:
         return flat
     pad = " " * (indent + 2)

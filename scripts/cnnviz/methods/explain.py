@@ -93,6 +93,7 @@ def cam_family(job: Job, members: list[str] | tuple[str, ...]) -> dict[str, list
     holds every requested variant (and guided Grad-CAM's guided backprop)."""
     from .cam import VARIANTS, cam_graph
 
+    job = _for_method(job, members[0])  # the members share their options
     variants = [m for m in members if m in VARIANTS]
     guided = "guided_gradcam" in members
     images, _ = _images_per_call(job)
@@ -277,7 +278,7 @@ def run_method(job: Job, method: str) -> Iterator[Result]:
 
 
 def _cam_layer(job: Job) -> str | None:
-    layer = job.options.get("cam_layer", "auto")
+    layer = job.options["cam_layer"]
     return None if layer in (None, "auto") else layer
 
 
@@ -308,7 +309,7 @@ def load_job(
     job = Job(model, card, ids, batch, views, [], options, device, threads, batch_size)
     if not ids:
         return job, failed
-    spec, unknown = known_classes(card, options.get("target", "top1"))
+    spec, unknown = known_classes(card, options.get("target", registry.TARGET_DEFAULT))
     failed += [{"image": f"all {len(ids)} images", "error": error} for error in unknown]
     probs = _predicted(predictions, ids, card, spec)
     if probs is None:
@@ -434,6 +435,9 @@ def _write_rows(
 
     labels = job.card.get("labels") or []
     notes = approximation_notes(job, method)
+    # signed attributions are drawn in a diverging colour map (render.relevance_picture)
+    kind = {"picture": "relevance"} if registry.METHODS[method].reading == (
+        registry.RELEVANCE_READING) else {}
     rows, maps, signals = [], [], []
     for r, (i, raw, signed, extra) in enumerate(results):
         target = job.rows[r][1]
@@ -441,7 +445,7 @@ def _write_rows(
             "image": job.ids[i], "target": target, "method": method,
             **({"picture": "signed"} if signed is not None else {}),
             "label": labels[target] if target < len(labels) else str(target),
-            "time_s": round(seconds, 4), **extra, **notes,
+            "time_s": round(seconds, 4), **extra, **notes, **kind,
         })  # fmt: skip
         if extra.get("notes") and notes.get("notes"):
             rows[-1]["notes"] = [*extra["notes"], *notes["notes"]]
