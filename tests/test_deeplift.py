@@ -8,8 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from cnnviz.autodiff import vjp
-from cnnviz.autodiff.context import UnsupportedOpError
-from cnnviz.autodiff.reference import deeplift_rules
+from cnnviz.autodiff.reference import attach_reference, deeplift_rules
 from cnnviz.methods.attribution import (
     OPTIONS,
     deeplift_graph,
@@ -29,17 +28,22 @@ def _vector_model(nodes, inits, n_in: int, n_out: int | None = None) -> onnx.Mod
     return finish_model(nodes, inits, [x], [y])
 
 
+def _deeplift_model(model: onnx.ModelProto, rows: int) -> onnx.ModelProto:
+    """The vjp under the DeepLIFT rules with its one-row reference forward on input "ref:x"."""
+    return attach_reference(vjp(model, ["x"], batch=rows, node_rules=deeplift_rules), model, "x")
+
+
 def _multipliers(model: onnx.ModelProto, x: np.ndarray, x0: np.ndarray) -> np.ndarray:
-    """The input multipliers of the rows x (the vjp on [x; x0], seeded with ones)."""
+    """The input multipliers of the rows x against the reference x0 (one row), seeded with
+    ones."""
     import onnxruntime as ort
 
-    rows = np.concatenate([x, x0]).astype(F32)
-    g = vjp(model, ["x"], batch=len(rows), node_rules=deeplift_rules)
-    seed = next(i for i in g.graph.input if i.name.startswith("seed:"))
-    shape = [d.dim_value for d in seed.type.tensor_type.shape.dim]
+    g = _deeplift_model(model, len(x))
+    seed_in = next(i for i in g.graph.input if i.name.startswith("seed:"))
+    shape = [d.dim_value for d in seed_in.type.tensor_type.shape.dim]
     sess = ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = sess.run(["grad:x"], {"x": rows, seed.name: np.ones(shape, F32)})[0]
-    return out[: len(x)]
+    feeds = {"x": x.astype(F32), "ref:x": x0.astype(F32), seed_in.name: np.ones(shape, F32)}
+    return sess.run(["grad:x"], feeds)[0]
 
 
 def test_rescale_explains_a_saturated_relu_where_the_gradient_is_zero():
@@ -98,15 +102,9 @@ def test_max_pool_splits_the_change_between_both_argmaxes():
     argmax and (o - top) = -1 to x0's: the multiplier at (0,0) is -1 / Δu = -1 / (1 - 5) = 1/4,
     0 elsewhere. Window 2: x's max 7 at (1,3) beats x0's 2 (at (0,2)): top = 7, 7 - 2 = 5 goes to
     (1,3), whose Δu is 7 - 0 = 7: multiplier 5/7; x0's argmax gets o - top = 0."""
-    model = _pool_model()
-    import onnxruntime as ort
-
     x = np.array([[1, 4, 1, 0], [3, 2, 0, 7]], F32).reshape(1, 1, 2, 4)
     x0 = np.array([[5, 0, 2, 0], [0, 0, 0, 0]], F32).reshape(1, 1, 2, 4)
-    g = vjp(model, ["x"], batch=2, node_rules=deeplift_rules)
-    sess = ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"])
-    rows = np.concatenate([x, x0])
-    m = sess.run(["grad:x"], {"x": rows, "seed:y": np.ones((2, 1, 1, 2), F32)})[0][0, 0]
+    m = _multipliers(_pool_model(), x, x0)[0, 0]
     want = np.zeros((2, 4), F32)
     want[0, 0], want[1, 3] = 0.25, 5 / 7
     np.testing.assert_allclose(m, want, rtol=1e-6)
@@ -149,10 +147,13 @@ def test_a_product_of_two_computed_tensors_splits_its_change_by_the_means():
     np.testing.assert_allclose(m, [[4.0, 0.0]], rtol=1e-6)
 
 
-def test_an_odd_number_of_rows_is_refused():
-    model = _vector_model([helper.make_node("Relu", ["x"], ["y"])], {}, 2)
-    with pytest.raises(UnsupportedOpError, match="even number of rows"):
-        vjp(model, ["x"], batch=3, node_rules=deeplift_rules)
+def test_the_reference_forward_runs_once_for_all_rows():
+    """Three rows against one reference: each row's multipliers are its own secant slopes."""
+    model = _vector_model([helper.make_node("Tanh", ["x"], ["y"])], {}, 2)
+    x = np.array([[1.0, -2.0], [0.5, 3.0], [2.0, 2.0]])
+    x0 = np.array([[0.0, 1.0]])
+    m = _multipliers(model, x, x0)
+    np.testing.assert_allclose(m, (np.tanh(x) - np.tanh(x0)) / (x - x0), rtol=1e-5)
 
 
 # ---- the method graphs on a small CNN ----------------------------------------------------------
