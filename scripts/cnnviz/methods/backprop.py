@@ -181,14 +181,13 @@ def _inline_gradient(
     policy: str,
     fallback: str,
     prefix: str = "model",
-    node_rules: Any = None,
 ) -> dict[str, str]:
     """Inline the vjp of `model` at batch `rows` (input := rows_x, seed := one-hot of the rows'
     `targets`); returns the new names of its outputs, with "grad" and "value" (the seeded
     tensor, e.g. the logits) added."""
     from ..methodgraph import one_hot, seed_input, static_dims
 
-    core = gradient_model(model, policy, rows, fallback=fallback, node_rules=node_rules)
+    core = gradient_model(model, policy, rows, fallback=fallback)
     x = model_input_name(model)
     seed = seed_input(core)
     dims = static_dims(seed)[1:]
