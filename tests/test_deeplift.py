@@ -346,3 +346,24 @@ def test_run_functions_give_signed_maps_per_row():
     results = list(run_input_x_gradient(job))
     assert len(results) == 3 and all(r[2].shape == (C, H, W) for r in results)
     np.testing.assert_allclose(results[1][1], results[1][2].sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_final_softmax_is_skipped_on_both_forwards():
+    """With a final Softmax the seed and both values are the logits (as for the gradient
+    methods), and the attributions sum to their change."""
+    import onnxruntime as ort
+
+    model = cnn()
+    logits = onnx.ModelProto()
+    logits.CopyFrom(model)
+    model.graph.node.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+    model.graph.output[0].name = "probs"
+    x = np.random.default_rng(6).normal(size=(2, C, H, W)).astype(F32)
+    base = np.full((C, H, W), 0.5, F32)
+    out = _deeplift(model, x, [2, 0], base)
+    sess = ort.InferenceSession(logits.SerializeToString(), providers=["CPUExecutionProvider"])
+    f = sess.run(None, {"input": np.concatenate([x, base[None]])})[0]
+    want = np.stack([f[[0, 1], [2, 0]], f[2, [2, 0]]], 1)
+    np.testing.assert_allclose(out["values"], want, rtol=1e-5, atol=1e-6)
+    sums = out["signed"].reshape(2, -1).astype(np.float64).sum(1)
+    np.testing.assert_allclose(sums, want[:, 0] - want[:, 1], rtol=1e-4, atol=1e-5)
