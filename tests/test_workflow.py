@@ -41,6 +41,8 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config["filters"].update(count=4, steps=8, batch_size=4)
     config["metrics"].update(steps=8)
     config["metrics"]["randomization"].update(cuts=2)
+    config["metrics"].update(road={"fractions": [0.5]},
+                             max_sensitivity={"samples": 1, "methods": ["gradcam", "saliency"]})
     methods = config.setdefault("methods", {})
     methods.update(smoothgrad={"samples": 4}, integrated_gradients={"steps": 8},
                    rise={"masks": 64, "batch": 32})

@@ -128,6 +128,16 @@ def labels_option(wildcards, input):
     return f"--labels {shlex.quote(input.labels[0])}" if input.labels else ""
 
 
+def boxes_file(wildcards):
+    """The object boxes (images.boxes) for the pointing games: editing it reruns the metrics
+    jobs only, not the staging."""
+    return [config["images"]["boxes"]] if config["images"]["boxes"] else []
+
+
+def boxes_option(wildcards, input):
+    return f"--boxes {shlex.quote(input.boxes[0])}" if input.boxes else ""
+
+
 def shard_ids(wildcards):
     return " ".join(image_id for image_id, _ in SHARDS[wildcards.shard])
 
@@ -311,9 +321,15 @@ def metrics_settings_for(method):
     settings["randomization"] = dict(
         METRICS["randomization"], methods=[method] if tested else []
     )
+    sensitivity = METRICS["max_sensitivity"]
+    listed = sensitivity["methods"] == "auto" or method in sensitivity["methods"]
+    settings["max_sensitivity"] = dict(
+        sensitivity, methods=[method] if listed and method != METRIC_REFERENCE else []
+    )
     if method == METRIC_REFERENCE:
         settings.pop("randomization")
         settings.pop("class_sensitivity")
+        settings.pop("max_sensitivity")
     return json.dumps(settings, sort_keys=True)
 
 

@@ -7,6 +7,7 @@ rule metrics:
     input:
         unpack(model_files),
         manifest=f"{OUT}/images/{{shard}}.json",
+        boxes=boxes_file,
         maps=f"{OUT}/{{model}}/{{method}}/{{shard}}",
     output:
         f"{OUT}/{{model}}/metrics/{{shard}}/{{method}}.json",
@@ -26,11 +27,13 @@ rule metrics:
         metrics=metrics_settings,
         device=config["device"],
         batch_size=config["batch_size"],
+        boxes=boxes_option,
     shell:
         "cnnviz --record-failures metrics --method {wildcards.method} --card {input.card:q}"
         " --manifest {input.manifest:q} --maps-dir {input.maps:q} --out {output:q}"
         " --options {params.options:q} --metrics {params.metrics:q}"
         " --device {params.device} --threads {threads} --batch-size {params.batch_size}"
+        " {params.boxes}"
         " 2> {log:q}"
 
 
@@ -38,6 +41,7 @@ rule metrics_reference:
     input:
         unpack(model_files),
         manifest=f"{OUT}/images/{{shard}}.json",
+        boxes=boxes_file,
     output:
         f"{OUT}/{{model}}/metrics/{{shard}}/random.json",
     log:
@@ -56,11 +60,13 @@ rule metrics_reference:
         metrics=metrics_settings_for(METRIC_REFERENCE),
         device=config["device"],
         batch_size=config["batch_size"],
+        boxes=boxes_option,
     shell:
         "cnnviz --record-failures metrics --method random --card {input.card:q}"
         " --manifest {input.manifest:q} --out {output:q}"
         " --options {params.options:q} --metrics {params.metrics:q}"
         " --device {params.device} --threads {threads} --batch-size {params.batch_size}"
+        " {params.boxes}"
         " 2> {log:q}"
 
 

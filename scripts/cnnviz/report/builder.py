@@ -329,7 +329,8 @@ def metrics_section(ctx: ModelContext) -> Section | None:
         lead = 0
         if item["name"] == "summary" and isinstance(data, dict) and "methods" in data:
             tables = summary_tables(data)
-            lead = sum(t["title"].startswith(("Per method", "Flags")) for t in tables)
+            first = ("Methods ranked", "Reading guide", "Per method", "Flags")
+            lead = sum(t["title"].startswith(first) for t in tables)
         else:
             tables = metric_tables(data) if data is not None else []
         items.append(
@@ -456,7 +457,7 @@ def summary_tables(data: dict[str, Any]) -> list[dict[str, Any]]:
                 return str(how[key])
         return ""
 
-    tables = []
+    tables = ranking_tables(data.get("ranking"))
     methods = data.get("methods")
     if isinstance(methods, dict) and methods:
         rows = [{"method": k, **v} if isinstance(v, dict) else {"method": k, "value": v}
@@ -467,7 +468,8 @@ def summary_tables(data: dict[str, Any]) -> list[dict[str, Any]]:
     if flags:
         flagged = metric_tables(flags if isinstance(flags, list) else [flags])
         tables += [{**t, "title": "Flags: maps not to be trusted for a property"} for t in flagged]
-    skip = {"description", "how_to_read", "methods", "flags", "plots", "failed", "settings"}
+    skip = {"description", "how_to_read", "methods", "flags", "plots", "failed", "settings",
+            "ranking"}  # fmt: skip
     tables += metric_tables({k: v for k, v in data.items() if k not in skip})
     if isinstance(data.get("settings"), dict):
         rows = [[str(k), _cell(v)] for k, v in data["settings"].items()]
@@ -476,8 +478,28 @@ def summary_tables(data: dict[str, Any]) -> list[dict[str, Any]]:
         rows = [[str(k), str(v)] for k, v in how.items()]
         tables.append(_table("How to read", ["metric", "meaning"], rows))
     for table in tables:
-        table["tips"] = {c: tip(c) for c in table["columns"]}
+        table["tips"] = {c: table.get("tips", {}).get(c) or tip(c) for c in table["columns"]}
     return tables
+
+
+def ranking_tables(ranking: Any) -> list[dict[str, Any]]:
+    """summary.json's "ranking": one column per metric, the methods best first (a leaderboard),
+    then the reading guide (what good looks like per metric)."""
+    if not isinstance(ranking, list) or not ranking:
+        return []
+    arrow = {"higher": "↑", "lower": "↓"}
+    columns = ["rank"] + [f"{r['metric']} {arrow.get(r['better'], '')}" for r in ranking]
+    depth = max(len(r["order"]) for r in ranking)
+    rows = [[str(k + 1)] + [f"{r['order'][k]['method']} ({_fmt(r['order'][k]['value'])})"
+                            if k < len(r["order"]) else "" for r in ranking]
+            for k in range(depth)]  # fmt: skip
+    board = _table("Methods ranked by each metric (best first; ↑ higher is better, ↓ lower)",
+                   columns, rows)  # fmt: skip
+    board["tips"] = {c: str(r.get("guide") or "") for c, r in zip(columns[1:], ranking,
+                                                                    strict=True)}  # fmt: skip
+    guide = _table("Reading guide: what good looks like", ["metric", "better", "meaning"],
+                   [[r["metric"], r["better"], str(r.get("guide") or "")] for r in ranking])
+    return [board, guide]
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]], more: int = 0) -> dict:
