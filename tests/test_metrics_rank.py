@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -346,3 +347,41 @@ def test_metrics_job_scores_boxes_road_and_ranks_the_methods(tiny_job, tmp_path)
         assert entry["guide"] and entry["order"][0]["rank"] == 1
     rows = summary["methods"]
     assert rows["gradcam"]["boxed_maps"] == 2 and "road_gap_mean" in rows["random"]
+
+
+def test_config_readme_documents_every_metrics_key_at_the_schemas_default():
+    """The schema holds the defaults (metrics/run.py reads them); config/README's rows say the
+    same: every key of the `metrics` section has a row naming it and its default."""
+    from cnnviz.config import section_defaults
+
+    readme = (Path(__file__).resolve().parents[1] / "config" / "README.md").read_text("utf-8")
+    rows = [line.split(" | ") for line in readme.splitlines() if line.startswith("| `metrics.")]
+
+    def leaves(tree: dict, prefix: str = ""):
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield prefix, key, value
+
+    def shown(value) -> list[str]:
+        if isinstance(value, bool):
+            return [str(value).lower()]
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return [str(value)]
+
+    def row_of(rows: list[list[str]], section: str, key: str) -> list[str] | None:
+        for row in rows:
+            first = row[0].split("`")[1]  # metrics.randomization.cuts: the row's first key
+            if first.rpartition(".")[0] + "." == section and (
+                first == f"{section}{key}" or f"`.{key}`" in row[0]
+            ):
+                return row
+        return None
+
+    for parent, key, default in leaves(section_defaults("metrics")):
+        head = row_of(rows, f"metrics.{parent}", key)
+        assert head is not None, f"config/README has no row for metrics.{parent}{key}"
+        assert all(v in head[1] for v in shown(default)), (f"metrics.{parent}{key}", default)
+    assert "| `images.boxes` |" in readme
