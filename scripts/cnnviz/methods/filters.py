@@ -19,7 +19,10 @@ A whole optimization step is one ONNX graph (`optvis_graph`, engine "graph", the
 parameterization, the step's random transforms (drawn on the host once for all steps, picked
 in-graph by the step index), resize and normalization, the model cut at the layer (nothing after
 the layer is computed), the objective, the backward of all of it (`cnnviz.autodiff.vjp`) and the
-Adam / normalized-step update. `GraphJob` runs it with ONNX Runtime I/O binding: the state
+Adam / normalized-step update. The objective is `objectives.channel(tensor, c)` per item, one
+case of the objective algebra: `objective_job.ObjectiveJob` builds and runs it (the older
+`GraphJob`, with the channel seed written by hand, is its base class and still builds the same
+graphs for the tests and benchmarks). Both run with ONNX Runtime I/O binding: the state
 (parameters, Adam's m and v, the step index, the curves) stays on the device between steps and
 is read back once, at the end. Engine "numpy" is the earlier host loop (the model's gradient from
 `LayerObjective`, the rest in numpy, `optvis`), kept as the reference the graph is tested
@@ -250,9 +253,12 @@ def optimize_filters(
     objective = None
     if engine == "graph":
         try:
-            objective = GraphJob(model, tensor, len(groups[0]), mode=mode, steps=steps, lr=step,
-                                 norm=norm, param_size=param_size, norm_bound=norm_bound,
-                                 device=device, threads=threads)
+            from .objective_job import ObjectiveJob
+            from .objectives import channel
+
+            objective = ObjectiveJob(model, [channel(tensor, 0)], len(groups[0]), mode=mode,
+                                     steps=steps, lr=step, norm=norm, param_size=param_size,
+                                     norm_bound=norm_bound, device=device, threads=threads)
         except NotAGraphCase:
             engine = "numpy"
     if objective is None:
@@ -264,7 +270,8 @@ def optimize_filters(
         raise ConfigError(
             f"layer tensor {tensor!r} has {n_channels} channels; filters {bad} do not exist"
         )
-    run = GraphJob.run if engine == "graph" else _run_lucent if mode == "lucent" else _run_seed
+    run = (type(objective).run if engine == "graph"
+           else _run_lucent if mode == "lucent" else _run_seed)
     parts = [
         run(objective, group, steps, step, seed, norm, param_size, norm_bound)
         for group in groups

@@ -431,3 +431,170 @@ def evaluation(cut: onnx.ModelProto, tensor: str, batch: int, mode: str, size: i
 def op_types(model: onnx.ModelProto) -> list[str]:
     """The op types a graph uses (sorted), e.g. to check them against the CUDA kernel list."""
     return sorted({n.op_type for n in model.graph.node})
+
+
+# ----------------------------------------------------------------------------- any objective
+
+
+@dataclass
+class ObjectiveGraphs:
+    """The step and evaluation graphs of one objective structure (`objectives.signature`)."""
+
+    step: StepSpec
+    evaluation: onnx.ModelProto
+    tables: dict[str, tuple[int, ...]]  # the objective's parameter inputs (name -> shape)
+    terms: int
+
+
+def objective_forward(cut: onnx.ModelProto, objectives, mode: str, batch: int, steps: int,
+                      size: int, input_hw: tuple[int, int], norm: ov.Normalization,
+                      tensors: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                      redirect: dict[str, str] | None, evaluate: bool = False
+                      ) -> tuple[onnx.ModelProto, dict[str, tuple[int, ...]]]:
+    """The forward graph: parameters -> picture -> (lucent, not `evaluate`: this step's random
+    transforms) -> model -> the objective (`objectives.emit`). Outputs fv:loss, fv:values,
+    fv:terms (+ fv:image, lucent evaluation). Returns (model, table inputs)."""
+    from . import objectives as ob
+
+    e = Emitter("fv")
+    n_terms = len(objectives[0].terms)
+    inputs = []
+    if mode == "lucent":
+        w2 = size // 2 + 1
+        inputs.append(_value("fv:spectrum", TensorProto.FLOAT, (batch, 3, size, w2, 2)))
+        image = fourier_image(e, "fv:spectrum", batch, size)
+        picture, pshape = image, (batch, 3, size, size)
+        if evaluate:
+            x = normalize(e, resize(e, image, (size, size), input_hw), norm)
+        else:
+            inputs.append(_value("fv:draws", TensorProto.FLOAT, (batch, steps, 6)))
+            draw = e.op("Gather", ["fv:draws", "fv:step"], axis=1)  # [B, 6]
+            x = random_transform(e, image, draw, batch, size, input_hw, norm)
+    else:
+        inputs.append(_value("fv:x", TensorProto.FLOAT, (batch, 3, *input_hw)))
+        picture, pshape = "fv:x", (batch, 3, *input_hw)
+        x = normalize(e, "fv:x", norm)
+    on = None
+    if not evaluate:
+        inputs.append(_value("fv:step", TensorProto.INT64, ()))
+        if redirect:  # redirected in the first steps and while the term's value is <= 0
+            inputs.append(_value("fv:prev", TensorProto.FLOAT, (batch, n_terms)))
+            early = e.op("Cast", [e.op("Less", ["fv:step", e.const(np.array(16, np.int64),
+                                                                   "redir")])],
+                         to=TensorProto.FLOAT)
+            dead = e.op("Cast", [e.op("LessOrEqual", ["fv:prev", e.f(0.0)])],
+                        to=TensorProto.FLOAT)
+            on = e.op("Max", [dead, early])
+    inputs.append(_value("fv:live", TensorProto.FLOAT, (batch,)))
+    e2 = Emitter("fv/objective")
+    em = ob.emit(e2, objectives, batch, tensors, shapes, picture, pshape,
+                 redirect=redirect if on else None, redirect_on=on, live="fv:live")
+    outputs = ["fv:loss", "fv:values", "fv:terms"]
+    for src, dst in zip((em.loss, em.values, em.terms), outputs, strict=True):
+        e2.op("Identity", [src], out=dst)
+    if mode == "lucent" and evaluate:
+        e2.op("Identity", [picture], out="fv:image")
+        outputs.append("fv:image")
+    inputs += [_value(n, TensorProto.FLOAT, s) for n, s in em.inputs.items()]
+    m = compose(cut, e, x, inputs, outputs)
+    m.graph.node.extend(e2.nodes)
+    m.graph.initializer.extend(e2.inits)
+    return m, em.inputs
+
+
+def objective_graphs(cut: onnx.ModelProto, objectives, mode: str, batch: int, steps: int,
+                     size: int, input_hw: tuple[int, int], norm: ov.Normalization, lr: float,
+                     tensors: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                     redirect: dict[str, str] | None, norm_bound: float | None = None,
+                     opset: int = 17, betas=(0.9, 0.999), eps: float = 1e-8) -> ObjectiveGraphs:
+    """One step of ascent on the objective (lucent: Adam on the spectrum; seed: the normalized
+    step on the picture) and the untransformed evaluation, as ONNX graphs.
+
+    The gradient is the engine's vjp of fv:loss (seeded with ones: each item ascends its own
+    objective; diversity couples the items) through the objective, the model, the transforms
+    and the parameterization. State: parameters (+ Adam's m, v), step, prev terms, curves of
+    the total [B, steps] and of every term [B, T, steps]."""
+    from ..autodiff import vjp
+    from ..autodiff.prepare import eliminate_dead_nodes, sort_topologically
+
+    n_terms = len(objectives[0].terms)
+    fwd, table_shapes = objective_forward(cut, objectives, mode, batch, steps, size, input_hw,
+                                          norm, tensors, shapes, redirect)
+    param = "fv:spectrum" if mode == "lucent" else "fv:x"
+    pshape = (batch, 3, size, size // 2 + 1, 2) if mode == "lucent" else (batch, 3, *input_hw)
+    m = vjp(fwd, wrt=[param], seed_outputs=["fv:loss"], batch=batch)
+    e = Emitter("fv/step")
+    g = m.graph
+    e.op("Identity", [e.const(np.ones(batch, F32), "ones")], out="seed:fv:loss")
+    grad = f"grad:{param}"
+    state: dict[str, tuple[tuple[int, ...], type]] = {param: (pshape, F32)}
+    if mode == "lucent":
+        b1, b2 = betas
+        bias = e.op("Gather", ["fv:bias", "fv:step"], axis=0)  # [2]: 1 - b1^t, 1 - b2^t
+        c1, c2 = e.multi("Split", [bias, e.ints([1, 1])], 2, axis=0)
+        ascent = e.op("Neg", [grad])  # Adam descends on -g
+        m_new = e.op("Add", [e.op("Mul", [e.f(b1), "fv:m"]), e.op("Mul", [e.f(1 - b1), ascent])],
+                     out="fv:m" + STATE_SUFFIX)
+        v_new = e.op("Add", [e.op("Mul", [e.f(b2), "fv:v"]),
+                             e.op("Mul", [e.op("Mul", [e.f(1 - b2), ascent]), ascent])],
+                     out="fv:v" + STATE_SUFFIX)
+        update = e.op("Div", [e.op("Mul", [e.f(lr), e.op("Div", [m_new, c1])]),
+                              e.op("Add", [e.op("Sqrt", [e.op("Div", [v_new, c2])]), e.f(eps)])])
+        new = e.op("Sub", [param, update])
+        state.update({"fv:m": (pshape, F32), "fv:v": (pshape, F32)})
+        constants = {"fv:draws": ((batch, steps, 6), F32), "fv:bias": ((steps, 2), F32)}
+    else:
+        axes = e.ints([1, 2, 3])
+        square = e.op("Mul", [grad, grad])
+        if opset >= 18:
+            mean = e.op("ReduceMean", [square, axes], keepdims=1)
+        else:
+            mean = e.op("ReduceMean", [square], axes=[1, 2, 3], keepdims=1)
+        rms = e.op("Sqrt", [mean])
+        new = e.op("Add", [param, e.op("Mul", [e.op("Div", [grad, e.op("Add", [rms, e.f(1e-5)])]),
+                                               e.f(lr)])])
+        if norm_bound is not None:
+            length = e.op("Sqrt", [e.op("ReduceSum", [e.op("Mul", [new, new]), axes],
+                                        keepdims=1)])
+            factor = e.op("Min", [e.f(1.0), e.op("Div", [e.f(norm_bound),
+                                                       e.op("Max", [length, e.f(1e-12)])])])
+            new = e.op("Mul", [new, factor])
+        constants = {}
+    e.op("Identity", [new], out=param + STATE_SUFFIX)
+    step, prev, curves, tcurves = "fv:step", "fv:prev", "fv:curves", "fv:term_curves"
+    column = e.op("Cast", [e.op("Equal", [e.const(np.arange(steps, dtype=np.int64), "cols"),
+                                          step])], to=TensorProto.FLOAT)
+    e.op("Add", [curves, e.op("Mul", [e.reshape("fv:values", [batch, 1]), column])],
+         out=curves + STATE_SUFFIX)
+    e.op("Add", [tcurves, e.op("Mul", [e.reshape("fv:terms", [batch, n_terms, 1]), column])],
+         out=tcurves + STATE_SUFFIX)
+    e.op("Identity", ["fv:terms"], out=prev + STATE_SUFFIX)
+    e.op("Add", [step, e.const(np.array(1, np.int64), "one")], out=step + STATE_SUFFIX)
+    g.node.extend(e.nodes)
+    g.initializer.extend(e.inits)
+    state.update({step: ((), np.int64), prev: ((batch, n_terms), F32),
+                  curves: ((batch, steps), F32), tcurves: ((batch, n_terms, steps), F32)})
+    constants.update({"fv:live": ((batch,), F32)})
+    constants.update({n: (s, F32) for n, s in table_shapes.items()})
+    keep = [i for i in g.input if i.name != "seed:fv:loss"]
+    g.ClearField("input")
+    g.input.extend(keep)
+    names = {i.name for i in g.input}
+    for name, (shape, dtype) in list(state.items()) + list(constants.items()):
+        if name not in names:
+            g.input.append(_value(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+    outs = [n + STATE_SUFFIX for n in state] + ["fv:values"]
+    g.ClearField("output")
+    g.output.extend(helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outs)
+    sort_topologically(g)
+    eliminate_dead_nodes(g, set(outs))
+    _type_outputs(m, state)
+    # an input the step no longer reads (prev without redirect) stays bound: keep it declared
+    evaluation, _ = objective_forward(cut, objectives, mode, batch, steps, size, input_hw, norm,
+                                      tensors, shapes, None, evaluate=True)
+    outputs = {o.name for o in evaluation.graph.output} - {"fv:loss"}
+    kept = [o for o in evaluation.graph.output if o.name in outputs]
+    evaluation.graph.ClearField("output")
+    evaluation.graph.output.extend(kept)
+    eliminate_dead_nodes(evaluation.graph, outputs)
+    return ObjectiveGraphs(StepSpec(m, state, constants), evaluation, table_shapes, n_terms)
