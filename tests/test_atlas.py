@@ -233,6 +233,36 @@ def test_choose_channels() -> None:
         atlas.choose_channels(top, "first", 2, named=[5], layer="conv1")
 
 
+def _top(values: list[list[float]]) -> atlas.TopK:
+    """A TopK whose rows are `values` (NaN = an unfilled slot), best first."""
+    array = np.array(values, np.float64)
+    filled = ~np.isnan(array)
+    shape = array.shape
+    return atlas.TopK(np.where(filled, array, -np.inf), np.where(filled, array, -np.inf),
+                      np.full(shape, "a"), np.zeros(shape, np.int64), np.zeros(shape, np.int64),
+                      filled)  # fmt: skip
+
+
+def test_selectivity_known_values() -> None:
+    top = _top([
+        [4.0, 1.0, 1.0],  # 1 - 2/4
+        [2.0, 2.0, 2.0],  # equal: 0
+        [6.0, 3.0, np.nan],  # two images only: 1 - 4.5/6
+        [5.0, np.nan, np.nan],  # one image: 0
+        [-1.0, -2.0, -3.0],  # never positive: 0
+        [np.nan, np.nan, np.nan],  # no image: 0
+        [10.0, 0.0, 0.0],  # one image stands out: 1 - 10/3/10
+    ])  # fmt: skip
+    expected = [0.5, 0.0, 0.25, 0.0, 0.0, 0.0, 2 / 3]
+    np.testing.assert_allclose(atlas.selectivity(top), expected, rtol=1e-12)
+    # Scale-free: the same channel with every value doubled is as selective.
+    np.testing.assert_allclose(atlas.selectivity(_top([[8.0, 2.0, 2.0]])), [0.5])
+    # most_selective: by selectivity, ties by the top activation, then the lower index;
+    # channels without an image last.
+    assert atlas.choose_channels(top, "most_selective", 7) == [6, 0, 2, 3, 1, 4, 5]
+    assert atlas.choose_channels(top, "most_active", 3) == [6, 2, 3]
+
+
 def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
     from cnnviz.images import load_image, preprocess, read_manifest
     from cnnviz.modelcard import load_card
@@ -264,6 +294,9 @@ def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
         chosen = [c["channel"] for c in saved["channels"]]
         expected = [4, 1] if layer == "conv2" else atlas.choose_channels(merged[layer], count=3)
         assert chosen == expected
+        peaked = atlas.selectivity(merged[layer])
+        assert [c["selectivity"] for c in saved["channels"]] == pytest.approx(
+            [peaked[c] for c in chosen], rel=1e-5, abs=1e-7)
         row = next(r for r in card["layers"] if r["name"] == layer)
         fields = receptive_field(model, row["tensor"])
         assert saved["receptive_field"]["size"] == [f.size for f in fields]

@@ -8,10 +8,11 @@ image patch under the unit's receptive field. A map-reduce, so it scales to many
   per image and channel its strongest unit; a per-channel top-k kept across batches. Writes
   `shards/{shard}.json`: per layer, per channel at most k entries [value, pre, image, y, x].
 - reduce (per model): merges the shard files one at a time into the global top-k, picks the
-  channels to show, loads only the winning images, projects each winner alone (under
-  `atlas.policy`: projection_policy; seeded with its value at its position), crops projection and image to the unit's
-  receptive field (`cnnviz.receptive`) and tiles them: per channel a grid of projections and a
-  grid of patches side by side. Writes `{layer}.png` + `{layer}.json`.
+  channels to show (most active, most selective - see `selectivity` - first, or named), loads
+  only the winning images, projects each winner alone (under `atlas.policy`:
+  projection_policy; seeded with its value at its position), crops projection and image to the
+  unit's receptive field (`cnnviz.receptive`) and tiles them: per channel a grid of projections
+  and a grid of patches side by side. Writes `{layer}.png` + `{layer}.json`.
 
 Order (a total order, so the merge of shards is the top-k of all images, whatever the sharding):
 value descending, then the pre-activation descending (a ReLU6 layer saturates at exactly 6: its
@@ -42,7 +43,7 @@ from .projection_policy import resolve as resolve_policy
 log = logging.getLogger("cnnviz.atlas")
 
 FORMAT = "cnnviz.atlas.shard/1"
-CHANNEL_MODES = ("most_active", "first")
+CHANNEL_MODES = ("most_active", "most_selective", "first")
 CELL = 48  # px per projection / patch tile
 SEP = 1  # px between tiles
 GAP = 6  # px between a channel's projections and its patches
@@ -308,12 +309,33 @@ def merge_shards(
     return tops, ids, failed
 
 
+def selectivity(top: TopK) -> np.ndarray:
+    """[C] how peaked each channel's top activations are across images: 1 - mean(top-k) / top-1.
+
+    The mean is over the channel's kept entries (its k best images, one unit each; fewer when
+    the run has fewer images). 0: the k images excite it equally (a channel that fires on
+    anything); towards 1: one image stands out (a detector of something rare). A channel whose
+    top activation is not positive, or that has no image, scores 0: the ratio means nothing
+    there.
+    """
+    filled = top.filled
+    values = np.where(filled, top.value, 0.0)
+    count = filled.sum(axis=1)
+    mean = values.sum(axis=1) / np.maximum(count, 1)
+    best = np.where(filled[:, 0], top.value[:, 0], 0.0)
+    usable = (best > 0) & np.isfinite(best) & np.isfinite(mean)
+    ratio = np.divide(mean, best, out=np.ones_like(mean), where=usable)
+    return np.where(usable, 1.0 - ratio, 0.0)
+
+
 def choose_channels(
     top: TopK, mode: str = "most_active", count: int = 16, named: Sequence[int] | None = None,
     layer: str = "?",
 ) -> list[int]:
     """The channels to show: `named` ones, else the first `count`, or the `count` with the
-    highest top activation over the dataset (same order as the atlas entries; ties: lower index)."""
+    highest top activation over the dataset (most_active; same order as the atlas entries) or
+    the highest `selectivity` (most_selective; ties: the higher top activation). Last ties:
+    lower index."""
     if named:
         bad = [c for c in named if not 0 <= int(c) < top.channels]
         if bad:
@@ -322,10 +344,13 @@ def choose_channels(
         return [int(c) for c in dict.fromkeys(named)]
     if mode == "first":
         return list(range(min(count, top.channels)))
-    if mode != "most_active":
+    if mode not in CHANNEL_MODES:
         raise ConfigError(f"atlas.channels {mode!r}: use one of {CHANNEL_MODES}")
     index = np.arange(top.channels)
-    order = np.lexsort((index, -top.pre[:, 0], -top.value[:, 0], ~top.filled[:, 0]))
+    keys = [index, -top.pre[:, 0], -top.value[:, 0]]
+    if mode == "most_selective":
+        keys.append(-selectivity(top))
+    order = np.lexsort((*keys, ~top.filled[:, 0]))
     return [int(c) for c in order[:count]]
 
 
@@ -554,11 +579,13 @@ def _layer_atlas(
             patch = crop_window(images[e["image"]][1], window, 255)
             tiles[c]["patches"].append(_fit(patch, CELL))
     blocks, channels = [], []
+    peaked = selectivity(top)
     for c in chosen:
         entries = top.entries(c)
         blocks.append({"label": _label(c, entries), **tiles[c]})
         channels.append({
             "channel": c,
+            "selectivity": _round(float(peaked[c])),
             "images": [e["image"] for e in entries],
             "top": [{"image": e["image"], "value": _round(e["value"]),
                      "pre": _round(e["pre"]), "position": e["position"],
