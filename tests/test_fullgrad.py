@@ -160,7 +160,7 @@ def resnet():
 def effnet(effnet_dir):
     from cam_peer_models import effnet_case
 
-    return effnet_case(effnet_dir)
+    return effnet_case(effnet_dir, images=1)  # the peer takes ~5 s an image (cv2 per channel)
 
 
 def _peer(case) -> tuple[np.ndarray, float]:
