@@ -200,3 +200,26 @@ def test_bad_objectives_are_named():
     model.graph.node.append(soft)
     model.graph.output[0].name = "prob"
     assert oj.logits_tensor(model) == "logits"
+
+
+def test_filters_objective_from_the_config(tmp_path):
+    """filters.objective per filter c of the job's layer: the JSON's final values are the
+    objective on the final pictures (lucent: the picture at the input size), by definition."""
+    import json
+
+    from test_filters import write_model_dir
+
+    model_dir = write_model_dir(tmp_path / "tiny", small_net(), IMAGENET)
+    text = "neuron(layer, c) - 1e-3 * total_variation() + 0.5 * class_logit(c)"
+    info = fv.visualize_layer(model_dir, "w2", tmp_path / "out", mode="lucent", filters=[1, 3],
+                              steps=4, batch_size=2, device="cpu", threads=1, expression=text)
+    assert info["expression"] == text and info["objective_tensor"] == "r2"
+    images = np.load(tmp_path / "out" / "w2.lucent.npy").transpose(0, 3, 1, 2)
+    objs = [ob.parse(text, {"layer": "r2", "c": c}).with_layers(
+        lambda n: "logits" if n == ob.LOGITS else n) for c in (1, 3)]
+    values, _ = ob.evaluate(objs, _activations(small_net(), images), images)
+    np.testing.assert_allclose(info["final"], values, rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "out" / "w2.lucent.json").read_text())["curves"]
+    with pytest.raises(ConfigError, match="objective"):
+        fv.visualize_layer(model_dir, "w2", tmp_path / "out", filters=[1], steps=1,
+                           device="cpu", threads=1, expression="channel(layer, c) +")

@@ -122,20 +122,22 @@ def _render(args: argparse.Namespace) -> None:
 
 
 def _filters(args: argparse.Namespace) -> None:
+    from .config import section_defaults
     from .methods.filters import visualize_layer
 
-    options = json.loads(args.options) if args.options else {}
+    options = {**section_defaults("filters"), **(json.loads(args.options) if args.options else {})}
     visualize_layer(
         Path(args.card).parent,
         args.layer,
         Path(args.out_dir),
         mode=args.mode,
-        filters=options.get("count", 16),
-        steps=options.get("steps", 128),
-        seed=options.get("seed", 0),
-        batch_size=options.get("batch_size", 16),
+        filters=options["count"],
+        steps=options["steps"],
+        seed=options["seed"],
+        batch_size=options["batch_size"],
         device=args.device,
         threads=args.threads,
+        expression=options["objective"],
     )
 
 

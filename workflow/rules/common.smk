@@ -242,7 +242,7 @@ def parent_folder(wildcards, output):
 
 def filter_options(wildcards):
     """The optimization settings shared by every filter job (not the layer list)."""
-    keep = ("count", "steps", "seed", "batch_size")
+    keep = ("count", "steps", "seed", "batch_size", "objective")
     return json.dumps({k: config["filters"][k] for k in keep}, sort_keys=True)
 
 

@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -48,6 +48,9 @@ import onnx
 from ..errors import ConfigError
 from ..graph import cut_at
 from . import optvis as ov
+
+if TYPE_CHECKING:
+    from .objectives import Objective
 
 MODES = ("lucent", "seed")
 LUCENT_LR = 0.05  # Adam's learning rate (lucent's default)
@@ -224,8 +227,10 @@ def optimize_filters(
     device: str = "auto",
     threads: int | None = None,
     engine: str = "graph",
+    objective_for: Callable[[int], Objective] | None = None,
 ) -> FilterResult:
-    """Maximize the spatial mean of each channel in `channels` of `tensor`.
+    """Maximize the spatial mean of each channel in `channels` of `tensor`, or with
+    `objective_for`, the objective it gives for each channel (tensor names; graph engine only).
 
     `lr`: Adam's learning rate (lucent; default 0.05) or the normalized step (seed; default
     1/255, one grey level). `preprocess`: model.json's preprocess (mean, std, scale); identity
@@ -246,6 +251,12 @@ def optimize_filters(
         raise ConfigError(f"filter engine {engine!r} is not one of {', '.join(ENGINES)}")
     if engine == "graph" and model_opset(model) < GRAPH_OPSET:
         engine = "numpy"
+    custom = objective_for is not None
+    if objective_for is None:
+        from .objectives import channel
+
+        def objective_for(c: int) -> Objective:
+            return channel(tensor, c)
     norm = ov.Normalization.from_preprocess(preprocess or {})
     groups = chunks(channels, batch_size)
     step = lr if lr is not None else (LUCENT_LR if mode == "lucent" else SEED_STEP)
@@ -254,14 +265,21 @@ def optimize_filters(
     if engine == "graph":
         try:
             from .objective_job import ObjectiveJob
-            from .objectives import channel
 
-            objective = ObjectiveJob(model, [channel(tensor, 0)], len(groups[0]), mode=mode,
-                                     steps=steps, lr=step, norm=norm, param_size=param_size,
-                                     norm_bound=norm_bound, device=device, threads=threads)
+            objective = ObjectiveJob(model, [objective_for(channels[0])], len(groups[0]),
+                                     mode=mode, steps=steps, lr=step, norm=norm,
+                                     param_size=param_size, norm_bound=norm_bound,
+                                     device=device, threads=threads)
+            objective.per_filter = objective_for
         except NotAGraphCase:
             engine = "numpy"
     if objective is None:
+        if custom:
+            raise ConfigError(
+                f"the objective {objective_for(channels[0]).text()!r} needs the graph engine "
+                f"(opset >= {GRAPH_OPSET}, a [C, H, W] layer); only channel(layer, c) runs "
+                "on the numpy engine"
+            )
         objective = LayerObjective(model, tensor, len(groups[0]), device, threads)
     setup = time.perf_counter() - started
     n_channels = objective.layer_shape[0]
@@ -558,6 +576,7 @@ def visualize_layer(
     threads: int | None = None,
     objective: str = "auto",
     engine: str = "graph",
+    expression: str | None = None,
 ) -> dict:
     """Optimize the filters of one layer and write its artifacts; return their paths + summary.
 
@@ -568,9 +587,13 @@ def visualize_layer(
     `objective` picks the maximized tensor (see `objective_tensor`; "auto": the pre-activation
     for ReLU6 layers, the layer's tensor otherwise); the JSON names it ("objective_tensor").
     `engine`: "graph" (each step one ONNX Runtime run, state on the device) or "numpy".
+    `expression`: what each filter's picture maximizes (`filters.objective`, the syntax of
+    `objectives.parse` with `layer` = this layer's maximized tensor and `c` = the filter; other
+    layer names are model.json's); None or "channel(layer, c)" is the filter's channel mean.
     """
     from ..artifacts import write_json, write_npy
     from ..modelcard import find_layer, load_card, model_path
+    from .objectives import FILTER_DEFAULT, LOGITS, parse
 
     card = load_card(model_dir)
     row = find_layer(card, layer)
@@ -578,10 +601,24 @@ def visualize_layer(
     channels = resolve_filters(filters, int(row["shape"][0]), where)
     model = onnx.load(str(model_path(model_dir, card)))
     target = objective_tensor(model, row["tensor"], objective)
+    expression = (expression or FILTER_DEFAULT).strip()
+    objective_for = None
+    if " ".join(expression.split()) != FILTER_DEFAULT:
+        from .objective_job import logits_tensor
+
+        def tensor_of(name: str) -> str:
+            if name == target:
+                return name
+            return logits_tensor(model) if name == LOGITS else find_layer(card, name)["tensor"]
+
+        def objective_for(c: int) -> Objective:
+            return parse(expression, {"layer": target, "c": c}).with_layers(tensor_of)
+
+        objective_for(channels[0])  # a bad expression fails before any work
     result = optimize_filters(
         model, target, channels, mode=mode, steps=steps, lr=lr, seed=seed,
         batch_size=batch_size, preprocess=card.get("preprocess"), device=device, threads=threads,
-        engine=engine,
+        engine=engine, objective_for=objective_for,
     )
     out_dir = Path(out_dir)
     stem = out_dir / f"{row['name']}.{mode}"
@@ -603,6 +640,7 @@ def visualize_layer(
         "tensor": row["tensor"],
         "objective": objective,
         "objective_tensor": target,
+        "expression": expression,
         "mode": mode,
         "filters": result.channels,
         "steps": steps,
@@ -620,9 +658,9 @@ def visualize_layer(
         "final": result.final.tolist(),
         "curves": np.round(result.curves, 6).tolist(),
         "curve_note": (
-            "curves[k][t]: the mean of filter k's channel of objective_tensor on the input of "
-            "step t (lucent: the randomly transformed image); start_image/final: on the "
-            "untransformed image"
+            f"curves[k][t]: {expression} for filter c = k, layer = objective_tensor, on the "
+            "input of step t (lucent: the randomly transformed image); start_image/final: on "
+            "the untransformed image"
         ),
         "files": paths,
     }

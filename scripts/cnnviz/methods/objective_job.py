@@ -12,7 +12,7 @@ names (model.json) and `logits` to tensors.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +73,10 @@ class ObjectiveResult:
 
 
 class ObjectiveJob(GraphJob):
-    """The graphs of one objective structure as sessions; `run_objectives` optimizes a batch."""
+    """The graphs of one objective structure as sessions; `run_objectives` optimizes a batch.
+    `per_filter` (channel -> objective; default channel(layer, c)) serves `run`."""
+
+    per_filter: Callable[[int], ob.Objective] | None = None
 
     def __init__(self, model: onnx.ModelProto, objectives: Sequence[ob.Objective], batch: int,
                  *, mode: str, steps: int, lr: float, norm: ov.Normalization,
@@ -97,7 +100,8 @@ class ObjectiveJob(GraphJob):
         for layer in linear | {t.layer for _, t in self.template.terms if t.kind == "diversity"}:
             if len(self.shapes[layer]) != 3:
                 raise NotAGraphCase(f"{layer!r} has shape {self.shapes[layer]}, not [C, H, W]")
-        self.layer_shape = self.shapes[self.template.terms[0][1].layer] if linear else ()
+        first = next((t.layer for _, t in self.template.terms if t.kind in ob.LINEAR), None)
+        self.layer_shape = self.shapes[first] if first else ()
         redirect = {layer: pre for layer in linear
                     if (pre := pre_activation(model, tensors[layer])) is not None}
         hw = tuple(self.input_shape[1:])
@@ -169,8 +173,8 @@ class ObjectiveJob(GraphJob):
     def run(self, channels, steps, lr, seed, norm, param_size, norm_bound):
         """GraphJob's interface for filter chunks: channel(layer, c) per item, the filter's
         own stream (`filter_rng(seed, c)`): (images HWC, curves, start, final)."""
-        layer = self.template.terms[0][1].layer
-        objectives = [ob.channel(layer, c) for c in channels]
+        make = self.per_filter or (lambda c: ob.channel(self.template.terms[0][1].layer, c))
+        objectives = [make(c) for c in channels]
         images, curves, _, start, final, _ = self.run_objectives(
             objectives, [filter_rng(seed, c) for c in channels], steps)
         return images, curves, start, final

@@ -193,13 +193,20 @@ def _tokens(text: str) -> list[tuple[str, str]]:
     return out
 
 
+FILTER_DEFAULT = "channel(layer, c)"  # filters.objective's meaning of a filter picture
+
+
 class _Parser:
     """expr := term (('+'|'-') term)*; term := factor (('*'|'/') factor)*;
     factor := ('-'|'+') factor | number | call | '(' expr ')'. A value is an Objective or a
     float; products and quotients need one number."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, bindings: dict[str, str | int] | None = None):
         self.text, self.toks, self.i = text, _tokens(text), 0
+        for k, (kind, value) in enumerate(self.toks):  # bound names: a layer or a number
+            if kind == "name" and bindings and value in bindings:
+                bound = bindings[value]
+                self.toks[k] = ("str", bound) if isinstance(bound, str) else ("num", str(bound))
 
     def fail(self, why: str):
         raise ConfigError(f"objective {self.text!r}: {why}; write e.g. "
@@ -309,9 +316,12 @@ class _Parser:
             self.fail(f"{name} takes other arguments than {args}")
 
 
-def parse(text: str) -> Objective:
-    """The objective written in the config syntax (module doc)."""
-    return _Parser(str(text)).parse()
+def parse(text: str, bindings: dict[str, str | int] | None = None) -> Objective:
+    """The objective written in the config syntax (module doc). `bindings` name values the
+    text may use as arguments: `filters.objective` is parsed per filter with layer = the job's
+    layer and c = the filter, so "neuron(layer, c) - 1e-3 * total_variation()" is a neuron
+    picture per filter (a whole token is replaced: a layer named features.c is not touched)."""
+    return _Parser(str(text), bindings).parse()
 
 
 # ----------------------------------------------------------------------------- batches
