@@ -1,4 +1,5 @@
-"""Input-gradient methods: cnnviz (ONNX Runtime) against captum (torch), EfficientNet-Lite0.
+"""Input-gradient methods and attributions: cnnviz (ONNX Runtime) against captum (torch),
+EfficientNet-Lite0.
 
 Same process, interleaved (each repeat runs every contender once, in a rotating order), 2 threads
 on both sides (torch.set_num_threads(2); ORT intra_op 2, inter_op 1, allow_spinning 0), batch 1,
@@ -10,7 +11,11 @@ nn.ReLU subclass (clamp 0..6), the same computation as ours; on the stock model 
 silently compute the plain gradient. IG: 50 steps, method gausslegendre on both sides (captum's
 default), zero baseline; captum pushes all 50 points through one batch (its default), ours runs
 52 points (50 + the two end points for the completeness check, `explain.ig_points`), --ig-batch
-rows (images x points, `runner.chunk_plan`) a call.
+rows (images x points, `runner.chunk_plan`) a call. Input x Gradient (`attribution.
+input_x_gradient_graph`) against InputXGradient; DeepLIFT (`attribution.deeplift_graph`, black
+baseline) against DeepLift on a copy with one module per call (torch_oracle.one_module_per_call)
+and nn.ReLU6 given captum's rescale rule, the computation ours does (stock captum keeps ReLU6's
+gradient and cannot run a module used twice).
 
 torch's OpenMP threads spin-wait by default; on a shared, oversubscribed machine that made torch
 6x slower than itself (forward ~1 s instead of ~0.17 s at load 9 on 2 cores). The benchmark
@@ -35,7 +40,10 @@ import benchlib
 import numpy as np
 import onnx
 
-TARGETS = {"saliency": 0.5, "guided": 0.5, "deconvnet": 0.5, "ig50": 0.4}
+TARGETS = {
+    "saliency": 0.5, "guided": 0.5, "deconvnet": 0.5, "ig50": 0.4, "input_x_gradient": 0.5,
+    "deeplift": 0.5,
+}  # fmt: skip
 
 
 def effnet(model_dir: Path | None) -> tuple[onnx.ModelProto, dict]:
@@ -84,9 +92,18 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP runtime
     import torch
-    from captum.attr import Deconvolution, GuidedBackprop, IntegratedGradients, Saliency
+    from captum.attr import (
+        Deconvolution,
+        DeepLift,
+        GuidedBackprop,
+        InputXGradient,
+        IntegratedGradients,
+        Saliency,
+    )
+    from captum.attr._core import deep_lift
     from cnnviz.export.sources import efficientnet_lite0
     from cnnviz.images import preprocess
+    from cnnviz.methods import attribution
     from cnnviz.methods import backprop as bp
     from cnnviz.methods.explain import ig_points
     from cnnviz.runner import Runner, chunk_plan
@@ -117,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     fixed = {"baseline": bp.make_baseline("zero", x[0], card["preprocess"])[None]}
     ig_runner.run(feeds, {k: v[:points] for k, v in path.items()}, fixed)  # warm, untimed
     in_name = card["input"]["name"]
+    ixg_runner = Runner(attribution.input_x_gradient_graph(model, 1), "cpu", th)
+    dl_runner = Runner(attribution.deeplift_graph(model, 1), "cpu", th)
+    black = {"baseline": bp.make_baseline("black", x[0], card["preprocess"])[None]}
+    deep_lift.SUPPORTED_NON_LINEAR[torch.nn.ReLU6] = deep_lift.nonlinear
+    dl = DeepLift(benchlib.torch_oracle().one_module_per_call(module, xt))
+    ixg = InputXGradient(module)
+    black_t = torch.from_numpy(np.ascontiguousarray(black["baseline"]))
     saliency, guided = Saliency(module), GuidedBackprop(relu_module)
     deconv, ig = Deconvolution(relu_module), IntegratedGradients(module)
 
@@ -132,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         "guided captum": lambda: guided.attribute(grad_input(), target=target),
         "deconvnet ours": lambda: runners["deconvnet"].run(feeds),
         "deconvnet captum": lambda: deconv.attribute(grad_input(), target=target),
+        "input_x_gradient ours": lambda: ixg_runner.run(feeds),
+        "input_x_gradient captum": lambda: ixg.attribute(grad_input(), target=target),
+        "deeplift ours": lambda: dl_runner.run(feeds, None, black),
+        "deeplift captum": lambda: dl.attribute(grad_input(), baselines=black_t, target=target),
     }
     ig_pair = {
         "ig50 ours": lambda: ig_runner.run(feeds, path, fixed),

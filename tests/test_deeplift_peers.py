@@ -12,8 +12,9 @@ How captum is run, and the definitional differences:
 
 - captum's DeepLift keeps state on the module (its forward hooks store the module's input and
   output, its backward hook deletes them): a module applied twice (ResNet's Bottleneck.relu,
-  EfficientNet's `_swish` in every block) raises. `one_module_per_call` gives each call its own
-  copy (same function), which is what the ONNX graph has anyway (one node per call).
+  EfficientNet's `_swish` in every block) raises. One module per call gives each call its own
+  copy (same function, torch_oracle.one_module_per_call), which is what the ONNX graph has
+  anyway (one node per call).
 - captum rescales only nn.ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus, MaxPool and Softmax
   (exact type): EfficientNet-Lite0's ReLU6 keeps its gradient there, so captum's attributions do
   not sum to f(x) - f(x0) (measured and asserted below). Ours rescale ReLU6 (Clip) like every
@@ -26,7 +27,6 @@ How captum is run, and the definitional differences:
 
 from __future__ import annotations
 
-import copy
 import io
 import time
 
@@ -51,43 +51,6 @@ MIN_CORRELATION = 0.99
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
-
-
-class PerCall(torch.nn.Module):
-    """Copies of one module, the k-th used at the k-th call of each forward (k mod copies)."""
-
-    def __init__(self, module: torch.nn.Module, calls: int) -> None:
-        super().__init__()
-        self.copies = torch.nn.ModuleList(copy.deepcopy(module) for _ in range(calls))
-        self.calls = 0
-
-    def forward(self, x):  # noqa: ANN001, ANN201 - torch
-        module = self.copies[self.calls % len(self.copies)]
-        self.calls += 1
-        return module(x)
-
-
-def one_module_per_call(net: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """A copy of `net` in which every leaf module called more than once per forward is replaced
-    by a PerCall of that many copies (captum's DeepLift needs one module per use)."""
-    net = copy.deepcopy(net)
-    counts: dict[str, int] = {}
-    handles = []
-    for name, module in net.named_modules():
-        if name and not list(module.children()):
-            handles.append(module.register_forward_hook(
-                lambda m, i, o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)
-            ))  # fmt: skip
-    with torch.no_grad():
-        net(x[:1])
-    for handle in handles:
-        handle.remove()
-    for name, calls in counts.items():
-        if calls > 1:
-            parent_name, _, attr = name.rpartition(".")
-            parent = net.get_submodule(parent_name) if parent_name else net
-            setattr(parent, attr, PerCall(getattr(parent, attr), calls))
-    return net
 
 
 def _export(net: torch.nn.Module, x: np.ndarray) -> onnx.ModelProto:
@@ -165,7 +128,7 @@ def _captum_deeplift(net, x, targets, baseline):
     rules[torch.nn.ReLU6] = deep_lift.nonlinear  # the rescale rule captum gives nn.ReLU
     try:
         xt = torch.from_numpy(x)
-        net = one_module_per_call(net, xt)
+        net = oracle.one_module_per_call(net, xt)
         started = time.perf_counter()
         attr, delta = captum_attr.DeepLift(net).attribute(
             xt, baselines=torch.from_numpy(np.ascontiguousarray(baseline[None])), target=targets,
@@ -204,7 +167,7 @@ def test_captum_without_a_relu6_rule_misses_the_delta(effnet):
     torch.set_num_threads(2)
     x = effnet["x"][:1]
     xt = torch.from_numpy(x)
-    net = one_module_per_call(effnet["net"], xt)
+    net = oracle.one_module_per_call(effnet["net"], xt)
     x0 = torch.from_numpy(np.ascontiguousarray(effnet["baseline"][None]))
     with torch.no_grad():
         target = int(net(xt).argmax(1)[0])

@@ -117,6 +117,43 @@ def swap_relu6(module: torch.nn.Module) -> torch.nn.Module:
     return out
 
 
+class PerCall(torch.nn.Module):
+    """Copies of one module, the k-th used at the k-th call of each forward (k mod copies)."""
+
+    def __init__(self, module: torch.nn.Module, calls: int) -> None:
+        super().__init__()
+        self.copies = torch.nn.ModuleList(copy.deepcopy(module) for _ in range(calls))
+        self.calls = 0
+
+    def forward(self, x):  # noqa: ANN001, ANN201 - torch
+        module = self.copies[self.calls % len(self.copies)]
+        self.calls += 1
+        return module(x)
+
+
+def one_module_per_call(net: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """A copy of `net` in which every leaf module called more than once per forward is replaced
+    by a PerCall of that many copies (captum's DeepLift needs one module per use)."""
+    net = copy.deepcopy(net)
+    counts: dict[str, int] = {}
+    handles = []
+    for name, module in net.named_modules():
+        if name and not list(module.children()):
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)
+            ))  # fmt: skip
+    with torch.no_grad():
+        net(x[:1])
+    for handle in handles:
+        handle.remove()
+    for name, calls in counts.items():
+        if calls > 1:
+            parent_name, _, attr = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, attr, PerCall(getattr(parent, attr), calls))
+    return net
+
+
 # Sizes: the smallest the exporter takes. VGG and AlexNet end in AdaptiveAvgPool2d(7 / 6), which
 # the TorchScript exporter only exports when the feature map is a multiple of it (224 for both);
 # EfficientNet-Lite0 is pretrained with static "same" pads for 224.
