@@ -71,6 +71,19 @@ def _maps(model: onnx.ModelProto, x: np.ndarray, targets: list[int], norm: str) 
     return Runner(graph, "cpu", 1).run({"images": x, "targets": np.asarray(targets)})["map"]
 
 
+def test_options_are_the_registrys():
+    """The module's OPTIONS and cnnviz.registry's entry (the one the pipeline reads) agree:
+    names, defaults, enums and minimums."""
+    from cnnviz import registry
+
+    declared = registry.METHODS["fullgrad"].options
+    assert set(declared) == set(OPTIONS["fullgrad"])
+    for name, spec in OPTIONS["fullgrad"].items():
+        assert declared[name].default == spec["default"], name
+        for key in ("enum", "minimum"):
+            assert declared[name].schema.get(key) == spec.get(key), (name, key)
+
+
 def test_options_declare_the_normalizations():
     spec = OPTIONS["fullgrad"]["normalization"]
     assert spec["default"] in spec["enum"] == ["channel", "layer"]

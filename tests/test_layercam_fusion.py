@@ -66,6 +66,19 @@ def _run(model, tensors, x, targets, fusion, images=2) -> np.ndarray:
     return Runner(graph, "cpu", 1).run({"images": x, "targets": np.asarray(targets)})["map"]
 
 
+def test_options_are_the_registrys():
+    """The module's OPTIONS and cnnviz.registry's entry (the one the pipeline reads) agree:
+    names, defaults, enums and minimums."""
+    from cnnviz import registry
+
+    declared = registry.METHODS["layercam_fusion"].options
+    assert set(declared) == set(OPTIONS["layercam_fusion"])
+    for name, spec in OPTIONS["layercam_fusion"].items():
+        assert declared[name].default == spec["default"], name
+        for key in ("enum", "minimum"):
+            assert declared[name].schema.get(key) == spec.get(key), (name, key)
+
+
 def test_options():
     spec = OPTIONS["layercam_fusion"]
     assert spec["fusion"]["default"] in spec["fusion"]["enum"] == ["mean", "max"]
