@@ -182,14 +182,18 @@ def test_lrp_matches_zennit(name, composite, request):
         times.append(time.perf_counter() - started)
     seconds = min(times)
     theirs, their_seconds = _zennit(case, composite, targets, low, high)
-    agreement = []
+    agreement, gaps = [], []
     for i in range(len(x)):
         agreement.append(_pearson(ours["map"][i], theirs[i].sum(0)))
         assert _pearson(ours["signed"][i], theirs[i]) >= 0.99, (i, "signed")
         assert agreement[-1] >= 0.99, (i, "map")
+        # the scale too (Pearson is blind to it): the largest difference of the relevance
+        gaps.append(float(np.abs(ours["signed"][i] - theirs[i]).max() / np.abs(theirs[i]).max()))
+        assert gaps[-1] <= 0.02, (i, gaps[-1])
         total, their_total = ours["signed"][i].sum(), theirs[i].sum()
-        assert abs(total - their_total) <= 0.02 * abs(ours["logit"][i]), (total, their_total)
-    print(f"{name} {composite}: Pearson of the maps {min(agreement):.6f} (lowest); "
+        assert abs(total - their_total) <= 0.02 * abs(their_total) + 1e-3 * abs(ours["logit"][i])
+    print(f"{name} {composite}: Pearson of the maps {min(agreement):.6f} (lowest), largest "
+          f"difference {max(gaps):.1e} of the largest relevance; "
           f"ours {seconds:.3f} s (+{build_seconds:.2f} s graph and session once per job), "
           f"zennit {their_seconds:.3f} s ({len(x)} images, 2 threads)")
     # the target is <= 0.5x (met in the measurements of the commit message); on shared,
