@@ -309,6 +309,21 @@ def test_input_x_gradient_matches_finite_differences():
         assert out["signed"][index] == pytest.approx(want, rel=2e-2, abs=1e-4)
 
 
+@pytest.mark.parametrize("method", ["input_x_gradient", "deeplift"])
+def test_options_are_the_registrys(method):
+    """The module's OPTIONS and cnnviz.registry's entry (the one the pipeline reads) agree:
+    names, defaults, enums and minimums; the registry runs this module's function."""
+    from cnnviz import registry
+
+    entry = registry.METHODS[method]
+    assert entry.run == f"cnnviz.methods.attribution:run_{method}"
+    assert set(entry.options) == set(OPTIONS[method])
+    for name, spec in OPTIONS[method].items():
+        assert entry.options[name].default == spec["default"], name
+        for key in ("enum", "minimum"):
+            assert entry.options[name].schema.get(key) == spec.get(key), (name, key)
+
+
 def test_options_are_declared_once():
     assert OPTIONS["input_x_gradient"] == {}
     baseline = OPTIONS["deeplift"]["baseline"]
