@@ -24,11 +24,17 @@ stabilizer):
 - flat:     R_x = F_1^T(R / stab(F_1(1)))  (every weight and input 1, no bias)
 - wsquare:  R_x = F_W2^T(R / stab(F_W2(1) + b^2))  (W2 = W * W; zennit squares the bias too)
 
+A zero Pad node feeding a Conv (TorchScript's TF-"same" padding) is that conv's padding for the
+rules with synthetic inputs (flat, wsquare, zbox: ones and bounds only inside, no relevance on the
+border), as zennit pads the modified inputs of such a module.
+
 Other nodes: `pass_rule` (relevance unchanged) at activations and at a BatchNormalization that
 is not merged (zennit's Pass); `norm_rule` (R_i = x_i * d y/d x_i applied to R / stab(y): the
-share of each summand) at Add / Sum (residual sums) and average pooling (zennit's Norm). Every
-other op keeps its gradient rule: MaxPool's switch (winner-take-all, torch's max-pool backward,
-which zennit's composites leave as is), Flatten / Reshape / Concat / Pad route it unchanged.
+share of each summand) at Add / Sum (residual sums) and average pooling (AveragePool,
+GlobalAveragePool, ReduceMean: zennit's Norm). Every other op keeps its gradient rule: MaxPool's
+switch (winner-take-all, torch's max-pool backward, which zennit's composites leave as is),
+Flatten / Reshape / Concat / Pad route it unchanged, and a Mul of two computed tensors (a
+squeeze-excitation gate) is differentiated, as zennit does with torch's functional ops.
 
 Every rule is linear in R (stabilizers depend on the forward values only), so seeding a one-hot
 and scaling the result by the target logit equals zennit's seed "one-hot times the output".
