@@ -361,3 +361,18 @@ def test_run_lrp_names_a_bad_option():
         job = Job(model, card, ["a"], x, [], [(0, 1)], options, "cpu", 1, 2)
         with pytest.raises(ConfigError, match="composite|gamma"):
             list(run_lrp(job))
+
+
+def test_options_are_the_registrys():
+    """The module's OPTIONS and cnnviz.registry's entry (the one the pipeline reads) agree:
+    names, defaults, enums (every composite) and minimums; the registry runs run_lrp."""
+    from cnnviz import registry
+
+    entry = registry.METHODS["lrp"]
+    assert entry.run == "cnnviz.methods.lrp:run_lrp"
+    assert set(entry.options) == set(OPTIONS["lrp"])
+    for name, spec in OPTIONS["lrp"].items():
+        assert entry.options[name].default == spec["default"], name
+        for key in ("enum", "minimum"):
+            assert entry.options[name].schema.get(key) == spec.get(key), (name, key)
+    assert OPTIONS["lrp"]["composite"]["enum"] == list(COMPOSITES)
