@@ -131,6 +131,31 @@ def test_folded_batchnorm_gives_the_unfolded_map(norm):
     assert np.abs(other - a).max() > 1e-2  # the two normalizations are different maps
 
 
+def test_a_model_without_biases_gives_the_input_term_alone():
+    """dynamo drops all-zero biases (a freshly initialised BatchNorm folded into its conv): the
+    map is then FullGrad's input-gradient term alone, which is also what zero biases give."""
+    from cnnviz.methods.explain import Job
+    from cnnviz.methods.fullgrad import run_fullgrad
+
+    with_zero = _tiny(True)
+    for init in with_zero.graph.initializer:
+        if init.name in ("b1", "b2"):
+            init.CopyFrom(onnx.numpy_helper.from_array(np.zeros(init.dims, np.float32), init.name))
+    without = onnx.ModelProto.FromString(with_zero.SerializeToString())
+    for node in without.graph.node:
+        if node.op_type == "Conv":
+            del node.input[2:]
+    assert len(bias_layers(with_zero)) == 2 and bias_layers(without) == []
+    x = np.random.default_rng(4).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_maps(without, x, [1, 3], "channel"),
+                               _maps(with_zero, x, [1, 3], "channel"), atol=1e-6)
+    job = Job(without, {"name": "tiny"}, ["a", "b"], x, [], [(0, 1)],
+              {"normalization": "channel"}, "cpu", 1, 2)
+    (_, raw, _, info), = run_fullgrad(job)
+    assert info["bias_layers"] == 0 and "input-gradient term alone" in info["notes"][0]
+    assert np.isfinite(raw).all() and raw.max() > 0
+
+
 def test_run_fullgrad_yields_a_map_per_row():
     """The method interface: run_fullgrad(job) over a job's rows (an image twice, two classes;
     three rows at two per call)."""

@@ -115,10 +115,10 @@ def fullgrad_graph(
     per_channel = normalization == "channel"
     eps = PEER_EPS if per_channel else REFERENCE_EPS
     axes = [2, 3] if per_channel else [1, 2, 3]
+    # No layer with a bias (an exporter drops all-zero biases, as dynamo does for a freshly
+    # initialised BatchNorm): FullGrad is then its input-gradient term alone (run_fullgrad
+    # says so in each map's notes).
     layers = bias_layers(model, images)
-    if not layers:
-        raise ConfigError("fullgrad needs layers with a bias (Conv or BatchNormalization); "
-                          "the model has none with a [N, C, h, w] output")
     x_name = model_input_name(model)
     core = vjp(model, wrt=[x_name, *(z for z, _ in layers)], policy="gradient", batch=images,
                fallback=fallback)
@@ -157,6 +157,10 @@ def run_fullgrad(job: Any) -> Iterator[tuple[int, np.ndarray, None, dict[str, An
     images, _ = _images_per_call(job)
     graph = fullgrad_graph(job.model, images, normalization, job.fallback)
     out = _runner(job, graph).run(_row_feeds(job))
-    info = {"bias_layers": int(graph.metadata["layers"]), "normalization": normalization}
+    info: dict[str, Any] = {"bias_layers": int(graph.metadata["layers"]),
+                            "normalization": normalization}
+    if not info["bias_layers"]:
+        info["notes"] = ["no layer of this model has a bias: the map is FullGrad's "
+                         "input-gradient term alone (|x * dy/dx|)"]
     for r, (i, _) in enumerate(job.rows):
         yield i, out["map"][r], None, info
