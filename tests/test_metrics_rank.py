@@ -463,3 +463,37 @@ def test_on_efficientnet_the_metrics_equal_quantus_and_rank_gradcam_above_random
     print("ROAD gap", {k: round(float(v), 4) for k, v in gap.items()},
           "energy", {k: round(float(v), 4) for k, v in energy.items()})  # fmt: skip
     assert gap["gradcam"] > gap["random"] + 0.1 and energy["gradcam"] > energy["random"]
+
+
+def test_ranking_orders_by_the_better_direction_ties_share_a_rank_and_road_is_flagged(tmp_path):
+    """Known values through summarize: shard documents with fixed per-map numbers."""
+    import json
+
+    from cnnviz.metrics.summary import summarize
+
+    def doc(method: str, gap: float, sparse: float, hits: list[int]) -> Path:
+        images = [{"image": f"im{k}", "target": 0, "deletion_auc": 0.2, "insertion_auc": 0.5,
+                   "deletion_curve": [1, 0], "insertion_curve": [0, 1], "sparseness": sparse,
+                   "complexity": 5.0 - sparse, "pointing_game": hit, "energy_pointing_game": 0.5,
+                   "road": {"morf_mean": 0.5 - gap / 2, "lerf_mean": 0.5 + gap / 2, "gap": gap}}
+                  for k, hit in enumerate(hits)]  # fmt: skip
+        path = tmp_path / f"{method}.json"
+        path.write_text(json.dumps({"method": method, "model": "m", "shard": "s000",
+                                    "settings": {}, "fractions": [0, 1], "images": images,
+                                    "road_fractions": [0.5], "boxes": "b.csv",
+                                    "unboxed": ["im9"], "failed": [], "timing": {}}))  # fmt: skip
+        return path
+
+    paths = [doc("a", 0.4, 0.5, [1, 1]), doc("b", -0.1, 0.7, [1, 1]), doc("random", 0.0, 0.3,
+                                                                            [0, 1])]  # fmt: skip
+    summary = summarize(paths, tmp_path / "out")
+    ranked = {r["metric"]: r["order"] for r in summary["ranking"]}
+    assert [(o["method"], o["rank"]) for o in ranked["road_gap"]] == [("a", 1), ("random", 2),
+                                                                      ("b", 3)]  # fmt: skip
+    assert [o["method"] for o in ranked["sparseness"]] == ["b", "a", "random"]
+    assert [o["method"] for o in ranked["complexity"]] == ["b", "a", "random"]  # lower first
+    assert [(o["method"], o["rank"]) for o in ranked["pointing_game"]] == [
+        ("a", 1), ("b", 1), ("random", 3)]  # fmt: skip
+    flagged = {(f["method"], f["metric"]) for f in summary["flags"]}
+    assert ("b", "road_gap") in flagged and ("a", "road_gap") not in flagged
+    assert summary["images_without_box"] == ["im9"] and summary["road_fractions"] == [0.5]

@@ -208,6 +208,17 @@ def summarize(paths: list[Path], out_dir: Path) -> dict[str, Any]:
                               "threshold": round(bar, 4),
                               "reason": "inserting pixels in the map's order brings the class "
                                         "back no faster than a random order"})  # fmt: skip
+    if reference and reference.get("road_gap_mean") is not None:
+        # ROAD's gap is free of deletion's shape leak: a random order's gap is near 0.
+        bar = reference["road_gap_mean"]
+        for method, row in methods.items():
+            value = row.get("road_gap_mean")
+            if method != REFERENCE and value is not None and value <= bar:
+                flags.append({"method": method, "metric": "road_gap", "value": round(value, 4),
+                              "threshold": round(bar, 4),
+                              "reason": "removing the map's most relevant pixels first hurts the "
+                                        "class no more (relative to removing its least relevant) "
+                                        "than a random order does"})  # fmt: skip
     for method, row in methods.items():
         row["flags"] = ", ".join(f["metric"] for f in flags if f["method"] == method)
     model = next((d.get("model") for d in shards), None)
