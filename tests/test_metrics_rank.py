@@ -497,3 +497,21 @@ def test_ranking_orders_by_the_better_direction_ties_share_a_rank_and_road_is_fl
     flagged = {(f["method"], f["metric"]) for f in summary["flags"]}
     assert ("b", "road_gap") in flagged and ("a", "road_gap") not in flagged
     assert summary["images_without_box"] == ["im9"] and summary["road_fractions"] == [0.5]
+
+
+def test_the_model_page_tables_lead_with_the_leaderboard_and_the_reading_guide():
+    from cnnviz.report.builder import summary_tables
+
+    ranking = [{"metric": "road_gap", "better": "higher", "guide": "LeRF minus MoRF.",
+                "order": [{"rank": 1, "method": "gradcam", "value": 0.4},
+                          {"rank": 2, "method": "random", "value": 0.0}]},
+               {"metric": "complexity", "better": "lower", "guide": "Entropy.",
+                "order": [{"rank": 1, "method": "saliency", "value": 9.5}]}]  # fmt: skip
+    tables = summary_tables({"methods": {"gradcam": {"maps": 2}}, "ranking": ranking})
+    board, guide = tables[0], tables[1]
+    assert board["title"].startswith("Methods ranked")
+    assert board["columns"] == ["rank", "road_gap ↑", "complexity ↓"]
+    assert board["rows"] == [["1", "gradcam (0.4)", "saliency (9.5)"], ["2", "random (0)", ""]]
+    assert board["tips"]["road_gap ↑"] == "LeRF minus MoRF."
+    assert guide["rows"][1] == ["complexity", "lower", "Entropy."]
+    assert tables[2]["title"] == "Per method"
