@@ -10,7 +10,6 @@ import pytest
 from cnnviz.autodiff import vjp
 from cnnviz.autodiff.reference import attach_reference, deeplift_rules
 from cnnviz.methods.attribution import (
-    OPTIONS,
     deeplift_graph,
     delta_error,
     input_x_gradient_graph,
@@ -309,30 +308,19 @@ def test_input_x_gradient_matches_finite_differences():
         assert out["signed"][index] == pytest.approx(want, rel=2e-2, abs=1e-4)
 
 
-@pytest.mark.parametrize("method", ["input_x_gradient", "deeplift"])
-def test_options_are_the_registrys(method):
-    """The module's OPTIONS and cnnviz.registry's entry (the one the pipeline reads) agree:
-    names, defaults, enums and minimums; the registry runs this module's function."""
+def test_options_are_declared_once():
     from cnnviz import registry
 
-    entry = registry.METHODS[method]
-    assert entry.run == f"cnnviz.methods.attribution:run_{method}"
-    assert set(entry.options) == set(OPTIONS[method])
-    for name, spec in OPTIONS[method].items():
-        assert entry.options[name].default == spec["default"], name
-        for key in ("enum", "minimum"):
-            assert entry.options[name].schema.get(key) == spec.get(key), (name, key)
-
-
-def test_options_are_declared_once():
-    assert OPTIONS["input_x_gradient"] == {}
-    baseline = OPTIONS["deeplift"]["baseline"]
-    assert baseline["enum"] == ["zero", "black", "white"]
-    assert baseline["default"] == "zero"
+    assert registry.METHODS["input_x_gradient"].options == {}
+    baseline = registry.METHODS["deeplift"].options["baseline"]
+    assert baseline.schema["enum"] == ["zero", "black", "white"]
+    assert baseline.default == "zero"
+    for method in ("input_x_gradient", "deeplift"):
+        assert registry.METHODS[method].run == f"cnnviz.methods.attribution:run_{method}"
 
 
 def test_run_functions_give_signed_maps_per_row():
-    """run_deeplift / run_input_x_gradient through explain.Job with OPTIONS' defaults (and the
+    """run_deeplift / run_input_x_gradient through explain.Job with the registry's defaults (and the
     "white" baseline through the preprocessing): one float32 [H, W] channel sum and one signed
     [3, H, W] attribution per (image, target) row, marked for the relevance picture; DeepLIFT's
     rows equal the graph's and sum to the logit change."""
@@ -344,7 +332,9 @@ def test_run_functions_give_signed_maps_per_row():
     x = np.random.default_rng(5).normal(size=(2, C, H, W)).astype(F32)
     rows = [(0, 1), (1, 4), (0, 2)]
     card = {"preprocess": {"scale": 255.0, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25]}}
-    defaults = {k: v["default"] for k, v in OPTIONS["deeplift"].items()}
+    from cnnviz import registry
+
+    defaults = registry.defaults("deeplift")
     for options in (defaults, {**defaults, "baseline": "white"}):
         job = Job(model, card, ["a", "b"], x, [], rows, options, "cpu", 1, 4)  # 2 images a call
         results = list(run_deeplift(job))

@@ -14,8 +14,9 @@ import time
 import numpy as np
 import onnx
 import pytest
+from cnnviz import registry
 from cnnviz.autodiff import vjp
-from cnnviz.methods.fullgrad import OPTIONS, bias_layers, fullgrad_graph
+from cnnviz.methods.fullgrad import bias_layers, fullgrad_graph
 from cnnviz.runner import Runner
 from cnnviz.runtime import make_session
 from onnx import TensorProto, helper
@@ -71,22 +72,9 @@ def _maps(model: onnx.ModelProto, x: np.ndarray, targets: list[int], norm: str) 
     return Runner(graph, "cpu", 1).run({"images": x, "targets": np.asarray(targets)})["map"]
 
 
-def test_options_are_the_registrys():
-    """The module's OPTIONS and cnnviz.registry's entry (the one the pipeline reads) agree:
-    names, defaults, enums and minimums."""
-    from cnnviz import registry
-
-    declared = registry.METHODS["fullgrad"].options
-    assert set(declared) == set(OPTIONS["fullgrad"])
-    for name, spec in OPTIONS["fullgrad"].items():
-        assert declared[name].default == spec["default"], name
-        for key in ("enum", "minimum"):
-            assert declared[name].schema.get(key) == spec.get(key), (name, key)
-
-
 def test_options_declare_the_normalizations():
-    spec = OPTIONS["fullgrad"]["normalization"]
-    assert spec["default"] in spec["enum"] == ["channel", "layer"]
+    spec = registry.METHODS["fullgrad"].options["normalization"]
+    assert spec.default in spec.schema["enum"] == ["channel", "layer"]
 
 
 def test_bias_layers_take_conv_biases_and_batchnorm_effective_biases():
@@ -164,7 +152,7 @@ def test_run_fullgrad_yields_a_map_per_row():
 
     x = np.random.default_rng(3).normal(size=(2, 3, 8, 8)).astype(np.float32)
     rows = [(0, 1), (1, 2), (0, 4)]
-    options = {k: v["default"] for k, v in OPTIONS["fullgrad"].items()}
+    options = registry.defaults("fullgrad")
     job = Job(_tiny(True), {"name": "tiny"}, ["a", "b"], x, [], rows, options, "cpu", 1, 2)
     results = list(run_fullgrad(job))
     assert [r[0] for r in results] == [0, 1, 0]

@@ -10,12 +10,12 @@ import time
 import numpy as np
 import onnx
 import pytest
+from cnnviz import registry
 from cnnviz.autodiff import vjp
 from cnnviz.errors import ConfigError
 from cnnviz.graph import conv_layers
 from cnnviz.methods import cam
 from cnnviz.methods.layercam_fusion import (
-    OPTIONS,
     fusion_layers,
     layercam_fusion_graph,
     stage_layers,
@@ -66,23 +66,10 @@ def _run(model, tensors, x, targets, fusion, images=2) -> np.ndarray:
     return Runner(graph, "cpu", 1).run({"images": x, "targets": np.asarray(targets)})["map"]
 
 
-def test_options_are_the_registrys():
-    """The module's OPTIONS and cnnviz.registry's entry (the one the pipeline reads) agree:
-    names, defaults, enums and minimums."""
-    from cnnviz import registry
-
-    declared = registry.METHODS["layercam_fusion"].options
-    assert set(declared) == set(OPTIONS["layercam_fusion"])
-    for name, spec in OPTIONS["layercam_fusion"].items():
-        assert declared[name].default == spec["default"], name
-        for key in ("enum", "minimum"):
-            assert declared[name].schema.get(key) == spec.get(key), (name, key)
-
-
 def test_options():
-    spec = OPTIONS["layercam_fusion"]
-    assert spec["fusion"]["default"] in spec["fusion"]["enum"] == ["mean", "max"]
-    assert spec["layers"]["default"] == "auto" and spec["stages"]["default"] >= 1
+    spec = registry.METHODS["layercam_fusion"].options
+    assert spec["fusion"].default in spec["fusion"].schema["enum"] == ["mean", "max"]
+    assert spec["layers"].default == "auto" and spec["stages"].default >= 1
 
 
 def test_auto_layers_are_the_stage_ends(tiny):
@@ -150,7 +137,7 @@ def test_run_layercam_fusion_yields_a_map_per_row(tiny):
 
     model, card, x, _ = tiny
     rows = [(0, 1), (2, 3), (0, 4)]
-    options = {k: v["default"] for k, v in OPTIONS["layercam_fusion"].items()}
+    options = registry.defaults("layercam_fusion")
     job = Job(model, card, ["a", "b", "c"], x, [], rows, options, "cpu", 1, 2)
     results = list(run_layercam_fusion(job))
     assert [r[0] for r in results] == [0, 2, 0]

@@ -23,21 +23,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "input_x_gradient": {},
-    "deeplift": {
-        "baseline": {
-            "default": "zero",
-            "type": "string",
-            "enum": ["zero", "black", "white"],
-            "description": (
-                "the reference input x0: zeros after normalization (the dataset mean colour), or "
-                "an all-black or all-white image through the model's preprocessing"
-            ),
-        },
-    },
-}
-
 Result = tuple[int, np.ndarray, np.ndarray | None, dict[str, Any]]
 
 

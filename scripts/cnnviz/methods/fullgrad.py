@@ -42,19 +42,6 @@ import onnx
 
 from ..errors import ConfigError
 
-OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "fullgrad": {
-        "normalization": {
-            "default": "channel",
-            "type": "string",
-            "enum": ["channel", "layer"],
-            "description": (
-                "where each term is min-max scaled before the sum: per channel (pytorch-grad-cam's "
-                "FullGrad) or per layer (the authors' reference code)"
-            ),
-        },
-    },
-}
 PEER_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image: (v - min) / (max(v - min) + 1e-7)
 REFERENCE_EPS = 1e-6  # idiap/fullgrad-saliency's _postProcess eps
 

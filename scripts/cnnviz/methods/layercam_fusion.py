@@ -30,33 +30,6 @@ import onnx
 
 from ..errors import ConfigError
 
-OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "layercam_fusion": {
-        "layers": {
-            "default": "auto",
-            "type": "string",
-            "description": (
-                "auto (the last layer of each resolution stage, the deepest `stages` of them) "
-                "or comma-separated layer names (or tensor names), shallow to deep"
-            ),
-        },
-        "stages": {
-            "default": 4,
-            "type": "integer",
-            "minimum": 1,
-            "description": "with layers: auto, how many resolution stages give a layer",
-        },
-        "fusion": {
-            "default": "mean",
-            "type": "string",
-            "enum": ["mean", "max"],
-            "description": (
-                "mean of the scaled layer maps (pytorch-grad-cam) or the maximum of "
-                "tanh(2 map) (the paper, TorchCAM)"
-            ),
-        },
-    },
-}
 PEER_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
 TANH_GAMMA = 2.0  # the paper's eq. 9 (and TorchCAM's default)
 
