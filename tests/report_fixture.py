@@ -295,12 +295,19 @@ def _extras(
     atlas = model_out / "atlas"
     last = layers[-1]
     save_png(atlas / "layers" / f"{last['name']}.png", photo(300, 200, 300))
+    strip = f"{last['name']}/ch0004.png"  # the channel's strip: 4 columns of 48 px + 1 px
+    save_png(atlas / "layers" / strip, photo(301, 97, 4 * 49 - 1))
     write_json(atlas / "layers" / f"{last['name']}.json", {
         "method": "atlas", "model": model, "layer": last["name"], "tensor": last["tensor"],
         "shape": last["shape"], "top_k": 4, "count": 2, "box": "receptive field",
-        "channels": [{"channel": 4, "images": ids[:2], "top": [
-            {"image": ids[0], "value": 3.1, "pre": 3.1, "position": [1, 0], "box": [1, 9, 0, 5]}]}],
-        "selection": "most_active", "images_ranked": len(ids)})  # fmt: skip
+        "channels": [{"channel": 4, "images": ids[:2], "selectivity": 0.2, "strip": strip,
+                      "top": [
+            {"image": ids[0], "value": 3.1, "pre": 3.1, "position": [1, 0], "box": [1, 9, 0, 5]},
+            {"image": ids[1], "value": 2.9, "pre": 3.4, "position": [0, 1], "box": [0, 8, 1, 6]},
+            {"image": "gone", "value": 1.1, "pre": 1.1, "position": [0, 0], "box": [0, 8, 0, 5]}]},
+        ], "strip": {"cell": 48, "sep": 1, "rows": ["projection", "patch"]},
+        "policy": "guided", "policy_reason": "auto: no max pooling below this layer",
+        "selection": "most_selective", "images_ranked": len(ids)})  # fmt: skip
     write_json(atlas / "shards" / "s000.json", {"format": "cnnviz.atlas.shard/1", "model": model})
     # metrics (metrics-summary's summary.json, its plots, and the per-shard files)
     metrics = model_out / "metrics"

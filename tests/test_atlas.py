@@ -263,8 +263,22 @@ def test_selectivity_known_values() -> None:
     assert atlas.choose_channels(top, "most_active", 3) == [6, 2, 3]
 
 
+def test_channel_strip_columns_and_empty_cells() -> None:
+    cell, sep = 4, atlas.SEP
+    red, blue = np.full((cell, cell, 3), (255, 0, 0), np.uint8), np.zeros((cell, cell, 3), np.uint8)
+    strip = atlas.channel_strip([red, red], [blue, blue], 3, cell)
+    assert strip.shape == (2 * cell + sep, 3 * cell + 2 * sep, 3)
+    for j in range(2):
+        left = j * (cell + sep)
+        assert (strip[:cell, left : left + cell] == red).all()
+        assert (strip[cell + sep :, left : left + cell] == blue).all()
+    left = 2 * (cell + sep)  # two images for k = 3: the third column is EMPTY
+    assert (strip[:cell, left:] == atlas.EMPTY).all()
+    assert (strip[cell + sep :, left:] == atlas.EMPTY).all()
+
+
 def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
-    from cnnviz.images import load_image, preprocess, read_manifest
+    from cnnviz.images import display_image, load_image, preprocess, read_manifest
     from cnnviz.modelcard import load_card
     from cnnviz.receptive import receptive_field, unit_box
     from reference_methods import Projector
@@ -285,6 +299,7 @@ def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
     merged, _, _ = atlas.merge_shards(shards, LAYERS, k)
     model = onnx.load(str(run["model_dir"] / "model.onnx"))
     card = load_card(run["model_dir"])
+    paths = {e["id"]: e["path"] for m in run["manifests"] for e in read_manifest(m)["images"]}
     for info in infos:
         layer = info["layer"]
         saved = json.loads((out / f"{layer}.json").read_text())
@@ -304,6 +319,20 @@ def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
             entries = merged[layer].entries(channel["channel"])
             assert channel["images"] == [e["image"] for e in entries]
             assert len(channel["top"]) == k
+            # The channel's strip: column j = rank j's projection above the patch of its image
+            # under the unit's receptive field (recomputed here from the image and position).
+            strip = np.asarray(Image.open(out / channel["strip"]))
+            cell, sep = atlas.CELL, atlas.SEP
+            assert channel["strip"] == f"{layer}/ch{channel['channel']:04d}.png"
+            assert strip.shape == (2 * cell + sep, k * (cell + sep) - sep, 3)
+            for j, entry in enumerate(entries):
+                left = j * (cell + sep)
+                shown = strip[cell + sep :, left : left + cell]
+                image = load_image(paths[entry["image"]])
+                _, window = atlas.unit_window(fields, entry["position"], (SIDE, SIDE), None)
+                patch = atlas.crop_window(display_image(image, card["preprocess"]), window, 255)
+                np.testing.assert_array_equal(shown, atlas._fit(patch, cell))
+                assert (strip[:cell, left : left + cell] != atlas.EMPTY).any()  # a projection
             for shown, entry in zip(channel["top"], entries, strict=True):
                 assert shown["position"] == entry["position"]
                 assert shown["box"] == unit_box(fields, entry["position"], (SIDE, SIDE))
@@ -376,10 +405,16 @@ def test_several_shards_give_the_same_atlas_as_one(tmp_path: Path) -> None:
         assert len(shards) == (3 if shard_size == 4 else 1)
         folder = workdir / "results" / "tiny" / "atlas" / "layers"
         results[shard_size] = {
-            p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")
-        }  # not snakemake's timestamp
+            p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        }  # not snakemake's timestamp  # fmt: skip
     assert results[4].keys() == results[100].keys()
     assert {Path(name).suffix for name in results[4]} == {".png", ".json"}
-    assert len(results[4]) == 4  # auto on a two-layer model: both layers
+    layers = sorted(name for name in results[4] if name.endswith(".json"))
+    assert len(layers) == 2  # auto on a two-layer model: both layers, a picture each ...
+    strips = [json.loads(results[4][name])["channels"] for name in layers]
+    assert len(results[4]) == 4 + sum(len(channels) for channels in strips) == 4 + 2 * 3
+    for channels in strips:  # ... and a strip per shown channel
+        assert all(channel["strip"] in results[4] for channel in channels)
     for name in results[4]:
         assert results[4][name] == results[100][name], name

@@ -36,8 +36,9 @@ def test_pages_and_every_link_resolves(results: Path, report: Path) -> None:
     assert report == results / "report" / "index.html"
     found = crawl(report)
     names = sorted(p.relative_to(report.parent).as_posix() for p in found.pages)
-    assert names == ["index.html", "tinynet.html", "tinynet/chelsea.html", "tinynet/coffee.html",
-                     "tinynet/img0002.html", "tinynet/img0003.html"]  # fmt: skip
+    assert names == ["index.html", "tinynet.html", "tinynet/atlas/block5.conv.html",
+                     "tinynet/chelsea.html", "tinynet/coffee.html", "tinynet/img0002.html",
+                     "tinynet/img0003.html"]  # fmt: skip
     assert not found.broken and not found.external
     # nothing the steps drew is left out: every PNG of the model is reachable from the index
     pictures = set((results / "tinynet").rglob("*.png"))
@@ -59,6 +60,29 @@ def test_sections_in_order_with_anchors(report: Path) -> None:
     assert 'rel="next" ' not in image and 'rel="next">coffee' in image  # pager
     for page in (index, model, image):  # run & config one click away from every page
         assert re.search(r'href="(\.\./)?index\.html#run"', page)
+
+
+def test_atlas_page_per_layer(results: Path, report: Path) -> None:
+    """Each atlas layer has a page: every channel's strip, a link over each column and under it
+    to the image's page (none for an image without one), the caption naming the projection
+    rule; the model page's atlas section and layer table link to it."""
+    page = report.parent / "tinynet" / "atlas" / "block5.conv.html"
+    html = page.read_text()
+    info = read_json(results / "tinynet" / "atlas" / "layers" / "block5.conv.json")
+    channel = info["channels"][0]
+    assert 'id="ch-4"' in html and 'src="../../../tinynet/atlas/layers/block5.conv/ch0004.png"' \
+        in html
+    shown = [t["image"] for t in channel["top"]]
+    assert shown == ["chelsea", "coffee", "gone"]
+    for image in shown[:2]:  # the column's link and the image's name below the strip
+        assert html.count(f'href="../{image}.html"') == 2, image
+    assert "gone" in html and 'href="../gone.html"' not in html
+    assert 'style="left: 0.0%; width: 24.615%"' in html  # column 0 of 4: 48 px of 195
+    assert "projected by guided backprop (auto: no max pooling below this layer)" in html
+    assert "selectivity 0.2" in html and "(most_selective)" in html
+    model = (report.parent / "tinynet.html").read_text()
+    assert model.count('href="tinynet/atlas/block5.conv.html"') == 2  # atlas section, layer table
+    assert 'href="../../tinynet.html#atlas"' in html
 
 
 def test_index_summary_numbers(report: Path) -> None:
@@ -187,7 +211,7 @@ def test_zip_opens_anywhere(results: Path, report: Path, tmp_path: Path) -> None
     elsewhere = tmp_path / "elsewhere"
     zipfile.ZipFile(archive).extractall(elsewhere)
     found = crawl(elsewhere / "report" / "index.html")
-    assert len(found.pages) == 6 and not found.broken and not found.external
+    assert len(found.pages) == 7 and not found.broken and not found.external
     assert all(elsewhere in p.parents for p in found.files)
 
 
@@ -202,7 +226,8 @@ def test_self_contained_single_file(results: Path, tmp_path: Path) -> None:
     for href in set(re.findall(r'href="([^"]+)"', html)):
         assert href.startswith(("#", "data:")), href
         assert href.startswith("data:") or href[1:] in ids, href
-    assert {"index", "m-tinynet", "i-tinynet-chelsea"} <= ids
+    assert {"index", "m-tinynet", "i-tinynet-chelsea", "a-tinynet-block5.conv"} <= ids
+    assert 'href="#a-tinynet-block5.conv"' in html and 'href="#i-tinynet-chelsea"' in html
     assert html.count("<script>") == 1
 
 

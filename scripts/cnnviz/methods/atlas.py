@@ -12,7 +12,9 @@ image patch under the unit's receptive field. A map-reduce, so it scales to many
   only the winning images, projects each winner alone (under `atlas.policy`:
   projection_policy; seeded with its value at its position), crops projection and image to the
   unit's receptive field (`cnnviz.receptive`) and tiles them: per channel a grid of projections
-  and a grid of patches side by side. Writes `{layer}.png` + `{layer}.json`.
+  and a grid of patches side by side. Writes `{layer}.png` + `{layer}.json`, and per shown
+  channel a strip `{layer}/ch{c:04d}.png` (rank j's projection above its patch in column j) for
+  the report's page of the layer, which links each column to its image.
 
 Order (a total order, so the merge of shards is the top-k of all images, whatever the sharding):
 value descending, then the pre-activation descending (a ReLU6 layer saturates at exactly 6: its
@@ -401,6 +403,18 @@ def _cells(tiles: Sequence[np.ndarray], k: int, cell: int) -> np.ndarray:
     return grid
 
 
+def channel_strip(projections: Sequence[np.ndarray], patches: Sequence[np.ndarray], k: int,
+                  cell: int = CELL) -> np.ndarray:
+    """uint8 [2 cell + SEP, k (cell + SEP) - SEP, 3]: column j = rank j's projection above its
+    patch (EMPTY where the channel has fewer than k images)."""
+    strip = np.full((2 * cell + SEP, k * (cell + SEP) - SEP, 3), 255, np.uint8)
+    for j in range(k):
+        left = j * (cell + SEP)
+        for top, tiles in ((0, projections), (cell + SEP, patches)):
+            strip[top : top + cell, left : left + cell] = tiles[j] if j < len(tiles) else EMPTY
+    return strip
+
+
 def atlas_picture(blocks: Sequence[dict[str, Any]], k: int, cell: int = CELL) -> np.ndarray:
     """uint8 RGB: channels in a near-square grid; each a label, then k projections | k patches."""
     from PIL import Image, ImageDraw
@@ -580,12 +594,19 @@ def _layer_atlas(
             tiles[c]["patches"].append(_fit(patch, CELL))
     blocks, channels = [], []
     peaked = selectivity(top)
+    strips = out_dir / row["name"]
+    for old in strips.glob("ch*.png") if strips.is_dir() else []:  # an earlier choice's
+        old.unlink()
     for c in chosen:
         entries = top.entries(c)
         blocks.append({"label": _label(c, entries), **tiles[c]})
+        strip = f"{row['name']}/ch{c:04d}.png"
+        save_png(out_dir / strip, channel_strip(tiles[c]["projections"], tiles[c]["patches"],
+                                                top.k))  # fmt: skip
         channels.append({
             "channel": c,
             "selectivity": _round(float(peaked[c])),
+            "strip": strip,
             "images": [e["image"] for e in entries],
             "top": [{"image": e["image"], "value": _round(e["value"]),
                      "pre": _round(e["pre"]), "position": e["position"],
@@ -603,6 +624,8 @@ def _layer_atlas(
         "receptive_field": field_info,
         "box": "receptive field" if field_info else "projection support",
         "box_units": "model input pixels [y0, y1, x0, x1), half-open",
+        "strip": {"cell": CELL, "sep": SEP, "rows": ["projection", "patch"],
+                  "path": "per channel, relative to this file"},
         "channels": channels,
     }
 

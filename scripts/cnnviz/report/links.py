@@ -33,6 +33,11 @@ def page_id(model: str | None = None, image: str | None = None) -> str:
     return f"m-{model}" if image is None else f"i-{model}-{image}"
 
 
+def atlas_page_id(model: str, layer: str) -> str:
+    """The self-contained file's id of a layer's atlas page."""
+    return f"a-{model}-{layer}"
+
+
 class Links:
     """Links from one page of the multi-page report."""
 
@@ -82,6 +87,11 @@ class Links:
         if not self.image_pages:
             return None
         return self._page(self.out_dir / model / f"{image}.html", anchor)
+
+    def atlas(self, model: str, layer: str, anchor: str = "") -> str:
+        """A layer's atlas page: report/{model}/atlas/{layer}.html (a folder of its own, so no
+        layer name can meet an image id)."""
+        return self._page(self.out_dir / model / "atlas" / f"{layer}.html", anchor)
 
 
 class EmbeddedLinks(Links):
@@ -159,3 +169,6 @@ class EmbeddedLinks(Links):
         if not self.image_pages:
             return None
         return self._to(page_id(model, image), anchor)
+
+    def atlas(self, model: str, layer: str, anchor: str = "") -> str:
+        return self._to(atlas_page_id(model, layer), anchor)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..artifacts import write_with
-from .links import EmbeddedLinks, page_id
+from .links import EmbeddedLinks, atlas_page_id, page_id
 
 if TYPE_CHECKING:
     from .builder import Site
@@ -48,6 +48,9 @@ def write_standalone(site: Site, path: Path) -> Path:
     pages = [(page_id(), site.index(links(page_id())))]
     for model in run.models:
         pages.append((page_id(model.name), site.model(model, links(page_id(model.name)))))
+        for item in site.atlas_pages(model):
+            pid = atlas_page_id(model.name, item["layer"])
+            pages.append((pid, site.atlas(model, item, links(pid))))
         if image_pages:
             for position, row in enumerate(site.rows[model.name]):
                 pid = page_id(model.name, row["id"])
