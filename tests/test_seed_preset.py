@@ -31,6 +31,7 @@ def seed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config["models"]["vgg16"]["weights"] = "random"  # no weights file on a test machine
     config["images"]["samples"] = ["chelsea", "astronaut"]
     config["filters"].update(count=FILTERS, steps=3, batch_size=FILTERS)  # the wiring only
+    config.setdefault("class_models", {}).update(steps=3, top=1)
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     result = run_snakemake(workdir, configfile)

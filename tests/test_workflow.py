@@ -39,6 +39,7 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Every step and method runs; the image-independent optimizations run short (their
     # quality is tested in test_filters.py / test_metrics.py, here only the wiring).
     config["filters"].update(count=4, steps=8, batch_size=4)
+    config.setdefault("class_models", {}).update(steps=8, param_size=64)
     config["metrics"].update(steps=8)
     config["metrics"]["randomization"].update(cuts=2)
     config["metrics"].update(road={"fractions": [0.5]},

@@ -141,6 +141,28 @@ def _filters(args: argparse.Namespace) -> None:
     )
 
 
+def _class_models(args: argparse.Namespace) -> None:
+    from .config import section_defaults
+    from .methods.class_models import class_models
+
+    options = {**section_defaults("class_models"),
+               **(json.loads(args.options) if args.options else {})}
+    class_models(
+        Path(args.card).parent, [Path(p) for p in args.predictions], Path(args.out_dir),
+        top=options["top"], classes=options["classes"], pictures=options["pictures"],
+        diversity=options["diversity"], layer=options["layer"], mode=options["mode"],
+        steps=options["steps"], seed=options["seed"], param_size=options["param_size"],
+        device=args.device, threads=args.threads,
+    )
+
+
+def _class_model_files(args: argparse.Namespace) -> list[tuple[Path, bool]]:
+    from .methods.class_models import STEM
+
+    stem = Path(args.out_dir) / STEM
+    return [(stem.with_name(stem.name + ext), False) for ext in FILTER_FILES]
+
+
 def _zip_report(args: argparse.Namespace) -> None:
     from .report.portable import report_zip
 
@@ -393,6 +415,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="lucent", choices=["lucent", "seed"])
     p.add_argument("--out-dir", required=True)
     p.add_argument("--options", default="{}", help="the config's filters section as JSON")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None)
+
+    p = add(
+        "class-models",
+        _class_models,
+        "pictures that maximize class logits (the run's top classes and named ones)",
+        _class_model_files,
+    )
+    p.add_argument("--card", required=True, help="model.json")
+    p.add_argument("--predictions", nargs="*", default=[], help="the predict step's JSONs")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--options", default="{}", help="the config's class_models section as JSON")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None)
 

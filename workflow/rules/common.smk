@@ -258,6 +258,12 @@ def filter_layers(model):
     return default_layers(json.loads(Path(card_path).read_text()), 4)
 
 
+def class_model_pictures(wildcards):
+    if not config["class_models"]["enabled"]:
+        return []
+    return expand(f"{OUT}/{{model}}/class_models/class_models.png", model=MODELS)
+
+
 def filter_pictures(wildcards):
     if not config["filters"]["enabled"]:
         return []
@@ -370,4 +376,4 @@ def run_artifacts(wildcards):
             files += per_shard(f"{OUT}/{model}/atlas/shards/{{shard}}.json")
         if METRICS["enabled"]:
             files += metrics_inputs(SimpleNamespace(model=model))
-    return files + filter_pictures(wildcards)
+    return files + filter_pictures(wildcards) + class_model_pictures(wildcards)

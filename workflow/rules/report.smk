@@ -20,6 +20,7 @@ rule report:
             method=METHODS,
         ),
         filters=filter_pictures,
+        class_models=class_model_pictures,
         atlas=expand(
             f"{OUT}/{{model}}/atlas/layers",
             model=MODELS if config["atlas"]["enabled"] else [],

@@ -95,10 +95,36 @@ def filter_caption(item: dict[str, Any]) -> str:
     count = f"{len(filters)} filters" if filters else "its filters"
     first = f", filter {filters[0]} top left, row-major" if filters else ""
     steps = f" after {info['steps']} steps" if info.get("steps") else ""
+    expression = " ".join(str(info.get("expression") or "channel(layer, c)").split())
+    goal = ("make that filter's channel fire as much as possible" if expression ==
+            "channel(layer, c)" else f"maximize {expression} (c = the filter)")
     return (
         f"{item['layer']} ({item['mode']}): for each of {count}, an input image optimized to "
-        f"make that filter's channel fire as much as possible{steps}{first}. Patterns = what "
+        f"{goal}{steps}{first}. Patterns = what "
         "the filter responds to; a flat grey tile = a filter the optimization could not excite."
+    )
+
+
+def class_models_caption(info: dict[str, Any]) -> str:
+    classes = info.get("classes") or []
+    order = "; ".join(f"{c.get('label')} ({c.get('index')})" for c in classes)
+    pictures = int(info.get("pictures") or 1)
+    div = (f", kept apart by a diversity term (weight {info.get('diversity')}) at "
+           f"{info.get('diversity_tensor')}" if info.get("diversity") else "")
+    many = f"{pictures} pictures per class{div}" if pictures > 1 else "one picture per class"
+    steps = f" after {info['steps']} steps" if info.get("steps") else ""
+    return (
+        f"One row per class, top to bottom: {order}. Each picture maximizes the class's logit "
+        f"({info.get('mode', 'lucent')} mode{steps}); {many}. Recognizable parts (textures, "
+        "eyes, wheels) are what the model keys on; a noisy tile = a class it cannot draw."
+    )
+
+
+def class_models_curve_caption(info: dict[str, Any]) -> str:
+    return (
+        "The class's logit per optimization step, one line per picture (lucent: on the "
+        "randomly transformed picture the step saw). A curve that rises and flattens has "
+        "converged; the table gives the logit and softmax probability of the final pictures."
     )
 
 

@@ -14,9 +14,8 @@ part empty. Layouts read (README "Artifacts"):
   `{model}/{method}/**/{image}_c{target}.png` + `.json` ({"method", "image", "target", "label",
   "layer", "time_s", "notes"}), is read too: any PNG whose JSON names an "image" counts;
 - `{model}/filters/**/{layer}.{mode}.png` + `.json` + `.curve.png`; `{model}/atlas/**/{layer}.png`
-  + `.json` + `{layer}/ch*.png` strips (atlas-reduce writes `atlas/layers/`);
-  `{model}/metrics/*.json` (summary.json first, with the plots it names) and
-  `metrics/*/**.json` (per shard and method: linked);
+  + `.json` (atlas-reduce writes `atlas/layers/`); `{model}/metrics/*.json` (summary.json first,
+  with the plots it names) and `metrics/*/**.json` (per shard and method: linked);
 - `benchmarks/{rule}/...{model}...tsv` (Snakemake's job timings);
 - job failure markers (`job-failed.json`, `*.job-failed.json`, see cnnviz.failures) under
   `models/{model}/` and `{model}/`: jobs that failed on bad input, and the jobs skipped for it.
@@ -36,7 +35,8 @@ from .. import registry
 from ..artifacts import read_json
 from ..failures import find_failures, root_cause
 
-RESERVED = {"predictions", "activations", "filters", "atlas", "metrics", "pictures"}
+RESERVED = {"predictions", "activations", "filters", "atlas", "metrics", "pictures",
+            "class_models"}
 # Display order of the per-image methods (the registry's); unknown methods follow, sorted.
 METHOD_ORDER = list(registry.METHODS)
 _TARGET_STEM = re.compile(r"^(?P<image>.+)_c(?P<target>\d+)$")
@@ -120,6 +120,7 @@ class ModelResults:
     explanations: dict[str, dict[str, list[Explanation]]] = field(default_factory=dict)
     filters: list[dict[str, Any]] = field(default_factory=list)
     atlas: list[dict[str, Any]] = field(default_factory=list)
+    class_models: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     metric_details: list[Path] = field(default_factory=list)
     others: list[Path] = field(default_factory=list)
@@ -264,6 +265,7 @@ def model_results(results_dir: Path, name: str) -> ModelResults:
     _read_activations(model, failed)
     _read_methods(model, failed)
     _read_filters(model)
+    _read_class_models(model)
     _read_atlas(model)
     _read_metrics(model)
     model.failed = _unique(failed)
@@ -417,23 +419,26 @@ def _read_filters(model: ModelResults) -> None:
         )
 
 
+def _read_class_models(model: ModelResults) -> None:
+    """`{model}/class_models/class_models.png` + `.json` + `.curve.png` (methods.class_models)."""
+    folder = model.dir / "class_models"
+    png = folder / "class_models.png"
+    if not png.exists() or not _visible(png, folder):
+        return
+    info = _json(png.with_suffix(".json")) if png.with_suffix(".json").exists() else None
+    curve = folder / "class_models.curve.png"
+    model.class_models = {"png": png, "curve": curve if curve.exists() else None,
+                          "info": info if isinstance(info, dict) else {}}
+
+
 def _read_atlas(model: ModelResults) -> None:
-    """Per layer its picture, JSON and per-channel strips ({layer}/ch*.png beside {layer}.json,
-    as the JSON names them: {channel: path}; the report's page of the layer shows them)."""
     folder = model.dir / "atlas"
     for png in sorted(folder.rglob("*.png")) if folder.is_dir() else []:
-        if not _visible(png, folder) or (png.parent.parent / f"{png.parent.name}.json").is_file():
-            continue  # a temp file, or a channel's strip (read with its layer)
+        if not _visible(png, folder):
+            continue
         info = _json(png.with_suffix(".json")) if png.with_suffix(".json").exists() else None
         info = info if isinstance(info, dict) else {}
-        strips: dict[int, Path] = {}
-        for channel in info.get("channels") or []:
-            if isinstance(channel, dict) and channel.get("strip"):
-                path = png.parent / str(channel["strip"])
-                if path.is_file():
-                    strips[int(channel.get("channel", -1))] = path
-        model.atlas.append({"png": png, "layer": str(info.get("layer") or png.stem), "info": info,
-                            "strips": strips})  # fmt: skip
+        model.atlas.append({"png": png, "layer": str(info.get("layer") or png.stem), "info": info})
 
 
 def _read_metrics(model: ModelResults) -> None:
