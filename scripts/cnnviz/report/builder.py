@@ -10,6 +10,8 @@ Pages (all under the report folder, by default results/report/):
   per-image activation grids, so a model with 1,000 images still opens in well under 2 s.
 - `{model}/{image}.html`: everything about one image: its predictions, every method's pictures,
   every layer's activation grid; links back, and to the previous and next image.
+- `{model}/atlas/{layer}.html`: the feature atlas of one layer: every chosen channel's top-k
+  projections above their receptive-field patches, each column linked to its image's page.
 
 A model page is a list of sections; a section builder looks at the results and returns
 `Section`s (or nothing when its results are absent); a small partial template draws each. A new
@@ -326,15 +328,43 @@ def class_models_section(ctx: ModelContext) -> Section | None:
 def atlas_section(ctx: ModelContext) -> Section | None:
     if not ctx.model.atlas:
         return None
+    ids = {row["id"] for row in ctx.rows}
     items = [{**item, "caption": captions.atlas_caption(item),
-              "facts": _scalars(item["info"])} for item in ctx.model.atlas]  # fmt: skip
+              "facts": _scalars(item["info"]), "channels": atlas_channels(item, ids)}
+             for item in ctx.model.atlas]  # fmt: skip
     return Section(
         "atlas",
         "Feature atlas",
         "_atlas.html",
         {"items": items},
-        note="For each channel of a layer, the images of this run that excite it most.",
+        note="For each channel of a layer, the images of this run that excite it most; each "
+        "layer's page shows every chosen channel with links to the images.",
     )
+
+
+def atlas_channels(item: dict[str, Any], ids: set[str]) -> list[dict[str, Any]]:
+    """The rows of a layer's atlas page: per channel with a strip (atlas-reduce's
+    {layer}/ch*.png) its tiles: rank, image (`linked` when it has a page), value, and where its
+    column lies in the strip (percent of the strip's width, for the link over each column)."""
+    info = item["info"]
+    geometry = info.get("strip") if isinstance(info.get("strip"), dict) else {}
+    cell, sep = int(geometry.get("cell", 48)), int(geometry.get("sep", 1))
+    k = int(info.get("top_k") or 1)
+    width = k * (cell + sep) - sep
+    rows = []
+    for channel in info.get("channels") or []:
+        strip = item.get("strips", {}).get(int(channel.get("channel", -1)))
+        if strip is None:
+            continue
+        tiles = [{"rank": j + 1, "image": str(top["image"]), "value": top.get("value"),
+                  "pre": top.get("pre"), "linked": str(top["image"]) in ids,
+                  "left": round(100 * j * (cell + sep) / width, 3),
+                  "width": round(100 * cell / width, 3)}
+                 for j, top in enumerate(channel.get("top") or [])]  # fmt: skip
+        rows.append({"channel": int(channel["channel"]), "strip": strip, "tiles": tiles,
+                     "selectivity": channel.get("selectivity"), "width": width,
+                     "height": 2 * cell + sep})  # fmt: skip
+    return rows
 
 
 def metrics_section(ctx: ModelContext) -> Section | None:
@@ -738,6 +768,14 @@ class Site:
             next=rows[position + 1]["id"] if position + 1 < len(rows) else None,
         )  # fmt: skip
 
+    def atlas_pages(self, model: ModelResults) -> list[dict[str, Any]]:
+        """The atlas section's items that get a page of their own (those with strips)."""
+        return [item for section in self.sections[model.name] if section.id == "atlas"
+                for item in section.data["items"] if item["channels"]]  # fmt: skip
+
+    def atlas(self, model: ModelResults, item: dict[str, Any], link: Links) -> Markup:
+        return self.fragment("atlas_layer.html", link, model=model, item=item)
+
     def page(self, body: Markup, link: Links, title: str, current: str) -> str:
         css, js = assets()
         return self.env.get_template("page.html").render(
@@ -807,6 +845,11 @@ def write_pages(site: Site, out_dir: Path, index_path: Path) -> Path:
             out_dir / f"{model.name}.html",
             site.page(body, link, f"{model.name} \u00b7 {run.title}", model.name),
         )
+        for item in site.atlas_pages(model):
+            link = Links(out_dir, out_dir / model.name / "atlas", index_path.name, made)
+            title = f"atlas {item['layer']} \u00b7 {model.name} \u00b7 {run.title}"
+            _write_text(out_dir / model.name / "atlas" / f"{item['layer']}.html",
+                        site.page(site.atlas(model, item, link), link, title, model.name))
         page_dir = out_dir / model.name
         for position, row in enumerate(site.rows[model.name]):
             link = Links(out_dir, page_dir, index_path.name, made)

@@ -14,8 +14,9 @@ part empty. Layouts read (README "Artifacts"):
   `{model}/{method}/**/{image}_c{target}.png` + `.json` ({"method", "image", "target", "label",
   "layer", "time_s", "notes"}), is read too: any PNG whose JSON names an "image" counts;
 - `{model}/filters/**/{layer}.{mode}.png` + `.json` + `.curve.png`; `{model}/atlas/**/{layer}.png`
-  + `.json` (atlas-reduce writes `atlas/layers/`); `{model}/metrics/*.json` (summary.json first,
-  with the plots it names) and `metrics/*/**.json` (per shard and method: linked);
+  + `.json` + `{layer}/ch*.png` strips (atlas-reduce writes `atlas/layers/`);
+  `{model}/metrics/*.json` (summary.json first, with the plots it names) and
+  `metrics/*/**.json` (per shard and method: linked);
 - `benchmarks/{rule}/...{model}...tsv` (Snakemake's job timings);
 - job failure markers (`job-failed.json`, `*.job-failed.json`, see cnnviz.failures) under
   `models/{model}/` and `{model}/`: jobs that failed on bad input, and the jobs skipped for it.
@@ -432,13 +433,22 @@ def _read_class_models(model: ModelResults) -> None:
 
 
 def _read_atlas(model: ModelResults) -> None:
+    """Per layer its picture, JSON and per-channel strips ({layer}/ch*.png beside {layer}.json,
+    as the JSON names them: {channel: path}; the report's page of the layer shows them)."""
     folder = model.dir / "atlas"
     for png in sorted(folder.rglob("*.png")) if folder.is_dir() else []:
-        if not _visible(png, folder):
-            continue
+        if not _visible(png, folder) or (png.parent.parent / f"{png.parent.name}.json").is_file():
+            continue  # a temp file, or a channel's strip (read with its layer)
         info = _json(png.with_suffix(".json")) if png.with_suffix(".json").exists() else None
         info = info if isinstance(info, dict) else {}
-        model.atlas.append({"png": png, "layer": str(info.get("layer") or png.stem), "info": info})
+        strips: dict[int, Path] = {}
+        for channel in info.get("channels") or []:
+            if isinstance(channel, dict) and channel.get("strip"):
+                path = png.parent / str(channel["strip"])
+                if path.is_file():
+                    strips[int(channel.get("channel", -1))] = path
+        model.atlas.append({"png": png, "layer": str(info.get("layer") or png.stem), "info": info,
+                            "strips": strips})  # fmt: skip
 
 
 def _read_metrics(model: ModelResults) -> None:
