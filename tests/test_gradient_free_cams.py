@@ -233,8 +233,10 @@ def test_rise_upsampling_is_skimage_resize_reflect():
 
 
 def _rise_reference(session, x: np.ndarray, target: int, grids: np.ndarray,
-                    shifts: np.ndarray, p: float, probabilities: bool) -> np.ndarray:
-    """The paper's code (Petsiuk et al., RISE generate_masks / explain) with the given draws."""
+                    shifts: np.ndarray, p: float, probabilities: bool,
+                    estimator: str = "paper") -> np.ndarray:
+    """The paper's code (Petsiuk et al., RISE generate_masks / explain) with the given draws;
+    `estimator` coverage divides by each pixel's mask sum instead of N p."""
     transform = pytest.importorskip("skimage.transform")
     s = grids.shape[-1]
     cell = np.ceil(np.array([H, W]) / s).astype(int)
@@ -248,17 +250,19 @@ def _rise_reference(session, x: np.ndarray, target: int, grids: np.ndarray,
     if not probabilities:
         e = np.exp(logits - logits.max(1, keepdims=True))
         logits = e / e.sum(1, keepdims=True)
-    return np.tensordot(logits[:, target].astype(np.float64), masks, 1) / len(masks) / p
+    total = np.tensordot(logits[:, target].astype(np.float64), masks, 1)
+    return total / len(masks) / p if estimator == "paper" else total / masks.sum(0)
 
 
-def _rise(model, card, x, targets, grids, shifts, p, images=2, points=16) -> np.ndarray:
+def _rise(model, card, x, targets, grids, shifts, p, images=2, points=16,
+          estimator="paper") -> np.ndarray:
     graph = gf.rise_graph(model, card, images, points, grids.shape[-1])
     out = Runner(graph, "cpu", 1).run(
         {"images": x, "targets": np.asarray(targets, np.int64)},
         {"grids": grids, "shifts": shifts},
-        {"scale": np.array([1.0 / (len(grids) * p)], np.float32)},
     )
-    return out["map"]
+    return np.stack([gf.rise_finish(t, c, estimator, len(grids), p)
+                     for t, c in zip(out["map"], out["coverage"], strict=True)])
 
 
 def test_rise_matches_the_papers_algorithm_on_the_same_masks():
@@ -266,11 +270,12 @@ def test_rise_matches_the_papers_algorithm_on_the_same_masks():
     p = 0.4
     grids, shifts = gf.rise_masks(70, 3, p, seed=5, size=(H, W))  # 70 = 4 calls of 16 + 6
     assert shifts.max() < 3 and shifts.min() >= 0  # cell = ceil(8 / 3)
-    ours = _rise(NET, CARD, x, [0, 3, 1], grids, shifts, p)
     session = make_session(NET, "cpu", 1)
-    for i, target in enumerate([0, 3, 1]):
-        want = _rise_reference(session, x[i], target, grids, shifts, p, False)
-        np.testing.assert_allclose(ours[i], want, rtol=1e-4, atol=1e-6)
+    for estimator in ("paper", "coverage"):
+        ours = _rise(NET, CARD, x, [0, 3, 1], grids, shifts, p, estimator=estimator)
+        for i, target in enumerate([0, 3, 1]):
+            want = _rise_reference(session, x[i], target, grids, shifts, p, False, estimator)
+            np.testing.assert_allclose(ours[i], want, rtol=1e-4, atol=1e-6)
     # seeded: the same draws again, other draws for another seed
     again = gf.rise_masks(70, 3, p, seed=5, size=(H, W))
     assert all(np.array_equal(u, v) for u, v in zip(again, (grids, shifts), strict=True))
@@ -294,14 +299,16 @@ def test_rise_peaks_on_the_region_the_score_reads():
     p = 0.5
     grids, shifts = gf.rise_masks(2000, 4, p, seed=0, size=(H, W))
     x = np.ones((1, C, H, W), np.float32)
-    saliency = _rise(model, card, x, [0], grids, shifts, p, images=1, points=256)[0]
-    want = _rise_reference(make_session(model, "cpu", 1), x[0], 0, grids, shifts, p, True)
-    np.testing.assert_allclose(saliency, want, rtol=1e-4, atol=1e-6)
-    inside = region > 0
-    assert inside[np.unravel_index(saliency.argmax(), saliency.shape)]
-    assert saliency[inside].min() > saliency[~inside].mean() + 0.05
-    # far from the region a pixel's mask is nearly independent of the score: ~ p E[M] / p = p
-    assert saliency[7, 0] == pytest.approx(p, abs=0.05)
+    session = make_session(model, "cpu", 1)
+    for estimator in ("paper", "coverage"):
+        saliency = _rise(model, card, x, [0], grids, shifts, p, 1, 256, estimator)[0]
+        want = _rise_reference(session, x[0], 0, grids, shifts, p, True, estimator)
+        np.testing.assert_allclose(saliency, want, rtol=1e-4, atol=1e-6)
+        inside = region > 0
+        assert inside[np.unravel_index(saliency.argmax(), saliency.shape)], estimator
+        assert saliency[inside].min() > saliency[~inside].mean() + 0.05, estimator
+        # far from the region a pixel's mask is nearly independent of the score: E[P] = p
+        assert saliency[7, 0] == pytest.approx(p, abs=0.05), estimator
 
 
 def test_rise_options_are_checked():
@@ -309,6 +316,8 @@ def test_rise_options_are_checked():
 
     with pytest.raises(ConfigError, match="0 < p <= 1"):
         gf.rise_masks(10, 3, 0.0, 0, (H, W))
+    with pytest.raises(ConfigError, match="coverage or paper"):
+        gf.rise_finish(np.ones((H, W)), np.ones((H, W)), "mean", 10, 0.5)
     for method, options in gf.OPTIONS.items():
         assert method in ("eigencam", "ablationcam", "rise")
         for spec in options.values():
@@ -346,6 +355,6 @@ def test_run_functions_give_one_finished_map_per_row():
     grids, shifts = gf.rise_masks(40, 3, 0.5, 0, (H, W))
     session = make_session(NET, "cpu", 1)
     for (i, target), (_, raw, _, info) in zip(rows, rise, strict=True):
-        want = _rise_reference(session, x[i], target, grids, shifts, 0.5, False)
+        want = _rise_reference(session, x[i], target, grids, shifts, 0.5, False, "coverage")
         np.testing.assert_allclose(raw, want, rtol=1e-4, atol=1e-6)
         assert info["masks"] == 40

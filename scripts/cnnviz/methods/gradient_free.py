@@ -22,18 +22,24 @@
 - rise (Petsiuk et al. 2018): N random binary s x s grids (each cell kept with probability p),
   bilinearly upsampled to (s + 1) * cell (cell = ceil(H / s)) as the paper's code does
   (skimage resize, order 1, mode 'reflect': `rise_upsampling`), cropped at a random shift in
-  [0, cell) per axis; saliency = sum_i P_t(x * M_i) M_i / (N p) with P_t the target's softmax
-  probability (the paper's score; the model's own output when it already gives
+  [0, cell) per axis; the paper's saliency is sum_i P_t(x * M_i) M_i / (N p), P_t the target's
+  softmax probability (the paper's score; the model's own output when it already gives
   probabilities). Masking multiplies the normalised input, so a hidden pixel is the dataset
   mean (as the paper's PyTorch code does). The seeded grids and shifts are drawn on the host
   (`rise_masks`: N * s^2 bits); upsampling, shifting, masking and scoring run in the graph, a
-  call's worth of masks at a time, summed over calls by the runner.
+  call's worth of masks at a time, summed over calls by the runner (sum_i P_i M_i and the
+  coverage sum_i M_i); the one division per pixel is `rise_finish`.
+  Estimator: both sums estimate E[P_t | pixel kept] (E[sum_i M_i] = N p), but dividing by N p
+  leaves the random unevenness of the coverage, times the mean score, in the map: on
+  EfficientNet-Lite0 (the cat, p ~ 0.73 under masks) maps from two independent sets of 2000
+  masks correlate 0.25 with the paper's N p and 0.97 with the coverage (0.92 already at 500).
+  The default is the coverage; `estimator: paper` gives the paper's exactly.
 
 Eigen-CAM and Ablation-CAM are finished like every CAM (cam._finish_in_graph: ReLU, min-max
 normalise at the layer's size, bilinear upsample to the input size, normalise). RISE's map is
-the paper's saliency, unnormalised: it is non-negative by construction, in units of the target's
-probability (the expected score when the pixel is kept), and is summed over the mask chunks, so
-no single call sees the whole map to normalise it.
+not normalised: it is non-negative by construction, in units of the target's probability (the
+mean score when the pixel is kept), and is summed over the mask chunks, so no single call sees
+the whole map to normalise it.
 """
 
 from __future__ import annotations
@@ -74,10 +80,11 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "rise": {
         "masks": {
-            "default": 4000,
+            "default": 2000,
             "type": "integer",
             "minimum": 1,
-            "description": "number of random masks N (the paper's 4000 for ResNet-50)",
+            "description": "number of random masks N (the paper used 4000 for ResNet-50; with "
+            "the coverage estimator 2000 reproduce a map at Pearson 0.97 across mask sets)",
         },
         "grid": {
             "default": 7,
@@ -90,6 +97,15 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "type": "number",
             "minimum": 0,
             "description": "probability that a grid cell keeps the image (the paper's 0.5)",
+        },
+        "estimator": {
+            "default": "coverage",
+            "type": "string",
+            "enum": ["coverage", "paper"],
+            "description": "coverage: sum_i P_i M_i / sum_i M_i, the mean score of the masks "
+            "that keep each pixel; paper: sum_i P_i M_i / (N p). The same in expectation; the "
+            "coverage estimator is far less noisy (EfficientNet-Lite0, 2000 masks: maps from "
+            "two mask sets correlate 0.97 vs 0.25)",
         },
         "seed": {
             "default": 0,
@@ -377,9 +393,9 @@ def rise_graph(model: onnx.ModelProto, card: dict[str, Any], images: int, points
     """RISE as one graph. Per call: `points` grids (`grids` [P, s, s]) and shifts (`shifts`
     [P, 2]) -> masks [P, H, W] (rows and columns of the upsampled grid picked at the shift:
     M = R_top G R_left^T, R = the upsampling matrix's rows shift .. shift + H); every image
-    [B, 3, H, W] times every mask scored; out `map` [B, H, W] = scale * sum_p P_t(x M_p) M_p,
-    summed by the runner over calls (`scale` [1], fixed: 1 / (N p)). A padded point's grid is
-    zeros: its mask hides everything and weighs nothing."""
+    [B, 3, H, W] times every mask scored; out `map` [B, H, W] = sum_p P_t(x M_p) M_p and
+    `coverage` [1, H, W] = sum_p M_p, summed by the runner over calls. A padded point's grid
+    is zeros: its mask hides everything and weighs nothing."""
     from ..autodiff.prepare import prepare
     from ..methodgraph import GraphBuilder, MethodGraph, repeat_rows
     from .backprop import _image_inputs, model_input_name
@@ -389,7 +405,6 @@ def rise_graph(model: onnx.ModelProto, card: dict[str, Any], images: int, points
     _, height, width = dims
     grids = b.input("grids", FLOAT, [points, grid, grid])
     shifts = b.input("shifts", INT64, [points, 2])
-    scale = b.input("scale", FLOAT, [1])
     cells = rise_cells((height, width), grid)
 
     def rows_at(axis: int, side: int) -> str:  # [P, side, s]: upsampled rows shift + i
@@ -409,11 +424,25 @@ def rise_graph(model: onnx.ModelProto, card: dict[str, Any], images: int, points
                      "model")
     scores = _target_scores(b, card, names[_output_name(card, forward)], rows,
                             repeat_rows(b, t, [images], points), probability=True)
-    weighted = b.op("Mul", [b.reshape(scores, [images, points]), scale])
-    total = b.op("MatMul", [weighted, b.reshape(masks, [points, height * width])])
+    flat = b.reshape(masks, [points, height * width])
+    total = b.op("MatMul", [b.reshape(scores, [images, points]), flat])
     b.output("map", b.reshape(total, [images, height, width]))
+    coverage = b.op("Expand", [b.reduce("ReduceSum", masks, [0], keepdims=True),
+                               b.ints([images, height, width])])
+    b.output("coverage", coverage)
     return MethodGraph(b.build("rise"), images, points, point_inputs=("grids", "shifts"),
-                       fixed_inputs=("scale",), summed=("map",))
+                       summed=("map", "coverage"))
+
+
+def rise_finish(total: np.ndarray, coverage: np.ndarray, estimator: str, count: int,
+                p: float) -> np.ndarray:
+    """The saliency [H, W] float32 from one image's sums: total / coverage (a pixel no mask
+    keeps gets 0) or total / (N p), the paper's."""
+    if estimator == "paper":
+        return (total / (count * p)).astype(np.float32)
+    if estimator != "coverage":
+        raise ConfigError(f"rise estimator must be coverage or paper, got {estimator!r}")
+    return np.where(coverage > 0, total / np.maximum(coverage, 1e-30), 0).astype(np.float32)
 
 
 def run_rise(job: Any) -> Iterator[Any]:
@@ -421,13 +450,12 @@ def run_rise(job: Any) -> Iterator[Any]:
     from .explain import _images_per_call, _row_feeds, _runner, max_rows
 
     count, grid, p = int(job.options["masks"]), int(job.options["grid"]), float(job.options["p"])
-    seed = int(job.options["seed"])
+    seed, estimator = int(job.options["seed"]), str(job.options["estimator"])
     grids, shifts = rise_masks(count, grid, p, seed, job.inputs.shape[-2:])
     rows = max_rows(job.card, int(job.options["batch"]))
     images, points = _images_per_call(dataclasses.replace(job, batch_size=rows), count)
     graph = rise_graph(job.model, job.card, images, points, grid)
-    out = _runner(job, graph).run(_row_feeds(job), {"grids": grids, "shifts": shifts},
-                                  {"scale": np.array([1.0 / (count * p)], np.float32)})
-    info = {"masks": count, "grid": grid, "p": p, "seed": seed}
+    out = _runner(job, graph).run(_row_feeds(job), {"grids": grids, "shifts": shifts})
+    info = {"masks": count, "grid": grid, "p": p, "seed": seed, "estimator": estimator}
     for r, (i, _) in enumerate(job.rows):
-        yield i, out["map"][r], None, info
+        yield i, rise_finish(out["map"][r], out["coverage"][r], estimator, count, p), None, info
