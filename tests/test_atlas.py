@@ -418,3 +418,20 @@ def test_several_shards_give_the_same_atlas_as_one(tmp_path: Path) -> None:
         assert all(channel["strip"] in results[4] for channel in channels)
     for name in results[4]:
         assert results[4][name] == results[100][name], name
+    # The report over the workflow's results: a page per atlas layer, reached from the index,
+    # every strip shown, every image of every column linked to its page; no broken link.
+    from cnnviz.report import build_report, crawl
+
+    results_dir = runs[4][0] / "results"
+    found = crawl(build_report(results_dir, models=["tiny"]))
+    assert not found.broken and not found.external
+    report = results_dir / "report"
+    for name, channels in zip(layers, strips, strict=True):
+        page = report / "tiny" / "atlas" / f"{Path(name).stem}.html"
+        assert page in found.pages
+        html = page.read_text()
+        for channel in channels:
+            assert results_dir / "tiny" / "atlas" / "layers" / channel["strip"] in found.files
+            for image in channel["images"]:
+                assert f'href="../{image}.html"' in html and report / "tiny" / f"{image}.html" \
+                    in found.pages
