@@ -146,7 +146,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            }),
     Method("lrp", "LRP", "layer-wise relevance propagation (Bach et al.): the class score "
            "passed back layer by layer by the composite's rule per layer; the relevance adds "
-           "up to the score", "cnnviz.methods.lrp:run_lrp", reading=RELEVANCE_READING, options={
+           "up to the score, less what the layers' biases absorb",
+           "cnnviz.methods.lrp:run_lrp", reading=RELEVANCE_READING, options={
                "composite": _choice("epsilon_plus_flat", "which rule at which layer (zennit's "
                                     "composites): epsilon_plus_flat = flat at the first layer, "
                                     "z+ at convolutions, epsilon at dense layers; "

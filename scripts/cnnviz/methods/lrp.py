@@ -24,32 +24,6 @@ import onnx
 from ..autodiff.rules_lrp import COMPOSITES, LrpSettings, composite_rules
 from ..errors import ConfigError
 
-OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "lrp": {
-        "composite": {
-            "default": "epsilon_plus_flat",
-            "type": "string",
-            "enum": list(COMPOSITES),
-            "description": "which LRP rule at which layer: "
-            + "; ".join(f"{name}: {c.description}" for name, c in COMPOSITES.items()),
-        },
-        "epsilon": {
-            "default": 1e-6,
-            "type": "number",
-            "minimum": 0,
-            "description": "epsilon of the epsilon rule (zennit's default 1e-6; larger values "
-            "absorb weak or contradictory relevance, e.g. 0.25)",
-        },
-        "gamma": {
-            "default": 0.25,
-            "type": "number",
-            "minimum": 0,
-            "description": "gamma of the gamma rule: how much positive contributions are "
-            "favoured (zennit's default 0.25)",
-        },
-    }
-}
-
 
 def pixel_bounds(pre: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(low, high) [1, 3, 1, 1] float32: pixels 0 and 255 after the model's preprocessing."""
