@@ -66,7 +66,9 @@ HOW_TO_READ = {
     "uniform; lower is better.",
     "max_sensitivity": "Max-sensitivity (Yeh et al. 2019): the largest relative change "
     "||m(x + d) - m(x)|| / ||m(x)|| of the map over a few seeded uniform input perturbations "
-    "|d| <= radius: lower is better (a tiny input change should not redraw the map).",
+    "|d| <= radius: lower is better (a tiny input change should not redraw the map), but 0 "
+    "can also mean a map that ignores the input (deconvnet without pooling switches): read it "
+    "with the class sensitivity and the randomization test.",
     "ranking": "Each metric orders the methods best first ('better' says which way); 'random' "
     "is the yardstick: a method ranked below it on a metric is no better than chance there. "
     "No method wins everywhere: CAMs tend to lead on localization and ROAD, gradients on "
