@@ -66,8 +66,8 @@ def test_every_page_in_the_browser(browser: Browser, small_report: Path, tmp_pat
         print(f"  {page.timing['load_ms']:6.0f} ms  {page.images:3d} images  {page.url}")
     assert not report.problems, "\n".join(report.problems[:20])
     names = sorted(Path(p.url).name for p in report.pages)
-    assert names == ["chelsea.html", "coffee.html", "img0002.html", "img0003.html",
-                     "index.html", "tinynet.html"]  # fmt: skip
+    assert names == ["block5.conv.html", "chelsea.html", "coffee.html", "img0002.html",
+                     "img0003.html", "index.html", "tinynet.html"]  # fmt: skip
     assert sum(page.images for page in report.pages) > 60
     shots = sorted(p.name for p in screens.glob("*.png"))
     assert shots == ["image.png", "index.png", "model.png"]
