@@ -217,12 +217,13 @@ def placement(model, tensor: str, channels: list[int], device: str, mode: str, p
     import json
 
     import onnxruntime as ort
-    from cnnviz.methods import filters as fv
+    from cnnviz.methods.objective_job import ObjectiveJob
+    from cnnviz.methods.objectives import channel
     from cnnviz.runtime import providers_for, session_options
 
-    job = fv.GraphJob(model, tensor, len(channels), mode=mode, steps=runs, lr=0.05,
-                      norm=ov.Normalization.from_preprocess(pre), device=device,
-                      threads=THREADS)
+    job = ObjectiveJob(model, [channel(tensor, 0)], len(channels), mode=mode, steps=runs,
+                       lr=0.05, norm=ov.Normalization.from_preprocess(pre), device=device,
+                       threads=THREADS)
     options = session_options(THREADS)
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "cnnviz_filters")

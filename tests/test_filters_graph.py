@@ -14,8 +14,10 @@ import onnx
 import pytest
 from cnnviz.autodiff import vjp
 from cnnviz.methods import filters as fv
+from cnnviz.methods import objectives as ob
 from cnnviz.methods import optvis as ov
 from cnnviz.methods import optvis_graph as og
+from cnnviz.methods.objective_job import ObjectiveJob
 from cnnviz.runtime import make_session
 from onnx import TensorProto, helper, numpy_helper
 from test_filters import IMAGENET, small_net
@@ -194,17 +196,18 @@ def one_lucent_step(model, tensor, channels, pre, size, threads=1):
     gradient and the spectrum after one step) for the same start and draws."""
     norm = ov.Normalization.from_preprocess(pre)
     b = len(channels)
-    job = fv.GraphJob(model, tensor, b, mode="lucent", steps=1, lr=0.05, norm=norm,
-                      param_size=size, device="cpu", threads=threads)  # fmt: skip
+    job = ObjectiveJob(model, [ob.channel(tensor, 0)], b, mode="lucent", steps=1, lr=0.05,
+                       norm=norm, param_size=size, device="cpu", threads=threads)  # fmt: skip
     s = job.size
     param = ov.FourierImage(s, s)
     rngs = [fv.filter_rng(5, c) for c in channels]
     spectrum = np.stack([param.init(r) for r in rngs])
     draws = np.stack([fv.transform_table(r, 1) for r in rngs])
-    state = job._state()
+    state = job.initial_state(1)
     state.update({"fv:spectrum": spectrum, "fv:m": np.zeros_like(spectrum),
                   "fv:v": np.zeros_like(spectrum)})  # fmt: skip
-    consts = {"fv:draws": draws, "fv:bias": fv.adam_bias(1), "fv:onehot": job.onehot(channels)}
+    consts = {"fv:draws": draws, "fv:bias": fv.adam_bias(1),
+              **job.constants([ob.channel(tensor, c) for c in channels])}
     out = job.loop(state, consts, 1)
     graph_grad = -out["fv:m"] / np.float32(0.1)  # m after one step: (1 - b1) * (-g)
     objective = fv.LayerObjective(model, tensor, b, "cpu", threads)
@@ -282,8 +285,9 @@ def test_old_opsets_and_flat_outputs_fall_back_to_the_numpy_engine():
 def test_step_graph_ops_have_cuda_kernels(mode):
     """Every op of the step and evaluation graphs has a CUDA kernel (no Where, no MaxUnpool);
     shapes, axes and pads are initializers (no Shape op), state in and out match."""
-    job = fv.GraphJob(small_net(), "r1", 2, mode=mode, steps=4, lr=0.05, norm=NORM,
-                      param_size=16, norm_bound=3.0, device="cpu", threads=1)  # fmt: skip
+    job = ObjectiveJob(small_net(), [ob.channel("r1", 0)], 2, mode=mode, steps=4, lr=0.05,
+                       norm=NORM, param_size=16, norm_bound=3.0, device="cpu",
+                       threads=1)  # fmt: skip
     for graph in (job.spec.model, job.eval_graph):
         ops = set(og.op_types(graph))
         assert ops <= CUDA_OPS, ops - CUDA_OPS
@@ -342,8 +346,8 @@ def test_step_graph_runs_on_cuda_only_and_agrees_with_cpu(mode, tmp_path: Path):
     on_gpu = fv.optimize_filters(small_net(), "r2", [0, 1, 2, 3], device="cuda", **kwargs)
     assert on_gpu.info["providers"][0] == "CUDAExecutionProvider"
     np.testing.assert_allclose(on_gpu.curves, on_cpu.curves, rtol=2e-2, atol=1e-3)
-    job = fv.GraphJob(small_net(), "r2", 4, mode=mode, steps=2, lr=0.05, norm=NORM,
-                      param_size=16, device="cuda", threads=1)  # fmt: skip
+    job = ObjectiveJob(small_net(), [ob.channel("r2", 0)], 4, mode=mode, steps=2, lr=0.05,
+                       norm=NORM, param_size=16, device="cuda", threads=1)  # fmt: skip
     options = session_options(1)
     options.enable_profiling = True
     options.profile_file_prefix = str(tmp_path / "step")

@@ -174,21 +174,6 @@ def test_class_logit_rises_and_padding_changes_nothing():
     assert res.final_terms[:, 1].max() < 0  # the diversity term: minus a mean cosine
 
 
-def test_filters_are_the_channel_objective():
-    """optimize_filters (engine graph) equals optimize([channel(l, c)]) run with the filters'
-    streams; and equals the hand-written channel seed of GraphJob, bit for bit."""
-    channels = [0, 2, 3, 5]
-    for mode in ("lucent", "seed"):
-        res = fv.optimize_filters(small_net(), "r2", channels, mode=mode, steps=3, seed=5,
-                                  preprocess=IMAGENET, param_size=16, device="cpu", threads=1)
-        old = fv.GraphJob(small_net(), "r2", 4, mode=mode, steps=3, lr=res.info["lr"],
-                          norm=NORM, param_size=16, device="cpu", threads=1)
-        images, curves, start, final = old.run(channels, 3, res.info["lr"], 5, NORM, 16, None)
-        np.testing.assert_array_equal(res.raw, images)
-        np.testing.assert_array_equal(res.curves, curves)
-        np.testing.assert_array_equal(res.final, final)
-
-
 def test_bad_objectives_are_named():
     with pytest.raises(ConfigError, match="channels 0..5"):
         oj.optimize(small_net(), [ob.channel("r2", 6)], steps=1, device="cpu", threads=1)

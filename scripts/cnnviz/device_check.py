@@ -482,17 +482,17 @@ def _method(module: str, function: str, *args, **kwargs) -> Builder:
 
 def _filters(mode: str, which: str) -> Builder:
     """Filter visualization's step graph (`which` = "step") or evaluation graph ("eval") at the
-    last conv layer, as `methods.filters.GraphJob` builds them."""
+    last conv layer, as `methods.objective_job.ObjectiveJob` builds them for filters."""
     def build(model: onnx.ModelProto, card: dict, batch: int) -> onnx.ModelProto | None:
-        filters = importlib.import_module("cnnviz.methods.filters")
-        if not hasattr(filters, "GraphJob"):
-            return None
+        jobs = importlib.import_module("cnnviz.methods.objective_job")
         from .methods.cam import layer_tensor
+        from .methods.objectives import channel
         from .methods.optvis import Normalization
 
         norm = Normalization.from_preprocess(card.get("preprocess", {}))
-        job = filters.GraphJob(model, layer_tensor(card, None), batch, mode=mode, steps=4,
-                               lr=0.05, norm=norm, device="cpu", threads=1)
+        job = jobs.ObjectiveJob(model, [channel(layer_tensor(card, None), 0)], batch,
+                                mode=mode, steps=4, lr=0.05, norm=norm, device="cpu",
+                                threads=1)
         return job.spec.model if which == "step" else job.eval_graph
     return build
 

@@ -20,9 +20,9 @@ parameterization, the step's random transforms (drawn on the host once for all s
 in-graph by the step index), resize and normalization, the model cut at the layer (nothing after
 the layer is computed), the objective, the backward of all of it (`cnnviz.autodiff.vjp`) and the
 Adam / normalized-step update. The objective is `objectives.channel(tensor, c)` per item, one
-case of the objective algebra: `objective_job.ObjectiveJob` builds and runs it (the older
-`GraphJob`, with the channel seed written by hand, is its base class and still builds the same
-graphs for the tests and benchmarks). Both run with ONNX Runtime I/O binding: the state
+case of the objective algebra: `objective_job.ObjectiveJob` builds and runs it (until 2026-12 a
+`GraphJob` here wrote the channel seed by hand; the objective's graph gave bit-identical
+pictures, curves and finals, so it went). It runs with ONNX Runtime I/O binding: the state
 (parameters, Adam's m and v, the step index, the curves) stays on the device between steps and
 is read back once, at the end. Engine "numpy" is the earlier host loop (the model's gradient from
 `LayerObjective`, the rest in numpy, `optvis`), kept as the reference the graph is tested
@@ -375,139 +375,6 @@ def adam_bias(steps: int, betas: tuple[float, float] = (0.9, 0.999)) -> np.ndarr
 
 class NotAGraphCase(Exception):
     """The step graph does not cover this layer (not a [C, H, W] feature map)."""
-
-
-class GraphJob:
-    """The step graph and the evaluation graph of one (model, layer, mode, batch) as sessions.
-
-    `run(channels, steps, ...)` optimizes one chunk: the state is bound once as device buffers
-    (ONNX Runtime I/O binding on the session's device), two bindings swap the input and output
-    buffers, so a step is one `run_with_iobinding`, and nothing crosses to the host until the
-    end (the curves are state too). The random draws of all steps are one [B, steps, 6] input.
-    """
-
-    def __init__(self, model: onnx.ModelProto, tensor: str, batch: int, *, mode: str,
-                 steps: int, lr: float, norm: ov.Normalization, param_size: int = PARAM_SIZE,
-                 norm_bound: float | None = None, device: str = "auto",
-                 threads: int | None = None):
-        from ..autodiff.prepare import prepare, static_shapes
-        from ..graph import input_name
-        from ..runtime import make_session
-        from . import optvis_graph as og
-
-        self.tensor, self.batch, self.mode, self.steps = tensor, batch, mode, steps
-        cut = cut_at(model, [tensor])
-        shapes = static_shapes(prepare(cut, batch).graph)
-        self.input_shape = tuple(int(d) for d in shapes[input_name(cut)][1:])
-        self.layer_shape = tuple(int(d) for d in shapes[tensor][1:])
-        if len(self.layer_shape) != 3 or len(self.input_shape) != 3:
-            raise NotAGraphCase(f"{tensor!r} has shape {self.layer_shape}")
-        self.pre = pre_activation(model, tensor)
-        hw = tuple(self.input_shape[1:])
-        self.size = min(param_size, *hw)
-        if mode == "lucent":
-            self.spec = og.lucent_step(cut, tensor, self.pre, batch, steps, self.size, hw, norm,
-                                       lr, self.layer_shape)
-        else:
-            self.spec = og.seed_step(cut, tensor, self.pre, batch, steps, hw, norm, lr,
-                                     self.layer_shape, norm_bound, model_opset(model))
-        self.norm_bound = norm_bound
-        self.session = make_session(self.spec.model, device, threads)
-        self.eval_graph = og.evaluation(cut, tensor, batch, mode, self.size, hw, norm,
-                                        self.layer_shape[0])
-        self.eval_session = make_session(self.eval_graph, device, threads)
-        self.providers = self.session.get_providers()
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-
-    # ---- pieces ---------------------------------------------------------------------------
-    def onehot(self, channels: Sequence[int]) -> np.ndarray:
-        out = np.zeros((self.batch, self.layer_shape[0], 1, 1), dtype=np.float32)
-        spatial = float(np.prod(self.layer_shape[1:]))
-        for i, c in enumerate(channels):
-            out[i, c] = 1.0 / spatial
-        return out
-
-    def _pad(self, a: np.ndarray) -> np.ndarray:
-        """Fill a chunk up to the graph's batch with copies of its first item."""
-        if len(a) == self.batch:
-            return np.ascontiguousarray(a)
-        extra = np.repeat(a[:1], self.batch - len(a), axis=0)
-        return np.ascontiguousarray(np.concatenate([a, extra]))
-
-    def evaluate(self, param: np.ndarray, onehot: np.ndarray) -> list[np.ndarray]:
-        """Untransformed forward: [values] or [values, image] (lucent)."""
-        name = "fv:spectrum" if self.mode == "lucent" else "fv:x"
-        return self.eval_session.run(None, {name: param, "fv:onehot": onehot})
-
-    def loop(self, state: dict[str, np.ndarray], constants: dict[str, np.ndarray],
-             steps: int) -> dict[str, np.ndarray]:
-        """`steps` runs of the step graph with its state on the device; the final state."""
-        import onnxruntime as ort
-
-        alive = []  # on the CPU an OrtValue wraps the numpy buffer: keep the arrays alive
-
-        def put(a: np.ndarray):
-            alive.append(np.array(a, order="C"))
-            return ort.OrtValue.ortvalue_from_numpy(alive[-1], self.device, 0)
-
-        buffers = {n: (put(a), put(np.zeros_like(a))) for n, a in state.items()}
-        fixed = {n: put(a) for n, a in constants.items()}
-        values = put(np.zeros(self.batch, dtype=np.float32))
-        bindings = []
-        for parity in (0, 1):
-            io = self.session.io_binding()
-            for n, v in fixed.items():
-                io.bind_ortvalue_input(n, v)
-            for n, pair in buffers.items():
-                io.bind_ortvalue_input(n, pair[parity])
-                io.bind_ortvalue_output(n + "_next", pair[1 - parity])
-            io.bind_ortvalue_output("fv:values", values)
-            bindings.append(io)
-        for k in range(steps):
-            self.session.run_with_iobinding(bindings[k % 2])
-        final = {n: pair[steps % 2].numpy().copy() for n, pair in buffers.items()}
-        alive.clear()  # the device buffers are not read again
-        return final
-
-    def _state(self) -> dict[str, np.ndarray]:
-        return {
-            "fv:step": np.array(0, dtype=np.int64),
-            "fv:prev": np.zeros(self.batch, dtype=np.float32),
-            "fv:curves": np.zeros((self.batch, self.steps), dtype=np.float32),
-        }
-
-    # ---- one chunk ------------------------------------------------------------------------
-    def run(self, channels, steps, lr, seed, norm, param_size, norm_bound):
-        """Optimize one chunk (<= batch filters): (images HWC, curves, start, final)."""
-        n = len(channels)
-        rngs = [filter_rng(seed, c) for c in channels]
-        onehot = self.onehot(list(channels) + [channels[0]] * (self.batch - n))
-        state = self._state()
-        if self.mode == "lucent":
-            param = ov.FourierImage(self.size, self.size)
-            spectrum = self._pad(np.stack([param.init(r) for r in rngs]))
-            draws = self._pad(np.stack([transform_table(r, steps) for r in rngs]))
-            start = self.evaluate(spectrum, onehot)[0]
-            state.update({"fv:spectrum": spectrum, "fv:m": np.zeros_like(spectrum),
-                          "fv:v": np.zeros_like(spectrum)})
-            consts = {"fv:draws": draws, "fv:bias": adam_bias(steps), "fv:onehot": onehot}
-            out = self.loop(state, consts, steps)
-            final, image = self.evaluate(out["fv:spectrum"], onehot)
-            curves = out["fv:curves"].astype(np.float64)
-            return (image[:n].transpose(0, 2, 3, 1), curves[:n], start[:n].astype(np.float64),
-                    final[:n].astype(np.float64))
-        shape = self.input_shape
-        x = np.stack([0.5 + (r.random(shape) - 0.5) * 2 * SEED_NOISE for r in rngs]).astype(
-            np.float32
-        )
-        if norm_bound is not None:
-            x = ov.project_ball(x, norm_bound)
-        state["fv:x"] = self._pad(x)
-        out = self.loop(state, {"fv:onehot": onehot}, steps)
-        final = self.evaluate(out["fv:x"], onehot)[0]
-        curves = out["fv:curves"].astype(np.float64)
-        return (out["fv:x"][:n].transpose(0, 2, 3, 1), curves[:n], curves[:n, 0].copy(),
-                final[:n].astype(np.float64))
 
 
 def _redirect(curves: np.ndarray, k: int) -> list[bool]:

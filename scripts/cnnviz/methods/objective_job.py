@@ -2,7 +2,7 @@
 
 `ObjectiveJob` builds the step and evaluation graphs of `optvis_graph.objective_graphs` for
 one model, objective structure, mode and batch, and runs a batch of objectives with the state on
-the device (`filters.GraphJob.loop`). Filter pictures are the case `channel(layer, c)` per item
+the device (`loop`). Filter pictures are the case `channel(layer, c)` per item
 (`optimize_filters` runs them here), class models `class_logit(k)` (+ diversity).
 
 Layer names in the objectives are graph tensor names here; `resolve` maps the config's layer
@@ -26,7 +26,6 @@ from . import optvis as ov
 from .filters import (
     PARAM_SIZE,
     SEED_NOISE,
-    GraphJob,
     NotAGraphCase,
     adam_bias,
     filter_rng,
@@ -72,9 +71,15 @@ class ObjectiveResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class ObjectiveJob(GraphJob):
+class ObjectiveJob:
     """The graphs of one objective structure as sessions; `run_objectives` optimizes a batch.
-    `per_filter` (channel -> objective; default channel(layer, c)) serves `run`."""
+    `per_filter` (channel -> objective; default channel(layer, c)) serves `run`.
+
+    The state is bound once as device buffers (ONNX Runtime I/O binding on the session's
+    device), two bindings swap the input and output buffers, so a step is one
+    `run_with_iobinding`, and nothing crosses to the host until the end (the curves are state
+    too). The random draws of all steps are one [B, steps, 6] input.
+    """
 
     per_filter: Callable[[int], ob.Objective] | None = None
 
@@ -117,6 +122,51 @@ class ObjectiveJob(GraphJob):
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
+    def _pad(self, a: np.ndarray) -> np.ndarray:
+        """Fill a chunk up to the graph's batch with copies of its first item."""
+        if len(a) == self.batch:
+            return np.ascontiguousarray(a)
+        extra = np.repeat(a[:1], self.batch - len(a), axis=0)
+        return np.ascontiguousarray(np.concatenate([a, extra]))
+
+    def loop(self, state: dict[str, np.ndarray], constants: dict[str, np.ndarray],
+             steps: int) -> dict[str, np.ndarray]:
+        """`steps` runs of the step graph with its state on the device; the final state."""
+        import onnxruntime as ort
+
+        alive = []  # on the CPU an OrtValue wraps the numpy buffer: keep the arrays alive
+
+        def put(a: np.ndarray):
+            alive.append(np.array(a, order="C"))
+            return ort.OrtValue.ortvalue_from_numpy(alive[-1], self.device, 0)
+
+        buffers = {n: (put(a), put(np.zeros_like(a))) for n, a in state.items()}
+        fixed = {n: put(a) for n, a in constants.items()}
+        values = put(np.zeros(self.batch, dtype=np.float32))
+        bindings = []
+        for parity in (0, 1):
+            io = self.session.io_binding()
+            for n, v in fixed.items():
+                io.bind_ortvalue_input(n, v)
+            for n, pair in buffers.items():
+                io.bind_ortvalue_input(n, pair[parity])
+                io.bind_ortvalue_output(n + "_next", pair[1 - parity])
+            io.bind_ortvalue_output("fv:values", values)
+            bindings.append(io)
+        for k in range(steps):
+            self.session.run_with_iobinding(bindings[k % 2])
+        final = {n: pair[steps % 2].numpy().copy() for n, pair in buffers.items()}
+        alive.clear()  # the device buffers are not read again
+        return final
+
+    def initial_state(self, steps: int) -> dict[str, np.ndarray]:
+        """The step counter, the last terms (redirection) and the curves, all zero."""
+        t = self.graphs.terms
+        return {"fv:step": np.array(0, dtype=np.int64),
+                "fv:prev": np.zeros((self.batch, t), np.float32),
+                "fv:curves": np.zeros((self.batch, steps), np.float32),
+                "fv:term_curves": np.zeros((self.batch, t, steps), np.float32)}
+
     def constants(self, objectives: Sequence[ob.Objective]) -> dict[str, np.ndarray]:
         tables = ob.tables(objectives, self.batch, self.shapes)
         live = np.zeros(self.batch, np.float32)
@@ -138,12 +188,8 @@ class ObjectiveJob(GraphJob):
         n = len(objectives)
         if n > self.batch or len(rngs) != n:
             raise ValueError(f"{n} objectives, {len(rngs)} streams for a batch of {self.batch}")
-        t = self.graphs.terms
         consts = self.constants(objectives)
-        state = {"fv:step": np.array(0, dtype=np.int64),
-                 "fv:prev": np.zeros((self.batch, t), np.float32),
-                 "fv:curves": np.zeros((self.batch, steps), np.float32),
-                 "fv:term_curves": np.zeros((self.batch, t, steps), np.float32)}
+        state = self.initial_state(steps)
         if self.mode == "lucent":
             param = ov.FourierImage(self.size, self.size)
             spectrum = self._pad(np.stack([param.init(r) for r in rngs]))
@@ -171,8 +217,8 @@ class ObjectiveJob(GraphJob):
                 final["fv:terms"][:n].astype(f64))
 
     def run(self, channels, steps, lr, seed, norm, param_size, norm_bound):
-        """GraphJob's interface for filter chunks: channel(layer, c) per item, the filter's
-        own stream (`filter_rng(seed, c)`): (images HWC, curves, start, final)."""
+        """One filter chunk for `filters.optimize_filters`: `per_filter(c)` per item, the
+        filter's own stream (`filter_rng(seed, c)`): (images HWC, curves, start, final)."""
         make = self.per_filter or (lambda c: ob.channel(self.template.terms[0][1].layer, c))
         objectives = [make(c) for c in channels]
         images, curves, _, start, final, _ = self.run_objectives(

@@ -4,9 +4,9 @@ The numpy parts of `optvis` (parameterization, random transforms, resize, normal
 are written here as ONNX ops, put in front of the model cut at the layer, and differentiated
 with the model by `cnnviz.autodiff.vjp`; the optimizer update is appended after the gradient.
 One `session.run` is one step: state in (params, Adam m and v, step index, last values, curves),
-state out. The runner in `filters` keeps the state on the device with I/O binding.
+state out. `objective_job.ObjectiveJob` keeps the state on the device with I/O binding.
 
-Step graph, lucent mode (B filters, param size S, model input H x W):
+Step graph, lucent mode (B pictures, param size S, model input H x W; `objective_graphs`):
 
     spectrum [B,3,S,S//2+1,2] -> x scale -> MatMul (rfft columns) -> MatMul (ifft rows) / 4
       -> Conv 1x1 (colour decorrelation) -> Sigmoid                       = image [B,3,S,S]
@@ -14,8 +14,9 @@ Step graph, lucent mode (B filters, param size S, model input H x W):
       -> bilinear taps (Floor, Clip, masks) -> Gather of 4 taps from image - 0.5, weighted sum
          (pad 12 + jitter 8 + scale x rotate + jitter 4 in one resampling) + 0.5
       -> MatMul, MatMul (bilinear resize to H x W, align_corners) -> x gain - shift
-      -> the model up to the layer -> seeds: the filter's channel / spatial size (+ the
-         pre-activation's while redirected) -> backward of all of the above (the engine)
+      -> the model up to the objective's layers -> the objective (`objectives.emit`: its
+         terms, their weighted sum, + the linear terms at the pre-activations while
+         redirected) -> seed 1 per item -> backward of all of the above (the engine)
       -> Adam (lr, betas, eps; bias corrections per step from `bias`) -> spectrum', m', v'
 Seed mode: x [B,3,H,W] -> x gain - shift -> model -> backward -> x + lr g / (rms(g) + 1e-5)
 (-> projected onto the L2 ball).
@@ -257,57 +258,6 @@ class StepSpec:
     constants: dict[str, tuple[tuple[int, ...], type]]
 
 
-def _finish_step(m: onnx.ModelProto, e: Emitter, seeds: list[str], redirect_seed: str | None,
-                 tensor: str, layer_shape, batch: int, steps: int, param: str,
-                 new_param: str, extra_state: dict, extra_const: dict) -> StepSpec:
-    """Replace the vjp's seed inputs by in-graph seeds, add values/curves/step bookkeeping."""
-    from ..autodiff.prepare import eliminate_dead_nodes, sort_topologically
-
-    g = m.graph
-    seed_inputs = {f"seed:{s}" for s in seeds}
-    keep = [i for i in g.input if i.name not in seed_inputs and i.name != "fv:step"]
-    step, prev, curves = "fv:step", "fv:prev", "fv:curves"
-    onehot = "fv:onehot"
-    expand_shape = e.ints([batch, *layer_shape])
-    # seeds: the filter's channel mean (onehot holds 1/spatial at its channel)
-    e.op("Expand", [onehot, expand_shape], out=f"seed:{tensor}")
-    if redirect_seed is not None:  # redirected: in the first steps and while the value is <= 0
-        early = e.op("Cast", [e.op("Less", [step, e.const(np.array(16, np.int64), "redir")])],
-                     to=TensorProto.FLOAT)
-        dead = e.op("Cast", [e.op("LessOrEqual", [prev, e.f(0.0)])], to=TensorProto.FLOAT)
-        on = e.reshape(e.op("Max", [dead, early]), [batch, 1, 1, 1])
-        e.op("Expand", [e.op("Mul", [onehot, on]), expand_shape], out=f"seed:{redirect_seed}")
-    values = e.op("ReduceSum", [e.op("Mul", [tensor, onehot]), e.ints([1, 2, 3])], keepdims=0)
-    column = e.op("Cast", [e.op("Equal", [e.const(np.arange(steps, dtype=np.int64), "cols"),
-                                          step])], to=TensorProto.FLOAT)
-    e.op("Add", [curves, e.op("Mul", [e.reshape(values, [batch, 1]), column])],
-         out=curves + STATE_SUFFIX)
-    e.op("Identity", [values], out=prev + STATE_SUFFIX)
-    e.op("Identity", [values], out="fv:values")
-    e.op("Add", [step, e.const(np.array(1, np.int64), "one")], out=step + STATE_SUFFIX)
-    e.op("Identity", [new_param], out=param + STATE_SUFFIX)
-    g.node.extend(e.nodes)
-    g.initializer.extend(e.inits)
-    state = {
-        param: (None, F32), step: ((), np.int64), prev: ((batch,), F32),
-        curves: ((batch, steps), F32), **extra_state,
-    }
-    constants = {onehot: ((batch, *layer_shape[:1], 1, 1), F32), **extra_const}
-    g.ClearField("input")
-    g.input.extend(keep)
-    names = {i.name for i in g.input}
-    for name, (shape, dtype) in list(state.items()) + list(constants.items()):
-        if name not in names and shape is not None:
-            g.input.append(_value(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
-    g.ClearField("output")
-    outs = [n + STATE_SUFFIX for n in state] + ["fv:values"]
-    g.output.extend(helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outs)
-    sort_topologically(g)  # the seeds feed the backward emitted before them
-    eliminate_dead_nodes(g, set(outs))
-    _type_outputs(m, state)
-    return StepSpec(m, state, constants)
-
-
 def _type_outputs(m: onnx.ModelProto, state: dict) -> None:
     by_name = {i.name: i for i in m.graph.input}
     fixed = []
@@ -320,112 +270,6 @@ def _type_outputs(m: onnx.ModelProto, state: dict) -> None:
             fixed.append(helper.make_tensor_value_info(o.name, TensorProto.FLOAT, None))
     m.graph.ClearField("output")
     m.graph.output.extend(fixed)
-
-
-def lucent_step(cut: onnx.ModelProto, tensor: str, pre: str | None, batch: int, steps: int,
-                size: int, input_hw: tuple[int, int], norm: ov.Normalization, lr: float,
-                layer_shape, betas=(0.9, 0.999), eps: float = 1e-8) -> StepSpec:
-    """One lucent step (see the module doc): spectrum, m, v -> their next values."""
-    from ..autodiff import vjp
-
-    w2 = size // 2 + 1
-    pshape = (batch, 3, size, w2, 2)
-    e = Emitter("fv")
-    draw = e.op("Gather", ["fv:draws", "fv:step"], axis=1)  # [B, 6]
-    image = fourier_image(e, "fv:spectrum", batch, size)
-    x = random_transform(e, image, draw, batch, size, input_hw, norm)
-    seeds = [tensor] + ([pre] if pre else [])
-    fwd = compose(cut, e, x, [
-        _value("fv:spectrum", TensorProto.FLOAT, pshape),
-        _value("fv:draws", TensorProto.FLOAT, (batch, steps, 6)),
-        _value("fv:step", TensorProto.INT64, ()),
-    ], seeds)
-    m = vjp(fwd, wrt=["fv:spectrum"], seed_outputs=seeds, batch=batch)
-    e2 = Emitter("fv/adam")
-    b1, b2 = betas
-    bias = e2.op("Gather", ["fv:bias", "fv:step"], axis=0)  # [2]: 1 - b1^t, 1 - b2^t
-    c1, c2 = e2.multi("Split", [bias, e2.ints([1, 1])], 2, axis=0)
-    grad = e2.op("Neg", ["grad:fv:spectrum"])  # ascend: Adam descends on -g
-    m_new = e2.op("Add", [e2.op("Mul", [e2.f(b1), "fv:m"]), e2.op("Mul", [e2.f(1 - b1), grad])],
-                  out="fv:m" + STATE_SUFFIX)
-    v_new = e2.op("Add", [e2.op("Mul", [e2.f(b2), "fv:v"]),
-                          e2.op("Mul", [e2.op("Mul", [e2.f(1 - b2), grad]), grad])],
-                  out="fv:v" + STATE_SUFFIX)
-    m_hat = e2.op("Div", [m_new, c1])
-    v_hat = e2.op("Div", [v_new, c2])
-    update = e2.op("Div", [e2.op("Mul", [e2.f(lr), m_hat]),
-                           e2.op("Add", [e2.op("Sqrt", [v_hat]), e2.f(eps)])])
-    new = e2.op("Sub", ["fv:spectrum", update])
-    spec = _finish_step(
-        m, e2, seeds, pre, tensor, layer_shape, batch, steps, "fv:spectrum", new,
-        {"fv:m": (pshape, F32), "fv:v": (pshape, F32)},
-        {"fv:draws": ((batch, steps, 6), F32), "fv:bias": ((steps, 2), F32)},
-    )
-    spec.state["fv:spectrum"] = (pshape, F32)
-    return spec
-
-
-def seed_step(cut: onnx.ModelProto, tensor: str, pre: str | None, batch: int, steps: int,
-              input_hw: tuple[int, int], norm: ov.Normalization, lr: float, layer_shape,
-              norm_bound: float | None, opset: int = 17) -> StepSpec:
-    """One seed-mode step: x -> x + lr g / (rms(g) + 1e-5) (-> onto the L2 ball)."""
-    from ..autodiff import vjp
-
-    xshape = (batch, 3, *input_hw)
-    e = Emitter("fv")
-    x = normalize(e, "fv:x", norm)
-    seeds = [tensor] + ([pre] if pre else [])
-    fwd = compose(cut, e, x, [_value("fv:x", TensorProto.FLOAT, xshape)], seeds)
-    m = vjp(fwd, wrt=["fv:x"], seed_outputs=seeds, batch=batch)
-    e2 = Emitter("fv/step")
-    g = "grad:fv:x"
-    axes = e2.ints([1, 2, 3])
-    square = e2.op("Mul", [g, g])
-    if opset >= 18:
-        mean = e2.op("ReduceMean", [square, axes], keepdims=1)
-    else:
-        mean = e2.op("ReduceMean", [square], axes=[1, 2, 3], keepdims=1)
-    rms = e2.op("Sqrt", [mean])
-    step = e2.op("Mul", [e2.op("Div", [g, e2.op("Add", [rms, e2.f(1e-5)])]), e2.f(lr)])
-    new = e2.op("Add", ["fv:x", step])
-    if norm_bound is not None:
-        length = e2.op("Sqrt", [e2.op("ReduceSum", [e2.op("Mul", [new, new]), axes],
-                                      keepdims=1)])
-        factor = e2.op("Min", [e2.f(1.0), e2.op("Div", [e2.f(norm_bound),
-                                                       e2.op("Max", [length, e2.f(1e-12)])])])
-        new = e2.op("Mul", [new, factor])
-    spec = _finish_step(m, e2, seeds, pre, tensor, layer_shape, batch, steps, "fv:x", new, {}, {})
-    spec.state["fv:x"] = (xshape, F32)
-    return spec
-
-
-def evaluation(cut: onnx.ModelProto, tensor: str, batch: int, mode: str, size: int,
-               input_hw: tuple[int, int], norm: ov.Normalization, channels: int
-               ) -> onnx.ModelProto:
-    """Forward only, untransformed: values [B] of the filters (and lucent's image [B,3,S,S])."""
-    e = Emitter("fv")
-    if mode == "lucent":
-        w2 = size // 2 + 1
-        param = _value("fv:spectrum", TensorProto.FLOAT, (batch, 3, size, w2, 2))
-        image = e.op("Identity", [fourier_image(e, "fv:spectrum", batch, size)], out="fv:image")
-        x = normalize(e, resize(e, image, (size, size), input_hw), norm)
-        outputs = ["fv:values", "fv:image"]
-    else:
-        param = _value("fv:x", TensorProto.FLOAT, (batch, 3, *input_hw))
-        x = normalize(e, "fv:x", norm)
-        outputs = ["fv:values"]
-    onehot = "fv:onehot"
-    m = compose(cut, e, x, [param], outputs)
-    e2 = Emitter("fv/eval")
-    e2.op("ReduceSum", [e2.op("Mul", [tensor, onehot]), e2.ints([1, 2, 3])], keepdims=0,
-          out="fv:values")
-    m.graph.node.extend(e2.nodes)
-    m.graph.initializer.extend(e2.inits)
-    m.graph.input.append(_value(onehot, TensorProto.FLOAT, (batch, channels, 1, 1)))
-    from ..autodiff.prepare import eliminate_dead_nodes
-
-    eliminate_dead_nodes(m.graph, set(outputs))  # nothing after the layer
-    return m
 
 
 def op_types(model: onnx.ModelProto) -> list[str]:
