@@ -96,7 +96,8 @@ OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
             "default": 0.5,
             "type": "number",
             "minimum": 0,
-            "description": "probability that a grid cell keeps the image (the paper's 0.5)",
+            "description": "probability that a grid cell keeps the image, 0 < p <= 1 "
+            "(the paper's 0.5)",
         },
         "estimator": {
             "default": "coverage",
