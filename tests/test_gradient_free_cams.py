@@ -318,10 +318,11 @@ def test_rise_options_are_checked():
         gf.rise_masks(10, 3, 0.0, 0, (H, W))
     with pytest.raises(ConfigError, match="coverage or paper"):
         gf.rise_finish(np.ones((H, W)), np.ones((H, W)), "mean", 10, 0.5)
-    for method, options in gf.OPTIONS.items():
-        assert method in ("eigencam", "ablationcam", "rise")
-        for spec in options.values():
-            assert {"default", "type", "description"} <= set(spec)
+    from cnnviz import registry
+
+    rise = registry.METHODS["rise"].options  # declared once, in the registry
+    assert rise["estimator"].schema["enum"] == ["coverage", "paper"]
+    assert registry.METHODS["eigencam"].cam_layer and registry.METHODS["ablationcam"].cam_layer
 
 
 # ---- the explain entry points ------------------------------------------------------------
@@ -332,7 +333,9 @@ def _job(options: dict, rows: list[tuple[int, int]], x: np.ndarray):
 
 
 def _defaults(method: str, **changed) -> dict:
-    return {k: spec["default"] for k, spec in gf.OPTIONS[method].items()} | changed
+    from cnnviz import registry
+
+    return registry.with_defaults(method, {}) | changed
 
 
 def test_run_functions_give_one_finished_map_per_row():
