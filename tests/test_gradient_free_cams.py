@@ -342,8 +342,8 @@ def test_run_functions_give_one_finished_map_per_row():
     x = RNG.uniform(-1, 1, size=(3, C, H, W)).astype(np.float32)
     rows = [(0, 0), (2, 1), (0, 3), (1, 2)]
     eigen = list(gf.run_eigencam(_job(_defaults("eigencam"), rows, x)))
-    ablation = list(gf.run_ablationcam(_job(_defaults("ablationcam", batch=4), rows, x)))
-    rise = list(gf.run_rise(_job(_defaults("rise", masks=40, grid=3, batch=16), rows, x)))
+    ablation = list(gf.run_ablationcam(_job(_defaults("ablationcam", batch_size=4), rows, x)))
+    rise = list(gf.run_rise(_job(_defaults("rise", masks=40, grid=3, batch_size=16), rows, x)))
     a = _acts(x)
     for results in (eigen, ablation, rise):
         assert [r[0] for r in results] == [i for i, _ in rows]

@@ -46,7 +46,7 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              max_sensitivity={"samples": 1, "methods": ["gradcam", "saliency"]})
     methods = config.setdefault("methods", {})
     methods.update(smoothgrad={"samples": 4}, integrated_gradients={"steps": 8},
-                   rise={"masks": 64, "batch": 32})
+                   rise={"masks": 64, "batch_size": 32})
     # one picture per method and shard: the other image's maps are written, not drawn
     config["report"]["pictures"] = {"top": 1}
     configfile = workdir / "config.yaml"

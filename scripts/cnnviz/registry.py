@@ -90,7 +90,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("ablationcam", "Ablation-CAM", "each channel weighted by how much the class score "
            "drops when the channel is zeroed (no gradients)",
            "cnnviz.methods.gradient_free:run_ablationcam", gradient=False, cam_layer=True,
-           options={"batch": _int(64, "ablated copies of the layer's maps run through the "
+           options={"batch_size": _int(64, "ablated copies of the layer's maps run through the "
                                   "rest of the network per call", 1)}),
     Method("scorecam", "Score-CAM", "each channel weighted by how much the class score rises "
            "when the image is masked by it (no gradients)", "cnnviz.methods.explain:scorecam",
@@ -191,7 +191,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
                                     "correlate 0.97 against 0.25)", "coverage", "paper"),
                "seed": _int(0, "seed of the grids and shifts (the same masks for every "
                             "image)", 0),
-               "batch": _int(32, "masked images scored per ONNX Runtime call", 1),
+               "batch_size": _int(32, "masked images scored per ONNX Runtime call", 1),
            }),
     Method("projections", "Projections", "the strongest units of a layer projected back to "
            "pixels (left) beside the image patch they see (right)",

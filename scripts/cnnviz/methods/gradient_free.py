@@ -258,7 +258,7 @@ def run_ablationcam(job: Any) -> Iterator[Any]:
     channels ablated in batches in another, the weighted maps finished in a third."""
     from .explain import _images_per_call, _runner, max_rows
 
-    rows = max_rows(job.card, int(job.options["batch"]))
+    rows = max_rows(job.card, int(job.options["batch_size"]))
     images, _ = _images_per_call(job)
     acts_graph, scores_graph, finish_graph, tensor = ablation_graphs(
         job.model, job.card, _cam_layer(job), images, rows
@@ -386,7 +386,7 @@ def run_rise(job: Any) -> Iterator[Any]:
     count, grid, p = int(job.options["masks"]), int(job.options["grid"]), float(job.options["p"])
     seed, estimator = int(job.options["seed"]), str(job.options["estimator"])
     grids, shifts = rise_masks(count, grid, p, seed, job.inputs.shape[-2:])
-    rows = max_rows(job.card, int(job.options["batch"]))
+    rows = max_rows(job.card, int(job.options["batch_size"]))
     images, points = _images_per_call(dataclasses.replace(job, batch_size=rows), count)
     graph = rise_graph(job.model, job.card, images, points, grid)
     out = _runner(job, graph).run(_row_feeds(job), {"grids": grids, "shifts": shifts})
