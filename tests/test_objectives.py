@@ -41,6 +41,8 @@ def test_config_syntax_parses_without_eval_and_round_trips():
                  + 2 * ob.neuron("a", 1, 0, 2) - 0.25 * ob.direction("b", [1, -0.25])
                  + ob.class_logit(386) - 1e-4 * ob.total_variation())
     assert ob.parse(o.text()) == o
+    fine = 0.123456789 * ob.channel("l", 1) - 1e-5 * ob.direction("m", [0.1, -3.25])
+    assert ob.parse(fine.text()) == fine  # numbers written back exactly
     assert ob.parse("-neuron(x, 2)") == -ob.neuron("x", 2)
     for bad in ("__import__('os').system('true')", "channel(l, 3) * channel(l, 2)",
                 "channel(l, 1.5)", "3", "channel(l, 3) + 1", "neuron(l, 1, 2)", "channel(l, 3"):
@@ -172,6 +174,22 @@ def test_class_logit_rises_and_padding_changes_nothing():
     logit = res.term_curves[:, 0]
     assert np.all(logit[:, -4:].mean(1) > logit[:, :4].mean(1)), logit
     assert res.final_terms[:, 1].max() < 0  # the diversity term: minus a mean cosine
+
+
+def test_class_logit_of_a_conv_head():
+    """Logits shaped [B, K, 1, 1] (a 1x1-conv head, SqueezeNet-like) are read as [B, K]."""
+    model = small_net()
+    shape = onnx.numpy_helper.from_array(np.array([0, 4, 1, 1], np.int64), "shape4")
+    model.graph.initializer.append(shape)
+    model.graph.node.append(onnx.helper.make_node("Reshape", ["logits", "shape4"], ["head"]))
+    model.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("head", 1, None))
+    x = np.random.default_rng(4).random((2, 3, 32, 32)).astype(np.float32)
+    objs = [ob.class_logit(2), ob.class_logit(3)]
+    job = oj.ObjectiveJob(model, objs, 2, mode="seed", steps=1, lr=0.01, norm=NORM,
+                          device="cpu", threads=1)
+    values = job.evaluate_state(x, job.constants(objs))["fv:values"]
+    logits = _activations(small_net(), x)["logits"]
+    np.testing.assert_allclose(values, [logits[0, 2], logits[1, 3]], rtol=1e-5)
 
 
 def test_bad_objectives_are_named():

@@ -44,6 +44,12 @@ LINEAR = ("channel", "neuron", "direction")  # linear in one layer's activation
 LOGITS = "logits"  # the pseudo layer of class_logit
 
 
+def _num(v: float) -> str:
+    """The shortest text that reads back as the same float (2 for 2.0)."""
+    v = float(v)
+    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
+
+
 @dataclass(frozen=True)
 class Term:
     """One term; `layer` is a layer name (or a graph tensor name in the Python API)."""
@@ -63,7 +69,7 @@ class Term:
             where = "" if self.y is None else f", {self.y}, {self.x}"
             return f"neuron({self.layer}, {self.channel}{where})"
         if self.kind == "direction":
-            return f"direction({self.layer}, [{', '.join(f'{v:g}' for v in self.vector)}])"
+            return f"direction({self.layer}, [{', '.join(_num(v) for v in self.vector)}])"
         if self.kind == "class_logit":
             return f"class_logit({self.cls})"
         if self.kind == "diversity":
@@ -115,7 +121,7 @@ class Objective:
         for w, t in self.terms:
             sign = "-" if w < 0 else "+"
             mag = abs(w)
-            body = t.text() if mag == 1.0 else f"{mag:g} * {t.text()}"
+            body = t.text() if mag == 1.0 else f"{_num(mag)} * {t.text()}"
             out += (f"{'-' if sign == '-' else ''}{body}" if not out else f" {sign} {body}")
         return out or "0"
 
@@ -380,7 +386,7 @@ def tables(objectives: Sequence[Objective], batch: int, shapes: dict[str, tuple[
             if pos is not None:
                 out[f"t{j}:pos"] = pos
         elif first.kind == "class_logit":
-            (k,) = shape
+            k = int(np.prod(shape))  # [K], or [K, 1, 1] from a 1x1-conv head
             cls = np.zeros((batch, k), np.float32)
             for i, o in enumerate(items):
                 t = o.terms[j][1]
@@ -432,7 +438,7 @@ def evaluate(objectives: Sequence[Objective], acts: dict[str, np.ndarray],
             elif t.kind == "direction":
                 terms[i, j] = np.einsum("c,chw->hw", np.asarray(t.vector), a).mean()
             else:
-                terms[i, j] = a[t.cls]
+                terms[i, j] = a.reshape(-1)[t.cls]
     weights = np.array([w for w, _ in objectives[0].terms])
     return terms @ weights, terms
 
@@ -490,8 +496,11 @@ def emit(e, objectives: Sequence[Objective], batch: int, tensors: dict[str, str]
                                           e.f(weight)]))
         elif kind == "class_logit":
             cls = f"{prefix}t{j}:cls"
-            inputs[cls] = (batch, shapes[layer][0])
-            values.append(e.op("ReduceSum", [e.op("Mul", [tensors[layer], cls]), e.ints([1])],
+            inputs[cls] = (batch, int(np.prod(shapes[layer])))
+            logits = tensors[layer]
+            if len(shapes[layer]) > 1:  # [B, K, 1, 1] (a 1x1-conv head): as [B, K]
+                logits = e.reshape(logits, [batch, int(np.prod(shapes[layer]))])
+            values.append(e.op("ReduceSum", [e.op("Mul", [logits, cls]), e.ints([1])],
                                keepdims=0))
         elif kind == "diversity":
             values.append(_diversity(e, tensors[layer], batch, shapes[layer], live))
