@@ -257,6 +257,10 @@ def test_selectivity_known_values() -> None:
     np.testing.assert_allclose(atlas.selectivity(top), expected, rtol=1e-12)
     # Scale-free: the same channel with every value doubled is as selective.
     np.testing.assert_allclose(atlas.selectivity(_top([[8.0, 2.0, 2.0]])), [0.5])
+    # A saturated channel (ReLU6: every activation 6) is ranked by its conv outputs 12, 6, 6.
+    saturated = _top([[6.0, 6.0, 6.0]])
+    saturated.pre[0] = [12.0, 6.0, 6.0]
+    np.testing.assert_allclose(atlas.selectivity(saturated), [1 - 8 / 12])
     # most_selective: by selectivity, ties by the top activation, then the lower index;
     # channels without an image last.
     assert atlas.choose_channels(top, "most_selective", 7) == [6, 0, 2, 3, 1, 4, 5]

@@ -316,15 +316,18 @@ def selectivity(top: TopK) -> np.ndarray:
 
     The mean is over the channel's kept entries (its k best images, one unit each; fewer when
     the run has fewer images). 0: the k images excite it equally (a channel that fires on
-    anything); towards 1: one image stands out (a detector of something rare). A channel whose
-    top activation is not positive, or that has no image, scores 0: the ratio means nothing
+    anything); towards 1: one image stands out (a detector of something rare). The values are
+    the pre-activations that rank the entries (the conv output; equal to the activation unless
+    it saturates): a ReLU6 channel whose k images all reach 6 would otherwise score 0 whatever
+    its conv outputs (on EfficientNet-Lite0 most of the most active channels do). A channel
+    whose top value is not positive, or that has no image, scores 0: the ratio means nothing
     there.
     """
     filled = top.filled
-    values = np.where(filled, top.value, 0.0)
+    values = np.where(filled, top.pre, 0.0)
     count = filled.sum(axis=1)
     mean = values.sum(axis=1) / np.maximum(count, 1)
-    best = np.where(filled[:, 0], top.value[:, 0], 0.0)
+    best = np.where(filled[:, 0], top.pre[:, 0], 0.0)
     usable = (best > 0) & np.isfinite(best) & np.isfinite(mean)
     ratio = np.divide(mean, best, out=np.ones_like(mean), where=usable)
     return np.where(usable, 1.0 - ratio, 0.0)
