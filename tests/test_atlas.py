@@ -336,7 +336,9 @@ def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
                 _, window = atlas.unit_window(fields, entry["position"], (SIDE, SIDE), None)
                 patch = atlas.crop_window(display_image(image, card["preprocess"]), window, 255)
                 np.testing.assert_array_equal(shown, atlas._fit(patch, cell))
-                assert (strip[:cell, left : left + cell] != atlas.EMPTY).any()  # a projection
+                # a projection, never a flat tile: a saturated unit (conv1's Clip at 1, most of
+                # the top units here) is projected from its conv output, not through its own Clip
+                assert strip[:cell, left : left + cell].std() > 0, (layer, channel["channel"], j)
             for shown, entry in zip(channel["top"], entries, strict=True):
                 assert shown["position"] == entry["position"]
                 assert shown["box"] == unit_box(fields, entry["position"], (SIDE, SIDE))
@@ -360,6 +362,13 @@ def test_reduce_writes_the_atlas_and_its_json(run: dict) -> None:
     runner = Runner(unit_projection_graph(model, find_layer(card, "conv2")["tensor"], 1), "cpu", 1)
     ours = atlas.project_units(runner, x, [(4, *winner["position"], winner["value"])])[0]
     np.testing.assert_allclose(ours, theirs["projection"], rtol=1e-5, atol=1e-6)
+    # The reduce seeds at the conv output (atlas._seed_tensor): the same projection for this
+    # unsaturated ReLU unit.
+    row = find_layer(card, "conv2")
+    assert atlas._seed_tensor(row) == row["conv_output"] != row["tensor"]
+    pre = Runner(unit_projection_graph(model, row["conv_output"], 1), "cpu", 1)
+    from_pre = atlas.project_units(pre, x, [(4, *winner["position"], winner["value"])])[0]
+    np.testing.assert_allclose(from_pre, theirs["projection"], rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the workflow

@@ -191,6 +191,15 @@ def _pre_tensor(row: dict[str, Any]) -> str | None:
     return pre if pre and pre != row["tensor"] else None
 
 
+def _seed_tensor(row: dict[str, Any]) -> str:
+    """Where a unit's projection starts: its conv output when the layer has one. The same
+    projection as from the activation wherever the activation's slope is 1 (a positive ReLU
+    unit, ReLU6 below 6), but a saturated unit (ReLU6 at 6: most top units of EfficientNet-
+    Lite0's most active channels) would otherwise project through its own zero slope to a flat
+    picture under guided backprop or the gradient."""
+    return _pre_tensor(row) or row["tensor"]
+
+
 # ---- map -----------------------------------------------------------------------------------
 def map_shard(
     model_dir: str | Path,
@@ -519,11 +528,12 @@ def reduce_atlas(
             from ..runner import Runner
             from .projections import unit_projection_graph
 
-            graph = unit_projection_graph(model, row["tensor"], max(1, batch_size), policy)
+            graph = unit_projection_graph(model, _seed_tensor(row), max(1, batch_size), policy)
             runner = Runner(graph, device, threads)
         info = _layer_atlas(model, card, row, top, chosen, paths, runner, out_dir, batch_size)
         del runner
-        info.update({"selection": "named" if named else opts["channels"],
+        info.update({"seeded_at": _seed_tensor(row),
+                     "selection": "named" if named else opts["channels"],
                      "images_ranked": len(ranked), "policy": policy, "policy_reason": why})
         if failed:
             info["failed"] = sorted(failed, key=lambda f: json.dumps(f, sort_keys=True))
