@@ -460,3 +460,42 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     den = np.linalg.norm(a) * np.linalg.norm(b)
     return float(a @ b / den) if den > 0 else float(np.linalg.norm(a) == np.linalg.norm(b))
+
+
+# ---- zennit on EfficientNet-Lite0 (benchmarks/bench_peers.py; tests/test_lrp_peers.py has the
+# same two pieces for its own fixture) --------------------------------------------------------
+def _zennit_block_forward(self, inputs, drop_connect_rate=None):  # noqa: ANN001, ANN202
+    """MBConvBlock's eval forward (Lite: no squeeze-excitation) with the skip connection as a
+    zennit Sum of the stacked summands, so zennit's Norm rule applies where ours applies to the
+    ONNX Add."""
+    x = inputs
+    if self._block_args.expand_ratio != 1:
+        x = self._swish(self._bn0(self._expand_conv(inputs)))
+    x = self._swish(self._bn1(self._depthwise_conv(x)))
+    x = self._bn2(self._project_conv(x))
+    args = self._block_args
+    if self.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
+        x = self.canonizer_sum(torch.stack([inputs, x], dim=-1))
+    return x
+
+
+def zennit_effnet_canonizers(net: torch.nn.Module) -> list:
+    """zennit canonizers that make `pretrained_effnet()` the network of its ONNX export: every
+    BatchNorm merged into its conv (the export folds them) and the residual Adds as zennit Sums."""
+    from zennit.canonizers import AttributeCanonizer, NamedMergeBatchNorm
+    from zennit.layer import Sum
+
+    pairs = [(("_conv_stem",), "_bn0"), (("_conv_head",), "_bn1")]
+    for i, block in enumerate(net._blocks):
+        prefix = f"_blocks.{i}."
+        if block._block_args.expand_ratio != 1:
+            pairs.append(((prefix + "_expand_conv",), prefix + "_bn0"))
+        pairs += [((prefix + "_depthwise_conv",), prefix + "_bn1"),
+                  ((prefix + "_project_conv",), prefix + "_bn2")]
+
+    def residual(name, module):  # noqa: ANN001, ANN202
+        if type(module).__name__ != "MBConvBlock":
+            return None
+        return {"forward": _zennit_block_forward.__get__(module), "canonizer_sum": Sum()}
+
+    return [NamedMergeBatchNorm(pairs), AttributeCanonizer(residual)]
