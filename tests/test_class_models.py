@@ -101,3 +101,4 @@ def test_workflow_runs_class_models_into_the_report(tmp_path: Path) -> None:
     page = (tmp_path / "results" / "report" / "tiny.html").read_text(encoding="utf-8")
     assert "What each class looks like to the model" in page
     assert "class_models.png" in page and "named in the config" in page
+    assert page.count('id="class-models"') == 1  # the section's anchor, once
