@@ -195,6 +195,10 @@ def test_class_logit_of_a_conv_head():
 def test_bad_objectives_are_named():
     with pytest.raises(ConfigError, match="channels 0..5"):
         oj.optimize(small_net(), [ob.channel("r2", 6)], steps=1, device="cpu", threads=1)
+    old = small_net()
+    old.opset_import[0].version = 15
+    with pytest.raises(ConfigError, match="opset >= 16.*use mode seed"):
+        oj.optimize(old, [ob.class_logit(1)], steps=1, device="cpu", threads=1)
     with pytest.raises(ConfigError, match="differ in structure"):
         ob.check_batch([ob.channel("r2", 1), ob.neuron("r2", 1)])
     model = small_net()

@@ -24,6 +24,7 @@ from ..graph import cut_at
 from . import objectives as ob
 from . import optvis as ov
 from .filters import (
+    GRAPH_OPSET,
     PARAM_SIZE,
     SEED_NOISE,
     NotAGraphCase,
@@ -93,6 +94,12 @@ class ObjectiveJob:
         from . import optvis_graph as og
 
         ob.check_batch(objectives)
+        if mode == "lucent" and model_opset(model) < GRAPH_OPSET:
+            raise ConfigError(
+                f"lucent mode differentiates its random transforms with ScatterElements(add), "
+                f"opset >= {GRAPH_OPSET}; the model has opset {model_opset(model)}: re-export "
+                "it at a newer opset, or use mode seed"
+            )
         self.template = objectives[0]
         self.batch, self.mode, self.steps = batch, mode, steps
         tensors = {layer: (logits_tensor(model) if layer == ob.LOGITS else layer)
