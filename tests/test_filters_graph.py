@@ -34,6 +34,7 @@ CUDA_OPS = {
     "MatMul", "Max", "Min", "Mul", "Neg", "Pad", "ReduceMean", "ReduceSum", "Relu", "Reshape",
     "ScatterElements", "ScatterND", "Sigmoid", "Slice", "Split", "Sqrt", "Sub", "Transpose",
     "Unsqueeze", "And", "GlobalAveragePool", "Sum", "MaxPool", "HardSigmoid", "Tanh",
+    "Abs", "Sign",  # total_variation() and its backward (Sign: float, opset 13+)
 }  # fmt: skip
 
 

@@ -176,6 +176,21 @@ def test_class_logit_rises_and_padding_changes_nothing():
     assert res.final_terms[:, 1].max() < 0  # the diversity term: minus a mean cosine
 
 
+@pytest.mark.parametrize("mode", ["lucent", "seed"])
+def test_every_term_has_cuda_kernels(mode):
+    """The step and evaluation graphs of an objective with every kind of term use only ops
+    the CUDA provider has kernels for (no Shape op: shapes are initializers)."""
+    from test_filters_graph import CUDA_OPS
+
+    objs = [ob.channel("r2", c) + 2 * ob.neuron("r1", c) - 0.5 * ob.direction("r2", np.ones(6))
+            + ob.class_logit(c) + ob.diversity("r2") - 1e-3 * ob.total_variation()
+            for c in range(2)]
+    job = oj.ObjectiveJob(small_net(), objs, 2, mode=mode, steps=3, lr=0.05, norm=NORM,
+                          param_size=16, device="cpu", threads=1)
+    ops = set(og.op_types(job.spec.model)) | set(og.op_types(job.eval_graph))
+    assert ops <= CUDA_OPS and "Shape" not in ops, ops - CUDA_OPS
+
+
 def test_class_logit_of_a_conv_head():
     """Logits shaped [B, K, 1, 1] (a 1x1-conv head, SqueezeNet-like) are read as [B, K]."""
     model = small_net()
