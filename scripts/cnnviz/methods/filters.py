@@ -500,7 +500,8 @@ def visualize_layer(
 
     save_png(paths["png"], image_grid(result.images))
     kind = "" if target == row["tensor"] else ", before its activation"
-    save_curves(paths["curve"], result, f"{card.get('name')} {row['name']} ({mode}{kind})")
+    save_curves(paths["curve"], result, f"{card.get('name')} {row['name']} ({mode}{kind})",
+                "channel mean activation" if objective_for is None else "objective")
     summary = {
         "model": card.get("name"),
         "layer": row["name"],
@@ -558,7 +559,8 @@ def image_grid(images: np.ndarray, max_tile: int = MAX_TILE, sep: int = 2) -> np
     return out
 
 
-def save_curves(path: str, result: FilterResult, title: str) -> None:
+def save_curves(path: str, result: FilterResult, title: str,
+                ylabel: str = "channel mean activation") -> None:
     """Activation against step per filter (thin lines), the median (thick), start/final marks."""
     from matplotlib.figure import Figure
 
@@ -576,7 +578,7 @@ def save_curves(path: str, result: FilterResult, title: str) -> None:
     ax.axhline(float(np.median(result.start_image)), color="grey", linestyle="--",
                linewidth=1.0, label="start image (median)")
     ax.set_xlabel("step")
-    ax.set_ylabel("channel mean activation")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -129,8 +129,11 @@ def class_models_curve_caption(info: dict[str, Any]) -> str:
 
 
 def curve_caption(item: dict[str, Any]) -> str:
+    expression = " ".join(str(item["info"].get("expression") or "channel(layer, c)").split())
+    what = ("the filter's mean activation" if expression == "channel(layer, c)"
+            else f"{expression} (c = the filter)")
     return (
-        f"{item['layer']} ({item['mode']}): the filter's mean activation per optimization step "
+        f"{item['layer']} ({item['mode']}): {what} per optimization step "
         "(thin: one filter, thick: the median); red dots: the final image, untransformed. A "
         "curve that rises and flattens has converged."
     )
