@@ -41,7 +41,9 @@ channel; a filter step ~3).
 
 The plan (PLAN) is sized to fit 25 minutes on 2 quiet cores: the expensive peers run once and/or
 on fewer IG steps or occlusion patches on the large models and at batch 16, some batch-16 cells
-are estimated from batch 1; the output says which and why.
+are estimated from batch 1; the output says which and why. Issue 17's pairs add an estimated
+~8 minutes to that (not yet measured quiet; on loaded cores EfficientNet-Lite0's took 140 s at
+batch 1 and 512 s at batch 16 with 5 repeats, now 2), so the whole plan is ~35 minutes.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_peers.py [--quick] [--out FILE.md]
         [--models efficientnet-lite0,resnet50,vgg16] [--batches 1,16] [--repeats N]
@@ -152,7 +154,8 @@ class Cell:
     filter_steps: int | None = 3
     filter_rounds: int = 1
     split: bool = False  # one interleaved run per pair, sessions freed in between (memory)
-    new: bool = True  # issue 17's methods (NEW); the cheap ones at `repeats`
+    new: bool = True  # issue 17's methods (NEW)
+    new_repeats: int | None = None  # their cheap pairs' repeats (None: `repeats`)
     heavy_repeats: int = 1  # FullGrad, Ablation-CAM, RISE
     fullgrad: bool = True  # False: estimated from batch 1 (the peer ~5 s an image)
     # Ablation-CAM: measure both | estimate: the peer from a torch probe (ceil(C / 64) forwards
@@ -177,9 +180,9 @@ PLAN: dict[tuple[str, int], Cell] = {
         rise_masks=256,
         why=(
             "the target cell: full settings; Score-CAM 1 repeat (pytorch-grad-cam ~100 s)",
-            "RISE 256 masks (the pipeline's default 4000 costs ~16x on both sides: ~45 s + "
-            "~3 min a repeat); Ablation-CAM's peer estimated (20 torch forwards at batch 64, "
-            "one timed): measured once it took 210 s on loaded cores",
+            "RISE 256 masks (the pipeline's default 4000 costs ~16x on both sides: ~1.5 + ~7 "
+            "min a repeat on loaded cores); Ablation-CAM's peer estimated (20 torch forwards "
+            "at batch 64, one timed): measured once it took 210 s on loaded cores",
         ),
     ),
     ("efficientnet-lite0", 16): Cell(
@@ -199,7 +202,9 @@ PLAN: dict[tuple[str, int], Cell] = {
             "by image (FullGrad's per-channel cv2 resize ~5 s an image; Ablation-CAM one "
             "forward per channel; the paper's RISE code); cnnviz's batch-16 FullGrad is one "
             "graph call, so its estimate is pessimistic for cnnviz",
+            "issue 17's cheap pairs 2 repeats (a repeat of the ten ~70 s on loaded cores)",
         ),
+        new_repeats=2,
         fullgrad=False,
         ablation="skip",
         rise_masks=None,
@@ -219,10 +224,11 @@ PLAN: dict[tuple[str, int], Cell] = {
             "Score-CAM peer estimated: 2048 channels = 32 torch forwards at batch 64 (one such "
             "forward timed); measuring it would take ~3 min",
             "Ablation-CAM not run: pytorch-grad-cam runs the whole network once per channel "
-            "(2048: ~2 min); RISE 128 masks",
+            "(2048: ~2 min); RISE 128 masks; issue 17's cheap pairs 3 repeats",
         ),
         ablation="skip",
         rise_masks=128,
+        new_repeats=3,
     ),
     ("resnet50", 16): Cell(
         repeats=3,
@@ -239,8 +245,10 @@ PLAN: dict[tuple[str, int], Cell] = {
             "one interleaved run per pair, sessions freed in between: five batch-16 gradient "
             "sessions side by side risk running out of memory",
             "Score-CAM: 16 x batch 1 (image by image in both libraries)",
-            "FullGrad and RISE estimated as 16 x batch 1; Ablation-CAM not run",
+            "FullGrad and RISE estimated as 16 x batch 1; Ablation-CAM not run; issue 17's "
+            "cheap pairs 1 repeat",
         ),
+        new_repeats=1,
         fullgrad=False,
         ablation="skip",
         rise_masks=None,
@@ -634,7 +642,9 @@ def run_cell(
             "forward", lambda: fwd.run([out_name], {in_name: x}), torch_forward, cell.repeats, fast
         )
 
-    def cam_pair(variant: str, cls) -> Callable[[], Pair]:
+    cheap_new = cell.new_repeats or cell.repeats  # issue 17's cheap pairs
+
+    def cam_pair(variant: str, cls, repeats: int | None = None) -> Callable[[], Pair]:
         def build() -> Pair:  # explain.cam_family with one member: images per call = batch
             graph = cam.cam_graph(model, card, None, batch, (variant,))
             info["cam_tensor"] = graph.metadata["layer"]
@@ -643,7 +653,7 @@ def run_cell(
                 variant,
                 lambda: runner.run(feeds),
                 pgc_call(cls, net, layer, xt, tg),
-                cell.repeats,
+                repeats or cell.repeats,
                 fast,
             )
 
@@ -783,7 +793,7 @@ def run_cell(
             "eigencam",
             lambda: runner.run(images),
             pgc_call(EigenCAM, net, layer, xt, tg),
-            cell.repeats,
+            cheap_new,
             fast,
         )
 
@@ -838,7 +848,7 @@ def run_cell(
         info["layercam_fusion"] = {"setting": setting}
         runner = method_runner(layercam_fusion_graph(model, tensors, batch, "mean"))
         peer = pgc_call(LayerCAM, net, modules, xt, tg)
-        return pair("layercam_fusion", lambda: runner.run(feeds), peer, cell.repeats, fast)
+        return pair("layercam_fusion", lambda: runner.run(feeds), peer, cheap_new, fast)
 
     def ixg_pair() -> Pair:  # attribution.run_input_x_gradient
         from captum.attr import InputXGradient
@@ -850,7 +860,7 @@ def run_cell(
             "input_x_gradient",
             lambda: runner.run(feeds),
             lambda: peer.attribute(xt.clone().requires_grad_(), target=targets),
-            cell.repeats,
+            cheap_new,
             fast,
         )
 
@@ -879,7 +889,7 @@ def run_cell(
             "deeplift",
             lambda: runner.run(feeds, None, {"baseline": baseline}),
             captum,
-            cell.repeats,
+            cheap_new,
             (0, cell.peer_warmup),
         )
 
@@ -906,7 +916,7 @@ def run_cell(
                 with Gradient(net, comp) as attributor:
                     return attributor(xt, lambda out: seed * out)[1]
 
-            return pair(key, lambda: runner.run(feeds), zennit, cell.repeats, fast)
+            return pair(key, lambda: runner.run(feeds), zennit, cheap_new, fast)
 
         return build
 
@@ -991,8 +1001,8 @@ def run_cell(
         from pytorch_grad_cam import HiResCAM, XGradCAM
 
         named += [
-            ("hirescam", cam_pair("hirescam", HiResCAM)),
-            ("xgradcam", cam_pair("xgradcam", XGradCAM)),
+            ("hirescam", cam_pair("hirescam", HiResCAM, cheap_new)),
+            ("xgradcam", cam_pair("xgradcam", XGradCAM, cheap_new)),
             ("eigencam", eigencam_pair),
             ("input_x_gradient", ixg_pair),
             ("deeplift", deeplift_pair),
