@@ -127,3 +127,18 @@ def test_explain_records_the_rule_and_the_caption_names_it(tmp_path: Path) -> No
     deconv = json.loads((tmp_path / "d" / "index.json").read_text())["rows"]
     assert summary["deconvnet"]["maps"] and all(r["image_independent"] for r in deconv)
     assert "the same map for every image" in deconv[0]["notes"][0]
+
+
+def test_saturated_relu6_units_still_project_under_guided_backprop() -> None:
+    """conv -> ReLU6 with large weights: the strongest units sit at the ceiling 6, where the
+    activation's slope is 0. Seeded at the conv output (as the atlas is), guided backprop still
+    projects them (seeded at the ReLU6 output, every projection was a flat picture)."""
+    from test_projections import relu6_model  # the ties-at-6 model
+
+    model, card = relu6_model()
+    x = np.random.default_rng(2).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    runner = ProjectionRunner(model, card, ["conv"], 4, 2, "cpu", 1, policy="guided")
+    got = runner.project_layers(x)["conv"]
+    saturated = [item for image in got for item in image if item["value"] == 6.0]
+    assert len(saturated) >= 2
+    assert all(np.abs(item["projection"]).max() > 0 for item in saturated)

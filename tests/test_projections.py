@@ -140,9 +140,8 @@ def test_ties_at_a_relu6_ceiling_are_broken_by_the_pre_activation():
     assert info[0]["position"] == [1, 1] and info[0]["value"] == 6.0
 
 
-def test_the_graph_breaks_relu6_ties_as_the_definition():
-    """conv -> ReLU6 with large weights: most channels peak at exactly 6; the graph picks the
-    channels and positions the step-by-step reference picks from the pre-activation."""
+def relu6_model() -> tuple[onnx.ModelProto, dict]:
+    """conv 3x3 (8 channels, large weights) -> ReLU6 -> GAP -> Gemm: most channels peak at 6."""
     rng = np.random.default_rng(2)
     p = {
         "w": rng.normal(0, 2.0, size=(8, 3, 3, 3)).astype(np.float32),
@@ -165,7 +164,14 @@ def test_the_graph_breaks_relu6_ties_as_the_definition():
         "input": {"name": "input"},
         "layers": [{"name": "conv", "tensor": "a", "conv_output": "c"}],
     }
-    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    return model, card
+
+
+def test_the_graph_breaks_relu6_ties_as_the_definition():
+    """conv -> ReLU6 with large weights: most channels peak at exactly 6; the graph picks the
+    channels and positions the step-by-step reference picks from the pre-activation."""
+    model, card = relu6_model()
+    x = np.random.default_rng(2).normal(size=(2, 3, 8, 8)).astype(np.float32)
     runner = pj.ProjectionRunner(model, card, ["conv"], 4, 2, "cpu", 1, policy="deconvnet")
     got = runner.project_layers(x)["conv"]
     want = ref.Projector(model, card, ["conv"], 4).project(x, "conv", 4)

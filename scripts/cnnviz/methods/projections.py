@@ -135,8 +135,13 @@ def projection_graph(
     for index, name in enumerate(layers):
         row = find_layer(card, name)
         tensor = row["tensor"]
+        # Seeded at the pre-activation when the layer is an activation of it: the same
+        # projection wherever the activation's slope is 1, but a saturated unit (ReLU6 at 6,
+        # most top units of EfficientNet-Lite0) would otherwise project through its own zero
+        # slope to a flat picture under guided backprop or the gradient (as the atlas does).
+        pre = _ranking_tensor(model, tensor)
         core = backprop.gradient_model(
-            cut_at(model, [tensor]), policies[index], rows, seed_output=tensor,
+            cut_at(model, [tensor]), policies[index], rows, seed_output=pre or tensor,
             fallback=fallback,
         )
         seed = seed_input(core)
@@ -149,8 +154,8 @@ def projection_graph(
         seeds_name = f"{prefix}/seeds"
         names = b.inline(core, {x_name: x_rows, seed.name: seeds_name}, prefix, shared=weights)
         acts = names[tensor]
-        pre = _ranking_tensor(core, tensor)
-        rank = f"{prefix}/{pre}" if pre else acts
+        ranked_by = _ranking_tensor(core, tensor)
+        rank = f"{prefix}/{ranked_by}" if ranked_by else acts
         peaks = b.reduce("ReduceMax", rank, [2, 3])  # [rows, C]
         if b.opset >= 10:
             _, order = b.op_multi("TopK", [peaks, b.ints([k])], 2, axis=1)
@@ -205,10 +210,11 @@ def projection_graph(
     return graph
 
 
-def _ranking_tensor(core: onnx.ModelProto, tensor: str) -> str | None:
+def _ranking_tensor(model: onnx.ModelProto, tensor: str) -> str | None:
     """The pre-activation when `tensor` is a Relu/Clip/LeakyRelu of it (ranking channels by it
-    is ranking by the activation's peak with ties at the ReLU6 ceiling broken), else None."""
-    producer = next((n for n in core.graph.node if tensor in n.output), None)
+    is ranking by the activation's peak with ties at the ReLU6 ceiling broken; projections are
+    seeded there), else None."""
+    producer = next((n for n in model.graph.node if tensor in n.output), None)
     if producer is not None and producer.op_type in ("Relu", "Clip", "LeakyRelu"):
         return producer.input[0]
     return None
