@@ -35,7 +35,6 @@ from cnnviz.autodiff.rules_lrp import LrpSettings  # noqa: E402
 from cnnviz.methods.lrp import lrp_graph, pixel_bounds  # noqa: E402
 from cnnviz.runner import Runner  # noqa: E402
 from zennit.attribution import Gradient  # noqa: E402
-from zennit.canonizers import AttributeCanonizer, NamedMergeBatchNorm  # noqa: E402
 from zennit.composites import (  # noqa: E402
     EpsilonAlpha2Beta1,
     EpsilonAlpha2Beta1Flat,
@@ -45,7 +44,6 @@ from zennit.composites import (  # noqa: E402
     LayerMapComposite,
     layer_map_base,
 )
-from zennit.layer import Sum  # noqa: E402
 from zennit.torchvision import ResNetCanonizer  # noqa: E402
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "scale": 255.0}
@@ -65,37 +63,7 @@ def _onnx(net: torch.nn.Module, x: np.ndarray) -> onnx.ModelProto:
     return onnx.load_from_string(buf.getvalue())
 
 
-# ---- EfficientNet-Lite0 as zennit needs it ----------------------------------------------------
-def _block_forward(self, inputs, drop_connect_rate=None):  # noqa: ANN001, ANN202 - torch module
-    """MBConvBlock's eval forward (Lite: no squeeze-excitation) with the skip connection as a
-    zennit Sum of the stacked summands."""
-    x = inputs
-    if self._block_args.expand_ratio != 1:
-        x = self._swish(self._bn0(self._expand_conv(inputs)))
-    x = self._swish(self._bn1(self._depthwise_conv(x)))
-    x = self._bn2(self._project_conv(x))
-    args = self._block_args
-    if self.id_skip and args.stride == 1 and args.input_filters == args.output_filters:
-        x = self.canonizer_sum(torch.stack([inputs, x], dim=-1))
-    return x
-
-
-def _effnet_canonizers(net: torch.nn.Module) -> list:
-    pairs = [(("_conv_stem",), "_bn0"), (("_conv_head",), "_bn1")]
-    for i, block in enumerate(net._blocks):
-        assert not block.has_se
-        prefix = f"_blocks.{i}."
-        if block._block_args.expand_ratio != 1:
-            pairs.append(((prefix + "_expand_conv",), prefix + "_bn0"))
-        pairs += [((prefix + "_depthwise_conv",), prefix + "_bn1"),
-                  ((prefix + "_project_conv",), prefix + "_bn2")]
-
-    def residual(name, module):  # noqa: ANN001, ANN202
-        if type(module).__name__ != "MBConvBlock":
-            return None
-        return {"forward": _block_forward.__get__(module), "canonizer_sum": Sum()}
-
-    return [NamedMergeBatchNorm(pairs), AttributeCanonizer(residual)]
+# EfficientNet-Lite0 as zennit needs it: torch_oracle.zennit_effnet_canonizers
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +80,7 @@ def effnet(effnet_dir):
     x = np.stack([preprocess(Image.fromarray(p), card["preprocess"]) for p in photos])
     net = oracle.pretrained_effnet(own_head_relu6=True)
     return {"model": model, "net": net, "x": x, "pre": card["preprocess"],
-            "canonizers": lambda: _effnet_canonizers(net)}
+            "canonizers": lambda: oracle.zennit_effnet_canonizers(net)}
 
 
 @pytest.fixture(scope="module")
