@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from cnnviz import modelcard
+from cnnviz import modelcard, registry
 from cnnviz.autodiff.gradcheck import gradcheck
 from cnnviz.errors import ConfigError, ModelError
 from cnnviz.export import export_model
@@ -37,7 +37,11 @@ MEAN_BGR = [104.0, 117.0, 123.0]
 PIXEL_MEAN = np.array([124.0, 116.0, 104.0], np.float32)  # RGB, 0..255
 PIXEL_STD = np.array([58.0, 57.0, 57.5], np.float32)
 OPTIONS = {"samples": 2, "steps": 4, "window": 4, "stride": 4, "batch_size": 4}
-SIGNED = {"guided_backprop", "deconvnet", "guided_gradcam"}
+# Methods that store a signed map beside the heat map: the RGB gradient pictures and the
+# relevance pictures (their registry entries read as relevance).
+SIGNED = {"guided_backprop", "deconvnet", "guided_gradcam"} | {
+    m.name for m in registry.METHODS.values() if m.reading == registry.RELEVANCE_READING
+}
 
 
 def _weights(seed: int = 7) -> dict[str, np.ndarray]:

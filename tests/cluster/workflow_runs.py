@@ -142,7 +142,8 @@ def tiny_model_entry(path: Path, classes: int = 10, side: int = 32) -> dict:
 
 def write_config(path: Path, models: dict, enabled: Iterable[str] = (), **sections) -> Path:
     """A small run: two sample photos in one shard, one ONNX Runtime thread, the `enabled`
-    methods only (no filters, atlas or metrics); `sections` update top-level keys (dicts merged)."""
+    methods only (no filters, atlas, metrics or class models); `sections` update top-level
+    keys (dicts merged)."""
     config = {
         "output": "results",
         "device": "auto",
@@ -156,6 +157,7 @@ def write_config(path: Path, models: dict, enabled: Iterable[str] = (), **sectio
         "filters": {"enabled": False},
         "atlas": {"enabled": False},
         "metrics": {"enabled": False},
+        "class_models": {"enabled": False},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
