@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from cnnviz.artifacts import write_json  # noqa: E402
+from cnnviz.methods.objectives import FILTER_DEFAULT, NEURON_OBJECTIVE  # noqa: E402
 from cnnviz.render import overlay, save_grid_png, save_png  # noqa: E402
 
 LABELS = ["tabby cat", "espresso", "rocket", "motor scooter", "astronaut", "camera",
@@ -265,10 +266,11 @@ def _extras(
     writer.close()
     write_json(pictures_dir(proj) / "pictures.json",
                {"method": "projections", "selection": "all", "rows": 2, "pictures": drawn})
-    # filter visualization (filters.visualize_layer's files)
-    filters = model_out / "filters"
-    for row in (layers[0], layers[-1]):
-        stem = filters / f"{row['name']}.lucent"
+    # filter visualization (filters.visualize_layer's files), and the deepest layer's neuron
+    # pictures (filters.neurons: the same files under neurons/, the neuron objective)
+    jobs = [("filters", row, FILTER_DEFAULT) for row in (layers[0], layers[-1])]
+    for kind, row, expression in [*jobs, ("neurons", layers[-1], NEURON_OBJECTIVE)]:
+        stem = model_out / kind / f"{row['name']}.lucent"
         save_png(f"{stem}.png", photo(200 + row["depth"], 266, 266))
         figure = Figure(figsize=(6, 3.6), dpi=60)
         axes = figure.add_subplot()
@@ -281,6 +283,7 @@ def _extras(
                 "layer": row["name"],
                 "tensor": row["tensor"],
                 "mode": "lucent",
+                "expression": expression,
                 "filters": list(range(8)),
                 "steps": 64,
                 "lr": 0.05,

@@ -245,3 +245,32 @@ def test_filters_objective_from_the_config(tmp_path):
     with pytest.raises(ConfigError, match="objective"):
         fv.visualize_layer(model_dir, "w2", tmp_path / "out", filters=[1], steps=1,
                            device="cpu", threads=1, expression="channel(layer, c) +")
+
+
+def test_neuron_pictures_excite_the_centre_unit_and_filter_pictures_the_channel(tmp_path):
+    """`cnnviz filters --neurons` (the workflow's neuron jobs, filters.neurons): each picture
+    maximizes neuron(layer, c), the unit at the centre of filter c's map. Against the filter
+    pictures of the same filters, seed and steps: the neuron pictures drive the centre unit
+    higher, the filter pictures the channel's mean."""
+    import json
+
+    from cnnviz.cli import main
+    from test_filters import write_model_dir
+
+    model_dir = write_model_dir(tmp_path / "tiny", small_net(), IMAGENET)
+    options = json.dumps({"count": 4, "steps": 48, "batch_size": 4, "seed": 0})
+    common = ["filters", "--card", str(model_dir / "model.json"), "--layer", "w2", "--mode",
+              "seed", "--options", options, "--device", "cpu", "--threads", "1"]
+    assert main([*common, "--out-dir", str(tmp_path / "filters")]) == 0
+    assert main([*common, "--out-dir", str(tmp_path / "neurons"), "--neurons"]) == 0
+    info = json.loads((tmp_path / "neurons" / "w2.seed.json").read_text())
+    assert info["expression"] == ob.NEURON_OBJECTIVE
+    pictures = {kind: np.load(tmp_path / kind / "w2.seed.npy").transpose(0, 3, 1, 2)
+                for kind in ("filters", "neurons")}  # fmt: skip
+    r2 = {kind: _activations(small_net(), x)["r2"] for kind, x in pictures.items()}
+    side = r2["filters"].shape[-1]
+    rows = np.arange(4)
+    centre = {kind: a[rows, rows, side // 2, side // 2] for kind, a in r2.items()}
+    mean = {kind: a[rows, rows].mean((1, 2)) for kind, a in r2.items()}
+    assert np.all(centre["neurons"] > centre["filters"]), centre
+    assert np.all(mean["filters"] > mean["neurons"]), mean

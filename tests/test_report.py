@@ -50,8 +50,8 @@ def test_sections_in_order_with_anchors(report: Path) -> None:
     index = report.read_text()
     assert _ids(index) == ["models", "failed", "run"]
     model = (report.parent / "tinynet.html").read_text()
-    assert _ids(model) == ["summary", "images", "layers", "filters", "atlas", "metrics",
-                           "failed", "provenance"]  # fmt: skip
+    assert _ids(model) == ["summary", "images", "layers", "filters", "neurons", "atlas",
+                           "metrics", "failed", "provenance"]  # fmt: skip
     for section in _ids(model):  # the table of contents links every section
         assert f'href="#{section}"' in model
     image = (report.parent / "tinynet" / "chelsea.html").read_text()
@@ -128,6 +128,12 @@ def test_readable_captions_and_colour_bars(report: Path) -> None:
     assert "Grad-CAM: the layer&#39;s channels weighted" in model  # the legend of the grid
     assert "0%" in model and "(0%–0%)" in model  # blank channels per layer
     assert "filters, an input image optimized" in model and "converged" in model
+    # neuron pictures in their own section, each pair with its own anchor
+    neurons = model.split('<section id="neurons"')[1].split("</section>")[0]
+    last = re.findall(r'id="filter-([^"]+)-lucent"', model)[-1]
+    assert f'id="neuron-{last}-lucent"' in neurons and f"neurons/{last}.lucent.png" in neurons
+    assert "the one unit at the centre of that filter" in neurons
+    assert "the one unit at the centre" not in model.split('<section id="neurons"')[0]
     assert "<h4>Per method</h4>" in model and "The dashed &#39;random&#39; curve" in model
     assert 'title="Area under the class probability' in model  # how to read, per column
     assert "s000/gradcam.json</a>" in model  # per-shard details linked, not tabled

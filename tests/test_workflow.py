@@ -121,6 +121,31 @@ def test_maps_per_shard_and_only_the_selected_pictures(default_run: Path) -> Non
     assert sum("without a picture" in page.read_text() for page in pages) == 1
 
 
+def test_neuron_pictures_for_the_filter_layers(default_run: Path) -> None:
+    """filters.neurons (default [lucent]): every filter layer's lucent job has a neuron job
+    beside it, maximizing the centre unit, shown in the model page's neurons section."""
+    from cnnviz.methods.objectives import FILTER_DEFAULT, NEURON_OBJECTIVE
+
+    config = yaml.safe_load((default_run.parent / "config.yaml").read_text())
+    model = default_run / "efficientnet-lite0"
+
+    def grids(kind: str, mode: str) -> dict[str, dict]:
+        pngs = (model / kind).glob(f"*.{mode}.png")
+        return {p.name: json.loads(p.with_suffix(".json").read_text()) for p in pngs}
+
+    filters = grids("filters", "lucent")
+    assert config["filters"]["neurons"] == ["lucent"] and len(filters) == 4
+    neurons = grids("neurons", "lucent")
+    assert set(neurons) == set(filters) and not grids("neurons", "seed")
+    assert {info["expression"] for info in filters.values()} == {FILTER_DEFAULT}
+    assert {info["expression"] for info in neurons.values()} == {NEURON_OBJECTIVE}
+    for name, info in neurons.items():
+        assert info["filters"] == filters[name]["filters"] and info["steps"] == 8
+    page = (default_run / "report" / "efficientnet-lite0.html").read_text()
+    section = page.split('<section id="neurons"')[1].split("</section>")[0]
+    assert all(f"neurons/{name}" in section for name in neurons)
+
+
 def test_second_run_has_nothing_to_do(default_run: Path) -> None:
     workdir = default_run.parent
     result = run_snakemake(workdir, workdir / "config.yaml", "-n")

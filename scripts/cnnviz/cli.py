@@ -124,8 +124,11 @@ def _render(args: argparse.Namespace) -> None:
 def _filters(args: argparse.Namespace) -> None:
     from .config import section_defaults
     from .methods.filters import visualize_layer
+    from .methods.objectives import NEURON_OBJECTIVE
 
     options = {**section_defaults("filters"), **(json.loads(args.options) if args.options else {})}
+    if args.neurons:
+        options["objective"] = NEURON_OBJECTIVE
     visualize_layer(
         Path(args.card).parent,
         args.layer,
@@ -415,6 +418,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="lucent", choices=["lucent", "seed"])
     p.add_argument("--out-dir", required=True)
     p.add_argument("--options", default="{}", help="the config's filters section as JSON")
+    p.add_argument("--neurons", action="store_true",
+                   help="picture each filter's centre unit, neuron(layer, c), not `objective`")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None)
 

@@ -265,13 +265,18 @@ def class_model_pictures(wildcards):
 
 
 def filter_pictures(wildcards):
+    """The filter jobs' grids, then the neuron jobs' (filters.neurons: their modes)."""
     if not config["filters"]["enabled"]:
         return []
     return [
-        f"{OUT}/{model}/filters/{layer}.{mode}.png"
+        f"{OUT}/{model}/{kind}/{layer}.{mode}.png"
+        for kind, modes in (
+            ("filters", config["filters"]["modes"]),
+            ("neurons", config["filters"]["neurons"]),
+        )
         for model in MODELS
         for layer in filter_layers(model)
-        for mode in config["filters"]["modes"]
+        for mode in modes
     ]
 
 

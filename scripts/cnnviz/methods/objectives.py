@@ -200,6 +200,8 @@ def _tokens(text: str) -> list[tuple[str, str]]:
 
 
 FILTER_DEFAULT = "channel(layer, c)"  # filters.objective's meaning of a filter picture
+# filters.neurons' pictures: the unit at the centre of filter c's map (lucent's neuron objective)
+NEURON_OBJECTIVE = "neuron(layer, c)"
 
 
 class _Parser:

@@ -285,22 +285,42 @@ def layers_section(ctx: ModelContext) -> Section | None:
     )  # fmt: skip
 
 
-def filters_section(ctx: ModelContext) -> Section | None:
-    if not ctx.model.filters:
-        return None
-    # Shallow to deep (then lucent before seed), so the progression the seed describes shows.
+def _optimized_pictures(ctx: ModelContext, found: list[dict[str, Any]], anchor: str
+                        ) -> dict[str, Any]:
+    """The filters / neurons section's data: shallow to deep (then lucent before seed), so the
+    progression the seed describes shows; `anchor` prefixes each pair's id."""
     depth = {row["name"]: i for i, row in enumerate((ctx.model.card or {}).get("layers", []))}
-    ordered = sorted(ctx.model.filters, key=lambda it: (depth.get(it["layer"], 1 << 30),
-                                                        it["layer"], it["mode"]))
+    ordered = sorted(found, key=lambda it: (depth.get(it["layer"], 1 << 30), it["layer"],
+                                            it["mode"]))
     items = [
         {**item, "caption": captions.filter_caption(item),
          "curve_caption": captions.curve_caption(item) if item["curve"] else ""}
         for item in ordered
     ]  # fmt: skip
+    return {"items": items, "anchor": anchor}
+
+
+def filters_section(ctx: ModelContext) -> Section | None:
+    if not ctx.model.filters:
+        return None
     return Section(
-        "filters", "Filter visualization", "_filters.html", {"items": items},
+        "filters", "Filter visualization", "_filters.html",
+        _optimized_pictures(ctx, ctx.model.filters, "filter"),
         note="What each filter looks for, with no image at all: an input optimized by gradient "
         "ascent to excite one filter, beside the optimization's progress.",
+    )  # fmt: skip
+
+
+def neurons_section(ctx: ModelContext) -> Section | None:
+    if not ctx.model.neurons:
+        return None
+    return Section(
+        "neurons", "What one unit responds to", "_filters.html",
+        _optimized_pictures(ctx, ctx.model.neurons, "neuron"),
+        note="The same filters, but each picture excites only the unit at the centre of the "
+        "filter's map (lucent's neuron objective), so the pattern appears once, where that unit "
+        "looks, and its size shows the unit's receptive field; a filter picture tiles its "
+        "pattern everywhere.",
     )  # fmt: skip
 
 
@@ -475,6 +495,7 @@ SECTION_BUILDERS: list[SectionBuilder] = [
     images_section,
     layers_section,
     filters_section,
+    neurons_section,
     class_models_section,
     atlas_section,
     metrics_section,

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib import colormaps
 
 from .. import registry
+from ..methods.objectives import FILTER_DEFAULT, NEURON_OBJECTIVE
 from ..render import ACTIVATION_CMAP, HEAT_CMAP
 
 HEAT_READING = (
@@ -96,8 +97,10 @@ def filter_caption(item: dict[str, Any]) -> str:
     first = f", filter {filters[0]} top left, row-major" if filters else ""
     steps = f" after {info['steps']} steps" if info.get("steps") else ""
     expression = " ".join(str(info.get("expression") or "channel(layer, c)").split())
-    goal = ("make that filter's channel fire as much as possible" if expression ==
-            "channel(layer, c)" else f"maximize {expression} (c = the filter)")
+    goals = {FILTER_DEFAULT: "make that filter's channel fire as much as possible",
+             NEURON_OBJECTIVE: "make the one unit at the centre of that filter's map fire as "
+             "much as possible"}
+    goal = goals.get(expression, f"maximize {expression} (c = the filter)")
     return (
         f"{item['layer']} ({item['mode']}): for each of {count}, an input image optimized to "
         f"{goal}{steps}{first}. Patterns = what "

@@ -13,8 +13,9 @@ part empty. Layouts read (README "Artifacts"):
   (`pictures.json`); a row without a picture is still a map. The older per-image layout,
   `{model}/{method}/**/{image}_c{target}.png` + `.json` ({"method", "image", "target", "label",
   "layer", "time_s", "notes"}), is read too: any PNG whose JSON names an "image" counts;
-- `{model}/filters/**/{layer}.{mode}.png` + `.json` + `.curve.png`; `{model}/atlas/**/{layer}.png`
-  + `.json` + `{layer}/ch*.png` strips (atlas-reduce writes `atlas/layers/`);
+- `{model}/filters|neurons/**/{layer}.{mode}.png` + `.json` + `.curve.png`;
+  `{model}/atlas/**/{layer}.png` + `.json` + `{layer}/ch*.png` strips (atlas-reduce writes
+  `atlas/layers/`);
   `{model}/metrics/*.json` (summary.json first, with the plots it names) and
   `metrics/*/**.json` (per shard and method: linked);
 - `benchmarks/{rule}/...{model}...tsv` (Snakemake's job timings);
@@ -36,7 +37,7 @@ from .. import registry
 from ..artifacts import read_json
 from ..failures import find_failures, root_cause
 
-RESERVED = {"predictions", "activations", "filters", "atlas", "metrics", "pictures",
+RESERVED = {"predictions", "activations", "filters", "neurons", "atlas", "metrics", "pictures",
             "class_models"}
 # Display order of the per-image methods (the registry's); unknown methods follow, sorted.
 METHOD_ORDER = list(registry.METHODS)
@@ -120,6 +121,7 @@ class ModelResults:
     sparsity: list[Path] = field(default_factory=list)
     explanations: dict[str, dict[str, list[Explanation]]] = field(default_factory=dict)
     filters: list[dict[str, Any]] = field(default_factory=list)
+    neurons: list[dict[str, Any]] = field(default_factory=list)  # filters.neurons' pictures
     atlas: list[dict[str, Any]] = field(default_factory=list)
     class_models: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
@@ -266,6 +268,7 @@ def model_results(results_dir: Path, name: str) -> ModelResults:
     _read_activations(model, failed)
     _read_methods(model, failed)
     _read_filters(model)
+    _read_filters(model, "neurons")
     _read_class_models(model)
     _read_atlas(model)
     _read_metrics(model)
@@ -400,8 +403,11 @@ def _read_shard_maps(model: ModelResults, folder: Path) -> None:
             model.explanations.setdefault(method, {}).setdefault(entry.image, []).append(entry)
 
 
-def _read_filters(model: ModelResults) -> None:
-    folder = model.dir / "filters"
+def _read_filters(model: ModelResults, kind: str = "filters") -> None:
+    """`{model}/{kind}/{layer}.{mode}.png` + `.json` + `.curve.png`: kind "filters" (each
+    filter's channel, or filters.objective) or "neurons" (each filter's centre unit)."""
+    folder = model.dir / kind
+    found = getattr(model, kind)
     for png in sorted(folder.rglob("*.png")) if folder.is_dir() else []:
         if png.name.endswith(".curve.png") or not _visible(png, folder):
             continue
@@ -409,7 +415,7 @@ def _read_filters(model: ModelResults) -> None:
         info = info if isinstance(info, dict) else {}
         layer, _, mode = png.stem.rpartition(".")
         curve = png.with_name(png.stem + ".curve.png")
-        model.filters.append(
+        found.append(
             {
                 "png": png,
                 "curve": curve if curve.exists() else None,
