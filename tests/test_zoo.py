@@ -27,9 +27,15 @@ EXPORTER = {"alexnet": "dynamo", "vgg11": "dynamo", "vgg11_bn": "dynamo"}
 # 10 s per policy: their convs, pools and ReLUs are checked per op in the other families.
 NO_PER_OP = {"alexnet", "vgg11", "vgg11_bn"}
 GRADIENT_FREE = {"predictions", "activations", "scorecam", "occlusion"}
+# Families whose smallest member's export has the op types of another CI member (BatchNorm is
+# folded into the convs at export; a wide bottleneck is resnext's bottleneck with one group):
+# left to the full sweep (ZOO.md), where both pass, to keep the suite within its 30 minutes
+# (vgg11 170 s, wide_resnet50_2 92 s on 2 cores: each method pays a 0.5 GB session build).
+SAME_OPS_AS = {"vgg11": "vgg11_bn", "wide_resnet50_2": "resnext50_32x4d"}
+CI_MODELS = [m for m in zoo.resolve_models(None, smallest=True) if m not in SAME_OPS_AS]
 
 
-@pytest.mark.parametrize("name", zoo.resolve_models(None, smallest=True))
+@pytest.mark.parametrize("name", CI_MODELS)
 def test_smallest_of_each_family(name: str, tmp_path: Path) -> None:
     exporter = EXPORTER.get(name, "torchscript")
     size = zoo.size_for(name, SIZE)
