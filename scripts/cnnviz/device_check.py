@@ -301,19 +301,14 @@ def placement_session(model: onnx.ModelProto | str | os.PathLike[str] | bytes, d
                       threads: int | None = None, profile_dir: str | None = None):
     """A session like `runtime.make_session`'s, with the profiler and ORT's record of node
     assignment on, for `cuda_placement`. device "cuda" raises DeviceError where CUDA is unusable."""
-    import onnxruntime as ort
 
-    from .runtime import providers_for, session_options
+    from .runtime import open_session, providers_for, session_options
 
     options = session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(profile_dir or tempfile.mkdtemp(), "placement")
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    elif not isinstance(model, bytes):
-        model = str(model)
-    return ort.InferenceSession(model, options, providers=providers_for(device))
+    return open_session(model, options, providers_for(device))
 
 
 def sample_feeds(session, seed: int = 0) -> dict[str, np.ndarray]:
