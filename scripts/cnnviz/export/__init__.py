@@ -56,6 +56,8 @@ __all__ = ["export_model"]
 log = logging.getLogger("cnnviz.export")
 ONNX_FILE = "model.onnx"
 RELATIVE_TOLERANCE = 1e-3  # of the largest |logit|, at least 1e-3 absolute
+# model.onnx is written, and every method graph built, as one protobuf message: 2 GiB at most.
+PROTOBUF_LIMIT_BYTES = 2**31
 
 
 def export_model(
@@ -159,6 +161,8 @@ def _from_torch(
     if threads:
         torch.set_num_threads(threads)
     src = efficientnet_lite0(weights) if kind == "efficientnet" else torchvision_model(arg, weights)
+    tensors = [*src.module.parameters(), *src.module.buffers()]
+    check_weight_bytes(sum(t.numel() * t.element_size() for t in tensors), where)
     if src.note:
         log.info("%s: %s", where, src.note)
     pre = _merge_preprocess(src.preprocess, preprocess)
@@ -204,6 +208,7 @@ def _from_onnx(
     output: str | None = None,
 ) -> tuple[onnx.ModelProto, bytes, dict, list[str], str, dict, dict]:
     model, path = load_onnx_file(arg)
+    check_weight_bytes(sum(t.ByteSize() for t in model.graph.initializer), where)
     if model.ir_version > 10:
         model.ir_version = 10
     spec = read_input(model, path, (preprocess or {}).get("layout"))
@@ -542,6 +547,17 @@ def _opset(model: onnx.ModelProto) -> int:
 
 def _card_source(kind: str, arg: str, source: str) -> str:
     return f"onnx:{Path(arg).expanduser().resolve()}" if kind == "onnx" else source
+
+
+def check_weight_bytes(total: int, where: str) -> None:
+    """ModelError for a model whose weights alone pass protobuf's 2 GiB limit (torchvision's
+    regnet_y_128gf: 2.6 GB), before minutes of export end in protobuf's bare 'EncodeError'."""
+    if total >= PROTOBUF_LIMIT_BYTES:
+        raise ModelError(
+            f"{where}: {total / 1e9:.2f} GB of weights; cnnviz keeps a model (and each method's "
+            f"graph) in one ONNX protobuf message, limited to {PROTOBUF_LIMIT_BYTES / 2**30:.0f} "
+            "GiB, so models this large are not supported yet; use a smaller model of the family"
+        )
 
 
 def _serialize_checked(model: onnx.ModelProto, where: str, strict: bool = True) -> bytes:
