@@ -21,6 +21,7 @@ from cnnviz.runtime import (
     make_session,
     save_with_external_data,
     session_options,
+    session_with_external_data,
 )
 
 
@@ -43,7 +44,9 @@ def test_a_graph_given_to_onnx_runtime_as_external_data_runs_as_in_memory(
     assert data.stat().st_size >= sum(arrays[n].nbytes for n in large) > 4e6
     written = onnx.load(str(path), load_external_data=False).graph.initializer
     assert {t.name for t in written if t.data_location == onnx.TensorProto.EXTERNAL} == large
-    filed = ort.InferenceSession(str(path), session_options(1), providers=list(CPU))
+    # The session the runtime opens: its scratch folder is gone once the session exists.
+    filed = session_with_external_data(graph, session_options(1), list(CPU))
+    assert isinstance(filed, ort.InferenceSession)
     want = make_session(graph, "cpu", 1).run(None, feeds)
     got = filed.run(None, feeds)
     assert len(got) == len(want) == 3

@@ -301,7 +301,6 @@ def placement_session(model: onnx.ModelProto | str | os.PathLike[str] | bytes, d
                       threads: int | None = None, profile_dir: str | None = None):
     """A session like `runtime.make_session`'s, with the profiler and ORT's record of node
     assignment on, for `cuda_placement`. device "cuda" raises DeviceError where CUDA is unusable."""
-
     from .runtime import open_session, providers_for, session_options
 
     options = session_options(threads)

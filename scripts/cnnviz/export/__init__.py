@@ -56,7 +56,7 @@ __all__ = ["export_model"]
 log = logging.getLogger("cnnviz.export")
 ONNX_FILE = "model.onnx"
 RELATIVE_TOLERANCE = 1e-3  # of the largest |logit|, at least 1e-3 absolute
-# model.onnx is written, and every method graph built, as one protobuf message: 2 GiB at most.
+# model.onnx is written as one protobuf message (no external data yet): 2 GiB at most.
 PROTOBUF_LIMIT_BYTES = 2**31
 
 
@@ -554,9 +554,9 @@ def check_weight_bytes(total: int, where: str) -> None:
     regnet_y_128gf: 2.6 GB), before minutes of export end in protobuf's bare 'EncodeError'."""
     if total >= PROTOBUF_LIMIT_BYTES:
         raise ModelError(
-            f"{where}: {total / 1e9:.2f} GB of weights; cnnviz keeps a model (and each method's "
-            f"graph) in one ONNX protobuf message, limited to {PROTOBUF_LIMIT_BYTES / 2**30:.0f} "
-            "GiB, so models this large are not supported yet; use a smaller model of the family"
+            f"{where}: {total / 1e9:.2f} GB of weights; cnnviz writes a model's model.onnx as one "
+            f"ONNX protobuf message, limited to {PROTOBUF_LIMIT_BYTES / 2**30:.0f} GiB, so models "
+            "this large are not supported yet; use a smaller model of the family"
         )
 
 
