@@ -361,23 +361,3 @@ def test_exporters_on_a_small_module(exporter):
     x = torch.randn(3, 3, 16, 16).numpy()
     got = make_session(model, device="cpu").run(None, {"input": x})[0]
     np.testing.assert_allclose(got, torch_logits(module, x), rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("weights", "fits"), [("RegNet_Y_128GF_Weights", False), ("VGG19_BN_Weights", True)]
-)
-def test_weights_past_protobufs_limit_are_named_before_the_export(weights: str, fits: bool):
-    """torchvision's largest classifier (regnet_y_128gf, 644.8 M float32 parameters) cannot be
-    one ONNX protobuf: the export says so up front, with the size, instead of protobuf's bare
-    EncodeError after minutes. Sizes from torchvision's published parameter counts (no
-    download; building the model takes 2.6 GB and torch's meta device cannot build it)."""
-    torchvision = pytest.importorskip("torchvision")
-    from cnnviz.export import check_weight_bytes
-
-    total = 4 * getattr(torchvision.models, weights).DEFAULT.meta["num_params"]
-    where = f"model {weights!r}"
-    if fits:
-        check_weight_bytes(total, where)
-        return
-    with pytest.raises(ModelError, match=rf"{where}: 2\.58 GB of weights.*not supported yet"):
-        check_weight_bytes(total, where)

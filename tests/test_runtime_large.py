@@ -15,14 +15,8 @@ import onnx
 import onnxruntime as ort
 from cnnviz.autodiff.rules_lrp import LrpSettings
 from cnnviz.methods.lrp import lrp_graph
-from cnnviz.runtime import (
-    CPU,
-    EXTERNAL_FROM_BYTES,
-    make_session,
-    save_with_external_data,
-    session_options,
-    session_with_external_data,
-)
+from cnnviz.model_file import EXTERNAL_FROM_BYTES, save_with_external_data
+from cnnviz.runtime import CPU, make_session, session_options, session_with_external_data
 
 
 def test_a_graph_given_to_onnx_runtime_as_external_data_runs_as_in_memory(
@@ -35,8 +29,8 @@ def test_a_graph_given_to_onnx_runtime_as_external_data_runs_as_in_memory(
     x = np.random.default_rng(3).normal(size=(2, 3, 224, 224)).astype(np.float32)
     feeds = {"images": x, "targets": np.array([1, 3], np.int64)}
 
-    path = save_with_external_data(graph, tmp_path)
-    # The weights came back into the caller's graph (as raw bytes: save_model converts them).
+    path = save_with_external_data(graph, tmp_path / "graph.onnx")
+    # The caller's graph keeps its weights (they are copied out, not moved).
     for t in graph.graph.initializer:
         assert t.data_location == onnx.TensorProto.DEFAULT and not t.external_data
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), arrays[t.name])

@@ -242,8 +242,10 @@ def _capability_problems(node) -> list[str]:
 
 def element_types(model: onnx.ModelProto) -> dict[str, str]:
     """Element type name ("float", "int64", "bool", ...) of every tensor shape inference types."""
+    from .graph import weightless  # weights left out: a model past 2 GiB cannot be serialized
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+        inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=False)
     except Exception:  # noqa: BLE001 - a graph inference cannot type still has its own annotations
         inferred = model
     graph = inferred.graph
@@ -284,8 +286,10 @@ def constant_tensors(model: onnx.ModelProto) -> set[str]:
 
 
 def _static_shapes(model: onnx.ModelProto) -> set[str]:
+    from .graph import weightless
+
     try:
-        graph = onnx.shape_inference.infer_shapes(model).graph
+        graph = onnx.shape_inference.infer_shapes(weightless(model)).graph
     except Exception:  # noqa: BLE001
         graph = model.graph
     out = set()

@@ -68,7 +68,7 @@ def strip_softmax(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     keep = [n for n in graph.node if first not in n.output]
     del graph.node[:]
     graph.node.extend(keep)
-    typed = _value_infos(infer_shapes(_skeleton(out)))
+    typed = _value_infos(infer_shapes(weightless(out)))
     graph.output[0].CopyFrom(_typed_or_float(typed, logits))
     return out, True
 
@@ -77,7 +77,7 @@ def fix_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     """A copy with the leading dim of inputs and outputs fixed to `batch`, shapes inferred."""
     out = copy.deepcopy(model)
     _fix_dims(out, batch)
-    inferred = infer_shapes(_skeleton(out))
+    inferred = infer_shapes(weightless(out))
     declared = {v.name for v in out.graph.input} | {v.name for v in out.graph.output}
     declared |= {t.name for t in out.graph.initializer}
     del out.graph.value_info[:]
@@ -98,7 +98,7 @@ def _fix_dims(model: onnx.ModelProto, batch: int) -> None:
     del model.graph.value_info[:]
 
 
-def _skeleton(model: onnx.ModelProto, batch: int | None = None) -> onnx.ModelProto:
+def weightless(model: onnx.ModelProto, batch: int | None = None) -> onnx.ModelProto:
     """The model without its large weights (typed graph inputs instead): cheap to shape-infer.
 
     With `batch`, the leading dim of the real inputs and outputs is fixed to it.
@@ -149,7 +149,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 def expose(model: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:
     """A copy that also returns `tensor_names` (typed by shape inference) as graph outputs."""
     out = copy.deepcopy(model)
-    typed = _value_infos(infer_shapes(_skeleton(out)))
+    typed = _value_infos(infer_shapes(weightless(out)))
     known = set(_producers(out)) | {v.name for v in out.graph.input}
     outputs = {v.name for v in out.graph.output}
     for name in tensor_names:
@@ -250,7 +250,7 @@ def record_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose value_info gives every tensor's shape (batch dim symbolic): from shape
     inference, and for what inference cannot type (e.g. com.microsoft quantized ops) from one
     ONNX Runtime run at batch 1. Later steps then see static shapes everywhere."""
-    typed = _value_infos(infer_shapes(_skeleton(model, batch=1)))
+    typed = _value_infos(infer_shapes(weightless(model, batch=1)))
     produced = [name for node in model.graph.node for name in node.output if name]
     unknown = [n for n in produced if _static_shape(typed.get(n)) is None]
     if not unknown:
@@ -349,7 +349,7 @@ def _fill_shapes(model: onnx.ModelProto, rows: list[dict]) -> None:
     """[C, H, W] of each row's tensor from shape inference at batch 1, else from one ORT run."""
     if not rows:
         return
-    typed = _value_infos(infer_shapes(_skeleton(model, batch=1)))
+    typed = _value_infos(infer_shapes(weightless(model, batch=1)))
     missing = []
     for row in rows:
         shape = _static_shape(typed.get(row["tensor"]))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ConfigError
+from .model_file import stat_key
 
 IMAGE_SUFFIXES = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -196,12 +197,6 @@ def _jpeg_size(fh) -> tuple[int, int] | None:  # noqa: ANN001 - a binary file
 # --------------------------------------------------------------------------- what an export reads
 
 
-def _stat_key(path: Path) -> str:
-    """A file's version: its change time too, which a write sets and no one can set back."""
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
-
-
 def _load_cache(cache: Path) -> dict:
     try:
         data = json.loads(cache.read_text(encoding="utf-8"))
@@ -220,32 +215,6 @@ def _save_cache(cache: Path, data: dict) -> None:
         pass  # a cache only
 
 
-_EXTERNAL_CACHE: dict[str, list[str]] = {}
-
-
-def external_data_files(model_path: str | Path) -> list[Path]:
-    """The external data files an ONNX model's tensors name (beside the model), parsed once per
-    version of the file. Empty when the file does not parse: export reports that."""
-    path = Path(model_path)
-    key = _stat_key(path)
-    if key not in _EXTERNAL_CACHE:
-        names: set[str] = set()
-        try:
-            import onnx
-            from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-            model = onnx.load(str(path), load_external_data=False)
-            for tensor in _get_all_tensors(model):
-                if uses_external_data(tensor):
-                    entry = {e.key: e.value for e in tensor.external_data}
-                    if entry.get("location"):
-                        names.add(entry["location"])
-        except Exception:  # noqa: BLE001 - not our error to raise here
-            names = set()
-        _EXTERNAL_CACHE[key] = sorted(names)
-    return [path.parent / name for name in _EXTERNAL_CACHE[key]]
-
-
 def files_digest(paths: Sequence[str | Path], cache: str | Path | None = None) -> str:
     """sha256 over the files' contents (names and checksums), each file hashed once per version
     (size, modification and change time, inode) with `cache` (a JSON file) remembering the
@@ -257,7 +226,7 @@ def files_digest(paths: Sequence[str | Path], cache: str | Path | None = None) -
     for name in paths:
         path = Path(name)
         try:
-            key = _stat_key(path)
+            key = stat_key(path)
         except OSError:
             total.update(f"{path.name}:missing\n".encode())
             continue

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import EncodeError
 from onnx import TensorProto, helper
 
 from .errors import DeviceError
+from .model_file import save_with_external_data, serialize
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU = ["CPUExecutionProvider"]
@@ -26,8 +26,6 @@ CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 # TF32 convolutions (the CUDA provider's default) moved input-gradient maps to r 0.993-0.9987
 # against the CPU on an H200 (Grad-CAM: 0.999998); full fp32 keeps the maps the CPU's.
 CUDA_OPTIONS = {"use_tf32": "0"}
-# Weights of this many bytes or more go to external data when a graph is written that way.
-EXTERNAL_FROM_BYTES = 1024
 QUIET = 3  # ORT log severity: errors only from here on; 4 = fatal only
 
 
@@ -128,9 +126,8 @@ def open_session(
     if not isinstance(model, onnx.ModelProto):
         model = model if isinstance(model, bytes) else str(model)
         return ort.InferenceSession(model, options, providers=providers)
-    try:
-        data = model.SerializeToString()
-    except EncodeError:  # the message is 2 GiB or more
+    data = serialize(model)
+    if data is None:  # the message would be 2 GiB or more
         return session_with_external_data(model, options, providers)
     return ort.InferenceSession(data, options, providers=providers)
 
@@ -140,27 +137,8 @@ def session_with_external_data(
 ) -> ort.InferenceSession:
     """A session on `model` written to a scratch folder with its weights as external data."""
     with tempfile.TemporaryDirectory(prefix="cnnviz-large-graph-") as tmp:
-        path = save_with_external_data(model, Path(tmp))
+        path = save_with_external_data(model, Path(tmp) / "graph.onnx")
         return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def save_with_external_data(model: onnx.ModelProto, folder: Path) -> Path:
-    """`folder`/graph.onnx with its weights in `folder`/graph.onnx.data; returns the graph's
-    path. Tensors under 1 KiB stay in the graph (ORT's shape inference reads shape constants
-    only from there). `model` keeps its weights (save_model moves them out; they are read
-    back)."""
-    path = folder / "graph.onnx"
-    try:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            location=path.name + ".data",
-            size_threshold=EXTERNAL_FROM_BYTES,
-        )
-    finally:
-        onnx.load_external_data_for_model(model, str(folder))
-    return path
 
 
 def run_batched(

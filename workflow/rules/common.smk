@@ -10,7 +10,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
-from cnnviz import plan  # noqa: E402  (stdlib-only module)
+from cnnviz import model_file, plan  # noqa: E402  (no heavy imports at parse time)
 from cnnviz import audit  # noqa: E402  (its DAG-time helpers are stdlib-only)
 from cnnviz import failures  # noqa: E402  (stdlib-only at import)
 from cnnviz import registry  # noqa: E402  (stdlib-only)
@@ -163,7 +163,7 @@ def model_source_file(wildcards):
     path = _onnx_source(wildcards.model)
     if path is None or not path.is_file():
         return []
-    return [str(path)] + [str(p) for p in plan.external_data_files(path) if p.is_file()]
+    return [str(p) for p in model_file.model_files(path) if p.is_file()]
 
 
 def model_digest(wildcards):
@@ -215,8 +215,8 @@ def shard_image_sizes(shard):
 
 def mem_mb(wildcards, attempt):
     """Memory per ONNX Runtime job, estimated from the largest image of its shard (all shards
-    for a per-model job) and the model file's size, growing with each retry (plan.job_memory_mb;
-    benchmarks/bench_memory.py measured it)."""
+    for a per-model job) and the model's files (graph and external data), growing with each
+    retry (plan.job_memory_mb; benchmarks/bench_memory.py measured it)."""
     shards = [wildcards.shard] if "shard" in wildcards.keys() else sorted(SHARDS)
     sizes = [size for shard in shards for size in shard_image_sizes(shard)]
     model_bytes = 0
@@ -224,7 +224,9 @@ def mem_mb(wildcards, attempt):
         exported = Path(f"{OUT}/models/{wildcards.model}/model.onnx")
         source = exported if exported.is_file() else _onnx_source(wildcards.model)
         model_bytes = (
-            source.stat().st_size if source is not None and source.is_file() else 0
+            model_file.model_bytes(source)
+            if source is not None and source.is_file()
+            else 0
         )
     return plan.job_memory_mb(sizes, model_bytes, attempt)
 

@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
 from ..errors import ModelError
+from ..model_file import copy_without
 
 # Never evaluated at build time: nondeterministic, control flow, or too heavy for the reference
 # evaluator (ORT folds constant weights itself when it loads the session).
@@ -55,29 +56,14 @@ def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.T
         for t in model.graph.initializer
         if t.name not in inputs and int(np.prod(t.dims)) > BIG_INITIALIZER
     }
-    out = _copy_without(model, "graph")
-    out.graph.CopyFrom(_copy_without(model.graph, "initializer"))
+    out = copy_without(model, "graph")
+    out.graph.CopyFrom(copy_without(model.graph, "initializer"))
     graph = model.graph
     out.graph.initializer.extend(t for t in graph.initializer if t.name not in big)
     out.graph.input.extend(
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big.values()
     )
     return out, big
-
-
-def _copy_without(message, skip: str):
-    """A shallow-field copy of a protobuf message leaving out field `skip`."""
-    out = type(message)()
-    for field, value in message.ListFields():
-        if field.name == skip:
-            continue
-        if field.is_repeated:
-            getattr(out, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(out, field.name).CopyFrom(value)
-        else:
-            setattr(out, field.name, value)
-    return out
 
 
 def fix_batch(model: onnx.ModelProto, batch: int, skip: set[str] = frozenset()) -> None:

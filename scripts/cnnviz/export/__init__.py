@@ -1,4 +1,5 @@
-"""The export step: a model source -> results/models/{model}/model.onnx + model.json.
+"""The export step: a model source -> results/models/{model}/model.onnx + model.json (and
+model.onnx.data, the weights, for a model past protobuf's 2 GiB: `model_file`).
 
 torch sources are exported with torch.onnx.export and verified against torch on a real photo;
 an onnx:<path> source is checked and copied. Importing this package does not import torch.
@@ -7,7 +8,6 @@ an onnx:<path> source is checked and copied. Importing this package does not imp
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import time
 from datetime import datetime, timezone
@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..artifacts import write_with
 from ..errors import ConfigError, ModelError
 from ..graph import (
     conv_layers,
@@ -26,7 +25,9 @@ from ..graph import (
     quantized_ops,
     record_shapes,
     strip_softmax,
+    weightless,
 )
+from ..model_file import checksum, serialize, write_model
 from ..modelcard import save_card
 from .labels import check_count, default_labels, read_labels
 from .onnx_io import (
@@ -56,8 +57,6 @@ __all__ = ["export_model"]
 log = logging.getLogger("cnnviz.export")
 ONNX_FILE = "model.onnx"
 RELATIVE_TOLERANCE = 1e-3  # of the largest |logit|, at least 1e-3 absolute
-# model.onnx is written as one protobuf message (no external data yet): 2 GiB at most.
-PROTOBUF_LIMIT_BYTES = 2**31
 
 
 def export_model(
@@ -105,13 +104,13 @@ def export_model(
 
         exporter_info = {"torch": torch_version(), "dynamo": exporter == "dynamo"}
     layers = conv_layers(model)
-    write_with(out_dir / ONNX_FILE, lambda tmp: tmp.write_bytes(data))
+    write_model(out_dir / ONNX_FILE, data)  # past 2 GiB with model.onnx.data beside it
     card = {
         "name": name,
         "source": _card_source(kind, arg, source),
         "weights": weights_kind,
         "onnx": ONNX_FILE,
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": checksum(out_dir / ONNX_FILE),
         "opset": _opset(model),
         "input": input_entry,
         "output": {
@@ -153,7 +152,7 @@ def _from_torch(
     image: Any,
     image_name: str,
     threads: int | None,
-) -> tuple[onnx.ModelProto, bytes, dict, list[str], dict]:
+) -> tuple[onnx.ModelProto, bytes | onnx.ModelProto, dict, list[str], dict]:
     import torch
 
     from .torch_export import export_onnx, torch_logits
@@ -161,8 +160,6 @@ def _from_torch(
     if threads:
         torch.set_num_threads(threads)
     src = efficientnet_lite0(weights) if kind == "efficientnet" else torchvision_model(arg, weights)
-    tensors = [*src.module.parameters(), *src.module.buffers()]
-    check_weight_bytes(sum(t.numel() * t.element_size() for t in tensors), where)
     if src.note:
         log.info("%s: %s", where, src.note)
     pre = _merge_preprocess(src.preprocess, preprocess)
@@ -206,9 +203,8 @@ def _from_onnx(
     image_name: str,
     threads: int | None,
     output: str | None = None,
-) -> tuple[onnx.ModelProto, bytes, dict, list[str], str, dict, dict]:
+) -> tuple[onnx.ModelProto, bytes | onnx.ModelProto, dict, list[str], str, dict, dict]:
     model, path = load_onnx_file(arg)
-    check_weight_bytes(sum(t.ByteSize() for t in model.graph.initializer), where)
     if model.ir_version > 10:
         model.ir_version = 10
     spec = read_input(model, path, (preprocess or {}).get("layout"))
@@ -549,24 +545,18 @@ def _card_source(kind: str, arg: str, source: str) -> str:
     return f"onnx:{Path(arg).expanduser().resolve()}" if kind == "onnx" else source
 
 
-def check_weight_bytes(total: int, where: str) -> None:
-    """ModelError for a model whose weights alone pass protobuf's 2 GiB limit (torchvision's
-    regnet_y_128gf: 2.6 GB), before minutes of export end in protobuf's bare 'EncodeError'."""
-    if total >= PROTOBUF_LIMIT_BYTES:
-        raise ModelError(
-            f"{where}: {total / 1e9:.2f} GB of weights; cnnviz writes a model's model.onnx as one "
-            f"ONNX protobuf message, limited to {PROTOBUF_LIMIT_BYTES / 2**30:.0f} GiB, so models "
-            "this large are not supported yet; use a smaller model of the family"
-        )
+def _serialize_checked(
+    model: onnx.ModelProto, where: str, strict: bool = True
+) -> bytes | onnx.ModelProto:
+    """The model's bytes, serialized once, after onnx.checker (a warning only if not strict).
 
-
-def _serialize_checked(model: onnx.ModelProto, where: str, strict: bool = True) -> bytes:
-    """The model's bytes, serialized once, after onnx.checker (a warning only if not strict)."""
-    data = model.SerializeToString()
+    A model of 2 GiB or more cannot be one protobuf message: it is returned as it is (written
+    with external data, `model_file`), and the checker sees its graph without the weights."""
+    data = serialize(model)
     try:
-        onnx.checker.check_model(data)
+        onnx.checker.check_model(data if data is not None else weightless(model))
     except onnx.checker.ValidationError as exc:
         if strict:
             raise ModelError(f"{where}: the ONNX graph fails onnx.checker: {exc}") from exc
         log.warning("%s: onnx.checker complains (ONNX Runtime loads it): %s", where, exc)
-    return data
+    return data if data is not None else model

@@ -62,13 +62,13 @@ def drop_float_casts(model: onnx.ModelProto) -> int:
     the Casts of its inputs and outputs at the end). A Cast that writes a graph output or that
     a subgraph reads is kept; so is every Cast when types cannot be inferred."""
     from ..autodiff.prepare import sort_topologically
-    from ..graph import _skeleton, _value_infos, infer_shapes
+    from ..graph import _value_infos, infer_shapes, weightless
     from .outputs import _subgraph_names
 
     graph = model.graph
     sort_topologically(graph)
     try:
-        typed = _value_infos(infer_shapes(_skeleton(model)))
+        typed = _value_infos(infer_shapes(weightless(model)))
     except Exception:  # noqa: BLE001 - the Casts are harmless; dropping them is a nicety
         return 0
     keep = {o.name for o in graph.output}

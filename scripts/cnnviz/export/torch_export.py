@@ -54,24 +54,28 @@ def export_onnx(module: Any, size: tuple[int, int], exporter: str, where: str) -
 
 
 def _export_torchscript(module: Any, example: Any) -> onnx.ModelProto:
+    """dynamo=False, into a scratch folder: past 2 GiB of weights torch writes them beside the
+    graph as external data (a buffer cannot take them), read back here."""
     import torch
 
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        module.eval(),
-        (example,),
-        buffer,
-        input_names=[INPUT],
-        output_names=[OUTPUT],
-        dynamic_axes={INPUT: {0: BATCH}, OUTPUT: {0: BATCH}},
-        opset_version=OPSET["torchscript"],
-        dynamo=False,
-    )
-    return onnx.load_from_string(buffer.getvalue())
+    with tempfile.TemporaryDirectory(prefix="cnnviz-torchscript-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_axes={INPUT: {0: BATCH}, OUTPUT: {0: BATCH}},
+            opset_version=OPSET["torchscript"],
+            dynamo=False,
+        )
+        return _load_inlined(path)
 
 
 def _export_dynamo(module: Any, example: Any) -> onnx.ModelProto:
-    """dynamo=True, written to a scratch folder and loaded back with any external data inlined."""
+    """dynamo=True, into a scratch folder with the weights as external data (one protobuf
+    message cannot hold more than 2 GiB), read back here."""
     import torch
 
     with tempfile.TemporaryDirectory(prefix="cnnviz-dynamo-") as tmp, _quiet_dynamo():
@@ -85,10 +89,15 @@ def _export_dynamo(module: Any, example: Any) -> onnx.ModelProto:
             dynamic_axes={INPUT: {0: BATCH}, OUTPUT: {0: BATCH}},
             opset_version=OPSET["dynamo"],
             dynamo=True,
-            external_data=False,
+            external_data=True,
             verbose=False,
         )
-        model = onnx.load(str(path), load_external_data=True)
+        return _load_inlined(path)
+
+
+def _load_inlined(path: Path) -> onnx.ModelProto:
+    """The model at `path` with any external data read into its tensors (the files go away)."""
+    model = onnx.load(str(path), load_external_data=True)
     onnx.external_data_helper.convert_model_from_external_data(model)
     return model
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from functools import lru_cache
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..model_file import checksum as model_checksum
 
 PACKAGES = (
     ("onnxruntime", ("onnxruntime-gpu", "onnxruntime")),
@@ -22,14 +23,6 @@ PACKAGES = (
     ("scikit-image", ("scikit-image",)),
     ("snakemake", ("snakemake",)),
 )
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_io(io: dict[str, Any] | None) -> str:
@@ -69,7 +62,8 @@ def model_rows(results_dir: Path, name: str, card: dict[str, Any] | None) -> lis
     onnx_file = results_dir / "models" / name / str(card.get("onnx", "model.onnx"))
     check = "model file missing"
     if onnx_file.exists() and checksum:
-        check = "matches the file" if sha256(onnx_file) == checksum else "DOES NOT match the file"
+        matches = model_checksum(onnx_file) == checksum
+        check = "matches the file" if matches else "DOES NOT match the file"
     pre = card.get("preprocess") or {}
     rows = [
         ("name", card.get("name", name)),
