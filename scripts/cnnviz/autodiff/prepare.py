@@ -150,7 +150,11 @@ def elem_types(graph: onnx.GraphProto) -> dict[str, int]:
 
 
 class Constants(Mapping):
-    """Initializers that are not overridable graph inputs, decoded to numpy on first use."""
+    """Initializers that are not overridable graph inputs, decoded to numpy on use.
+
+    Small ones (shape arithmetic, read again and again) are decoded once and kept; weights are
+    decoded each time a rule asks (once or twice per node), so that a graph's builder does not
+    hold a second copy of all its weights (regnet_y_128gf: 2.6 GB)."""
 
     def __init__(self, graph: onnx.GraphProto, skip: set[str] = frozenset()) -> None:
         inputs = {i.name for i in graph.input}
@@ -160,9 +164,12 @@ class Constants(Mapping):
         self._values: dict[str, np.ndarray] = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._values:
-            self._values[name] = numpy_helper.to_array(self._protos[name])
-        return self._values[name]
+        if name in self._values:
+            return self._values[name]
+        value = numpy_helper.to_array(self._protos[name])
+        if value.size <= BIG_INITIALIZER:
+            self._values[name] = value
+        return value
 
     def shape(self, name: str) -> tuple[int, ...]:
         proto = self._protos[name]
