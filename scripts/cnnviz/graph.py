@@ -98,6 +98,18 @@ def _fix_dims(model: onnx.ModelProto, batch: int) -> None:
     del model.graph.value_info[:]
 
 
+def move_initializers(tensors: list[onnx.TensorProto], graph: onnx.GraphProto) -> None:
+    """Append `tensors` to the graph's initializers, emptying the list as it goes.
+
+    protobuf copies each tensor in; dropping each one once copied keeps a graph builder from
+    holding its weights twice (a model of a few GB: regnet_y_128gf's flipped and rule-modified
+    weights)."""
+    for i, tensor in enumerate(tensors):
+        graph.initializer.append(tensor)
+        tensors[i] = None
+    tensors.clear()
+
+
 def weightless(model: onnx.ModelProto, batch: int | None = None) -> onnx.ModelProto:
     """The model without its large weights (typed graph inputs instead): cheap to shape-infer.
 

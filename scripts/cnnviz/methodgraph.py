@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .autodiff.context import Emitter
 from .autodiff.prepare import sort_topologically
+from .graph import move_initializers
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
 TINY = 1e-30  # guards a min-max span of 0 (whose numerator is then 0 too)
@@ -139,9 +140,9 @@ class GraphBuilder(Emitter):
 
     # ---- finishing -----------------------------------------------------------------------------
     def build(self, name: str) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes, name, self.inputs, self.outputs, initializer=self.initializers
-        )
+        """The model; once only: the initializers move into it (`move_initializers`)."""
+        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs)
+        move_initializers(self.initializers, graph)
         sort_topologically(graph)
         opsets = [helper.make_opsetid(d, v) for d, v in self.opsets.items()]
         model = helper.make_model(graph, opset_imports=opsets)

@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import ConfigError
+from ..graph import move_initializers
 from .context import Context, UnsupportedOpError
 from .fallback import elementwise_input, finite_difference
 from .policies import POLICIES
@@ -94,23 +95,13 @@ def vjp(
         outputs.append(helper.make_tensor_value_info(f"grad:{w}", dtypes[w], ctx.shape(w)))
 
     graph.node.extend(ctx.nodes)
-    _move_initializers(ctx.initializers, graph)
+    move_initializers(ctx.initializers, graph)
     graph.input.extend(seed_inputs)
     graph.ClearField("output")
     graph.output.extend(outputs)
     eliminate_dead_nodes(graph, {o.name for o in outputs})
     _finish(m, model, policy, note, approximate)
     return m
-
-
-def _move_initializers(tensors: list[onnx.TensorProto], graph: onnx.GraphProto) -> None:
-    """Append `tensors` to the graph's initializers, emptying the list as it goes: protobuf
-    copies each one in, and a model's worth of flipped or rule-modified weights twice over is
-    what a large model cannot afford."""
-    for i, tensor in enumerate(tensors):
-        graph.initializer.append(tensor)
-        tensors[i] = None
-    tensors.clear()
 
 
 def _differentiate(ctx: Context, graph, adjoints: dict[str, list[str]], fallback: str) -> list:
