@@ -173,6 +173,42 @@ def _timed(step: Callable[[], str | None]) -> dict[str, Any]:
     return row
 
 
+def _in_child(
+    step: Callable[[], str | None], state: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`_timed(step)` in a forked child process, with what the step wrote into `state` brought
+    back. Each step then starts from the worker's own memory, not from what the steps before it
+    left (a model of a few GB: its export and graphs leave gigabytes the allocator keeps), as
+    each job of the workflow is its own process; a step killed for memory fails alone."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+
+    def child() -> None:
+        send.send((_timed(step), state))
+
+    started = time.perf_counter()
+    process = context.Process(target=child)
+    process.start()
+    send.close()
+    try:
+        result, changed = receive.recv()
+    except EOFError:  # the child died before it could answer
+        process.join()
+        code = process.exitcode
+        killed = " (killed: out of memory?)" if code == -9 else ""
+        return {
+            "status": "failed",
+            "seconds": round(time.perf_counter() - started, 2),
+            "reason": f"the step's process ended with exit code {code}{killed}",
+        }
+    process.join()
+    if state is not None:
+        state.update(changed)
+    return result
+
+
 def _missing_ops(model: Any) -> list[str]:
     from cnnviz.autodiff import ops_without_rules
 
@@ -192,12 +228,14 @@ def check_model(
     filters: bool = True,
     calibrate: bool = True,
     families: bool = False,
+    isolate: bool = False,
 ) -> dict[str, Any]:
     """One row of the zoo: export, ops, gradcheck per policy, every per-image step.
 
     `samples`, `per_op`, `op_samples`, `max_instances`: gradcheck's settings; `calibrate`:
     BatchNorm statistics re-estimated on noise when the random model's logits are flat (see
-    `calibrated_batchnorm`); `families`: the CAM family in one explain run (`method_groups`).
+    `calibrated_batchnorm`); `families`: the CAM family in one explain run (`method_groups`);
+    `isolate`: each step in a process of its own (`_in_child`; the sweep's worker).
     Each step's result: {"status": "ok" | "failed", "seconds", "reason" when failed}."""
     import numpy as np
     import onnx
@@ -226,10 +264,13 @@ def check_model(
             )
         row["bn_calibrated"] = bool(calibrated)
 
-    row["export"] = _timed(export)
+    def run(step: Callable[[], str | None], state: dict[str, Any] | None = None) -> dict:
+        return _in_child(step, state) if isolate else _timed(step)
+
+    row["export"] = run(export, row)
     if row["export"]["status"] != "ok":
         return row
-    model = onnx.load(str(model_dir / "model.onnx"))
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)  # dims suffice
     row["ops"] = len(model.graph.node)
     row["op_types"] = sorted({n.op_type for n in model.graph.node})
     row["missing"] = _missing_ops(model)
@@ -264,24 +305,25 @@ def check_model(
             ]
             return "; ".join(bad) + (f" — {notes[0]}" if notes else "")
 
-        row["gradcheck"][policy] = _timed(check)
+        row["gradcheck"][policy] = run(check)
 
     row["steps"] = {}
     predictions = work / "predictions.json"
-    row["steps"]["predictions"] = _timed(
+    row["steps"]["predictions"] = run(
         lambda: _predictions(model_dir, manifest, predictions, threads)
     )
-    row["steps"]["activations"] = _timed(
+    row["steps"]["activations"] = run(
         lambda: _activations(model_dir, manifest, work / "activations", threads)
     )
     options = method_options(size)
     found = predictions if predictions.is_file() else None
     for group in method_groups(families):
         outcome: dict[str, str | None] = {}
-        result = _timed(
+        result = run(
             lambda g=group, o=outcome: _explain(
                 model_dir, manifest, g, work / "explain", options, size, threads, found, o
-            )
+            ),
+            outcome,
         )
         for method in group:
             cell = dict(result)
@@ -294,7 +336,7 @@ def check_model(
                 cell["together"] = group
             row["steps"][method] = cell
     if filters:
-        row["steps"]["filters"] = _timed(lambda: _filters(model_dir, work / "filters", threads))
+        row["steps"]["filters"] = run(lambda: _filters(model_dir, work / "filters", threads))
     return row
 
 
@@ -506,6 +548,7 @@ def _one(args: argparse.Namespace) -> int:
                 filters=not args.no_filters,
                 calibrate=not args.no_calibrate,
                 families=args.families,
+                isolate=True,
             )
         except Exception as error:  # noqa: BLE001 - a row, not a crash of the sweep
             traceback.print_exc()
