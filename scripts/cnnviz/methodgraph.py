@@ -202,11 +202,14 @@ def channel_max_abs(b: GraphBuilder, signed: str) -> str:
 
 
 def seed_input(vjp_model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    """The single `seed:` input of a vjp graph."""
+    """The single `seed:` input of a vjp graph (a copy: a part of a protobuf message keeps the
+    whole message, weights and all, in memory)."""
     seeds = [i for i in vjp_model.graph.input if i.name.startswith("seed:")]
     if len(seeds) != 1:
         raise ValueError(f"expected one seed input, got {[s.name for s in seeds]}")
-    return seeds[0]
+    seed = onnx.ValueInfoProto()
+    seed.CopyFrom(seeds[0])
+    return seed
 
 
 def static_dims(value: onnx.ValueInfoProto) -> list[int]:

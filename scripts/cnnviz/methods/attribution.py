@@ -64,6 +64,7 @@ def deeplift_graph(model: onnx.ModelProto, images: int, fallback: str = "error")
     weights = {init.name for init in model.graph.initializer}
     names = b.inline(core, {x_name: x, seed.name: seeds, REF + x_name: x0}, "model",
                      shared=weights)
+    del core  # copied into the builder: freed before the graph is built and opened
     signed = b.op("Mul", [b.op("Sub", [x, x0]), names["grad:" + x_name]])
     b.output("signed", signed)
     b.output("map", b.reduce("ReduceSum", signed, [1]))

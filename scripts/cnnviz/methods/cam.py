@@ -114,9 +114,10 @@ def cam_graph(
     seed_dims = static_dims(seed)[1:]
     seeds = one_hot(b, t, int(np.prod(seed_dims)), seed_dims)
     weights = {t.name for t in model.graph.initializer}
-    names = b.inline(core, {model_input_name(model): x, seed.name: seeds}, "cam", shared=weights)
-    a, g = names[tensor], names[GRAD_PREFIX + tensor]
     shape = next(static_dims(o) for o in core.graph.output if o.name == tensor)
+    names = b.inline(core, {model_input_name(model): x, seed.name: seeds}, "cam", shared=weights)
+    del core  # copied into the builder: freed before the graph is built and opened
+    a, g = names[tensor], names[GRAD_PREFIX + tensor]
     maps = {
         v: _finish_in_graph(b, _raw_cam_in_graph(b, v, a, g), shape[2:], dims[-2:]) for v in wanted
     }

@@ -115,12 +115,13 @@ def fullgrad_graph(
     seed_dims = static_dims(seed)[1:]
     seeds = one_hot(b, t, int(np.prod(seed_dims)), seed_dims)
     weights = {init.name for init in model.graph.initializer}
+    shapes = {o.name: static_dims(o) for o in core.graph.output}
     names = b.inline(core, {x_name: x, seed.name: seeds}, "fullgrad", shared=weights)
+    del core  # copied into the builder: freed before the graph is built and opened
     size = dims[-2:]
 
     gx = b.op("Abs", [b.op("Mul", [x, names[GRAD_PREFIX + x_name]])])
     total = b.reduce("ReduceSum", scale_maps(b, gx, axes, eps), [1])  # [B, H, W]
-    shapes = {o.name: static_dims(o) for o in core.graph.output}
     by_size: dict[tuple[int, int], list[str]] = {}
     for z, bias in layers:
         g = names[GRAD_PREFIX + z]

@@ -103,6 +103,7 @@ def layercam_fusion_graph(
     weights = {init.name for init in model.graph.initializer}
     names = b.inline(core, {model_input_name(model): x, seed.name: seeds}, "layercam",
                      shared=weights)
+    del core  # copied into the builder: freed before the graph is built and opened
     size = list(dims[-2:])
     maps = []  # (low-res size, scaled map [B, h, w])
     for t in tensors:

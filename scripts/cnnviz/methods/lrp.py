@@ -120,6 +120,7 @@ def lrp_graph(
     seeds = one_hot(b, t, int(np.prod(seed_dims)), seed_dims)
     weights = {init.name for init in model.graph.initializer}
     names = b.inline(core, {name: x, seed.name: seeds}, "model", shared=weights)
+    del core  # copied into the builder: freed before the graph is built and opened
     value = names[seed.name[len(SEED_PREFIX):]]
     logit = b.reduce("ReduceSum", b.op("Mul", [b.reshape(value, [images, -1]),
                                                b.reshape(seeds, [images, -1])]), [1])
