@@ -95,6 +95,13 @@ class Context(Emitter):
             raise ModelError(f"tensor {name!r} has no inferred element type")
         return np.dtype(helper.tensor_dtype_to_np_dtype(self.dtypes[name]))
 
+    def known_const(self, array: np.ndarray, hint: str = "c") -> str:
+        """A constant that rules can read back with `value`, decoded from the graph's own copy
+        when read (LRP's rule-modified weights: not kept twice)."""
+        name = self.const(array, hint)
+        self.constants.refer(self.initializers[-1])
+        return name
+
     def value(self, name: str) -> np.ndarray | None:
         """The tensor's value when it is a constant (initializer or folded), else None."""
         return self.constants.get(name) if name else None

@@ -175,6 +175,10 @@ class Constants(Mapping):
         proto = self._protos[name]
         return tuple(proto.dims) if proto is not None else self._values[name].shape
 
+    def refer(self, proto: onnx.TensorProto) -> None:
+        """Know `proto` (a constant emitted for the backward) by its name, decoded on use."""
+        self._protos[proto.name] = proto
+
     def __setitem__(self, name: str, value: np.ndarray) -> None:
         self._protos[name] = None
         self._values[name] = value

@@ -95,10 +95,7 @@ def _weight(ctx: Context, lin: Affine, w: np.ndarray | None, hint: str) -> str:
     if w is None and lin.weight_name is not None:
         return lin.weight_name
     dtype = ctx.np_dtype(lin.node.input[0])
-    value = np.ascontiguousarray(lin.weight if w is None else w, dtype=dtype)
-    name = ctx.const(value, hint)
-    ctx.constants[name] = value
-    return name
+    return ctx.known_const(np.ascontiguousarray(lin.weight if w is None else w, dtype=dtype), hint)
 
 
 def _forward(ctx: Context, lin: Affine, w: str, x: str) -> str:
@@ -181,7 +178,8 @@ def alpha_beta_rule(lin: Affine, alpha: float, beta: float, stabilizer: float = 
         x = node.input[0]
         xp, xn = _parts(ctx, lin, x)
         wp = _weight(ctx, lin, np.maximum(lin.weight, 0), "wpos")
-        wn = _weight(ctx, lin, np.minimum(lin.weight, 0), "wneg")
+        # W- only where it is used (a signed input, or beta): z+ after a ReLU needs W+ alone
+        wn = _weight(ctx, lin, np.minimum(lin.weight, 0), "wneg") if xn or beta else None
 
         def share(w_of_xp: str, w_of_xn: str, b: np.ndarray | None) -> str:
             z = _forward(ctx, lin, w_of_xp, xp)
@@ -472,7 +470,8 @@ def affine(
         if weight.ndim != 2:
             return None
         out_axis, m, channel_shape, bias = 1, weight.shape[1], (weight.shape[1],), None
-    weight = np.asarray(weight, np.float64)
+    # The weight as stored (float64 only once a BatchNorm is merged in): a model's weights
+    # twice over in float64 is more than a large model can hold (regnet_y_128gf: 5.2 GB).
     bias = None if bias is None else np.asarray(bias, np.float64)
     lin = Affine(node, weight, bias, node.input[1], node.output[0], [],
                  _nonnegative(ctx, node.input[0], producers),
