@@ -75,6 +75,7 @@ class Context(Emitter):
         self.opset = opset
         self.policy = policy
         self.node_rules: dict = {}  # {node's first output: Rule}, see builder.NodeRules
+        self.flipped_bytes = 0  # weights copied as flipped kernels so far (rules.FLIP_BUDGET_BYTES)
 
     # ---- facts about forward tensors -------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:

@@ -17,6 +17,10 @@ from .context import Context, UnsupportedOpError, attrs_of
 
 Rule = Callable[[Context, onnx.NodeProto, list], list]
 RULES: dict[str, Rule] = {}
+# Flipped kernels (`_flipped_conv`) are copies of the weights; past this many bytes of them in
+# one graph the backward uses ConvTranspose on the weight itself. Every model up to
+# EfficientNetV2-L (~0.5 GB of conv weights) stays under it; regnet_y_128gf (2.6 GB) needs it.
+FLIP_BUDGET_BYTES = 2**30
 
 
 def register(*op_types: str) -> Callable[[Rule], Rule]:
@@ -396,6 +400,9 @@ def _flipped_conv(ctx, node, gy, group, kernel, strides, dil, pads) -> str | Non
     new_pads = [eff[i % nd] - 1 - p for i, p in enumerate(pads)]
     if any(p < 0 for p in new_pads):
         return None
+    if ctx.flipped_bytes + weight.nbytes > FLIP_BUDGET_BYTES:
+        return None  # the ConvTranspose reads the weight itself: no copy
+    ctx.flipped_bytes += weight.nbytes
     m, cin_g = weight.shape[:2]
     w = weight.reshape(group, m // group, cin_g, *kernel).swapaxes(1, 2)
     w = w.reshape(group * cin_g, m // group, *kernel)
