@@ -117,8 +117,8 @@ MEM_PER_MEGAPIXEL_MB = 40  # jobs after staging, per staged megapixel
 STAGE_PER_MEGAPIXEL_MB = 16  # staging, per megapixel of the file as it is
 # Times the size of the model's files: the model, the graphs built from it (LRP's and the flipped
 # convolutions' copies of the weights) and their sessions. regnet_y_128gf (2.58 GB of weights)
-# peaked at 20 GB in its heaviest job, ~8x (benchmarks/ZOO.md).
-MEM_MODEL_FACTOR = 8
+# peaked at 22.9 GB in its heaviest job (Ablation-CAM), ~9x (benchmarks/ZOO.md).
+MEM_MODEL_FACTOR = 9
 REFUSED_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: larger images are refused undecoded
 
 
