@@ -34,10 +34,7 @@ def export_onnx(module: Any, size: tuple[int, int], exporter: str, where: str) -
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            if exporter == "dynamo":
-                model = _export_dynamo(module, example)
-            else:
-                model = _export_torchscript(module, example)
+            model = _export(module, example, exporter)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - exporters raise many types
@@ -53,12 +50,15 @@ def export_onnx(module: Any, size: tuple[int, int], exporter: str, where: str) -
     return model
 
 
-def _export_torchscript(module: Any, example: Any) -> onnx.ModelProto:
-    """dynamo=False, into a scratch folder: past 2 GiB of weights torch writes them beside the
-    graph as external data (a buffer cannot take them), read back here."""
+def _export(module: Any, example: Any, exporter: str) -> onnx.ModelProto:
+    """torch.onnx.export into a scratch folder, read back with any external data inlined: past
+    2 GiB of weights both exporters write them beside the graph (a buffer cannot take them;
+    dynamo is told to, TorchScript does it by itself)."""
     import torch
 
-    with tempfile.TemporaryDirectory(prefix="cnnviz-torchscript-") as tmp:
+    dynamo = exporter == "dynamo"
+    quiet = _quiet_dynamo() if dynamo else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix=f"cnnviz-{exporter}-") as tmp, quiet:
         path = Path(tmp) / "model.onnx"
         torch.onnx.export(
             module.eval(),
@@ -67,30 +67,9 @@ def _export_torchscript(module: Any, example: Any) -> onnx.ModelProto:
             input_names=[INPUT],
             output_names=[OUTPUT],
             dynamic_axes={INPUT: {0: BATCH}, OUTPUT: {0: BATCH}},
-            opset_version=OPSET["torchscript"],
-            dynamo=False,
-        )
-        return _load_inlined(path)
-
-
-def _export_dynamo(module: Any, example: Any) -> onnx.ModelProto:
-    """dynamo=True, into a scratch folder with the weights as external data (one protobuf
-    message cannot hold more than 2 GiB), read back here."""
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="cnnviz-dynamo-") as tmp, _quiet_dynamo():
-        path = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            module.eval(),
-            (example,),
-            str(path),
-            input_names=[INPUT],
-            output_names=[OUTPUT],
-            dynamic_axes={INPUT: {0: BATCH}, OUTPUT: {0: BATCH}},
-            opset_version=OPSET["dynamo"],
-            dynamo=True,
-            external_data=True,
-            verbose=False,
+            opset_version=OPSET[exporter],
+            dynamo=dynamo,
+            **({"external_data": True, "verbose": False} if dynamo else {}),
         )
         return _load_inlined(path)
 
