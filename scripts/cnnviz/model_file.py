@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import onnx
 
-PROTOBUF_LIMIT_BYTES = 2**31
 # Tensors under 1 KiB stay in the graph: ORT's shape inference reads shape constants only there.
 EXTERNAL_FROM_BYTES = 1024
 DATA_SUFFIX = ".data"

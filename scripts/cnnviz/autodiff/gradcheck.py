@@ -181,16 +181,17 @@ def end_to_end(model, x, policy, modified, device, rng, samples, eps, layer, ten
     row: dict[str, Any] = {"check": "end_to_end", "target": target, "eps": eps}
     layer_row = None
     start = time.perf_counter()
-    try:
-        if failure is not None:
-            raise failure
+    if failure is None:
         wanted = [f"grad:{name}"] + ([tensor, f"grad:{tensor}"] if tensor else [])
-        got = session.run(wanted, {name: x, f"seed:{logits_name}": seed})
-    except Exception as err:  # noqa: BLE001 - reported as the check's result
+        try:
+            got = session.run(wanted, {name: x, f"seed:{logits_name}": seed})
+        except Exception as err:  # noqa: BLE001 - reported as the check's result
+            failure = err
+    if failure is not None:
         from .context import UnsupportedOpError
 
-        status = "unsupported" if isinstance(err, UnsupportedOpError) else "error"
-        row.update(status=status, note=f"{type(err).__name__}: {err}")
+        status = "unsupported" if isinstance(failure, UnsupportedOpError) else "error"
+        row.update(status=status, note=f"{type(failure).__name__}: {failure}")
         return row, ({"check": "layer", "layer": layer, **row} if layer else None)
     row["engine_seconds"] = round(built + time.perf_counter() - start, 3)
     if modified:
