@@ -811,7 +811,7 @@ def run_cell(
             for i, t in enumerate(targets):
                 channels = gf.ablation_plan(acts[i])
                 counts.update(channels=int(acts.shape[1]), ablated=len(channels))
-                w, _ = gf.ablation_weights(scorer, x[i : i + 1], t, channels, acts.shape[1])
+                w, _ = gf.ablation_weights(scorer, x[i : i + 1], acts[i : i + 1], t, channels)
                 weights.append(w)
             return finisher.run({"acts": acts, "weights": np.stack(weights)})["map"]
 

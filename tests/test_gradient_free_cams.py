@@ -184,13 +184,14 @@ def test_ablationcam_matches_the_definition(skip):
     x = RNG.uniform(-1, 1, size=(2, C, H, W)).astype(np.float32)
     acts_graph, scores_graph, finish_graph, tensor = gf.ablation_graphs(model, CARD, None, 2, 4)
     assert tensor == "A"
+    assert ("images" in scores_graph.image_inputs) == skip  # only a path around the layer reads it
     acts = Runner(acts_graph, "cpu", 1).run({"images": x})["acts"]
     scorer = Runner(scores_graph, "cpu", 1)
     weights = []
     for i, target in enumerate([0, 2]):
         channels = gf.ablation_plan(acts[i])
         assert 3 not in channels and len(channels) == 5  # the dead channel is not run
-        w, score = gf.ablation_weights(scorer, x[i : i + 1], target, channels, 6)
+        w, score = gf.ablation_weights(scorer, x[i : i + 1], acts[i : i + 1], target, channels)
         want_map, want_w = _ablation_reference(x[i], target, skip)
         np.testing.assert_allclose(w, want_w, rtol=1e-4, atol=1e-5)
         weights.append(w)
@@ -204,8 +205,10 @@ def test_ablation_scores_are_the_tail_run_on_zeroed_channels():
     """Every channel, calls of 4 with padding: each score equals a plain forward of the model
     with that channel's conv bias driven to -inf (the channel dead): the tail is the model's."""
     x = RNG.uniform(-1, 1, size=(1, C, H, W)).astype(np.float32)
-    _, scores_graph, _, _ = gf.ablation_graphs(NET, CARD, None, 1, 4)
-    out = Runner(scores_graph, "cpu", 1).run({"images": x, "targets": np.array([1])},
+    acts_graph, scores_graph, _, _ = gf.ablation_graphs(NET, CARD, None, 1, 4)
+    assert "images" not in scores_graph.image_inputs  # the tail does not read the input
+    acts = Runner(acts_graph, "cpu", 1).run({"images": x})["acts"]
+    out = Runner(scores_graph, "cpu", 1).run({"acts": acts, "targets": np.array([1])},
                                              {"channels": np.arange(6)})
     forward = make_session(NET, "cpu", 1)
     assert out["score"][0] == pytest.approx(forward.run(None, {"input": x})[0][0, 1], rel=1e-5)

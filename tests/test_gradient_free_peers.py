@@ -118,7 +118,7 @@ def test_ablationcam_matches_pytorch_grad_cam(name, request):
     acts = acts_runner.run({"images": x})["acts"]
     channels = np.arange(acts.shape[1])[subset]
     live = np.intersect1d(channels, gf.ablation_plan(acts[0]))
-    weights, _ = gf.ablation_weights(scorer, x, target, live, acts.shape[1])
+    weights, _ = gf.ablation_weights(scorer, x, acts, target, live)
     ours = finisher.run({"acts": acts, "weights": weights[None]})["map"][0]
     theirs = _peer_maps(case, AblationCAM, x, [target], batch_size=32,
                         ablation_layer=SubsetLayer())[0]

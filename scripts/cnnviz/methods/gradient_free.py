@@ -14,9 +14,10 @@
   class-agnostic: one per image, whatever the target.
 - ablationcam (Desai & Ramaswamy 2020; pytorch-grad-cam's AblationCAM): channel k of the layer
   zeroed, the tail of the network run from the layer on the ablated maps, the target logit y_k;
-  w_k = (y - y_k) / y; cam = ReLU(sum_k w_k A_k). The prefix runs once per image, the tail on a
-  call's worth of ablated copies at once. All-zero channels (many in sparse ReLU maps) change
-  nothing when zeroed: they are not run and weigh 0 (their y_k = y, as the peer computes it).
+  w_k = (y - y_k) / y; cam = ReLU(sum_k w_k A_k). The prefix runs once for all images (the
+  layer's maps are the scorer's input), the tail on a call's worth of ablated copies at once.
+  All-zero channels (many in sparse ReLU maps) change nothing when zeroed: they are not run and
+  weigh 0 (their y_k = y, as the peer computes it).
   The peer zeroes a channel when its layer's minimum is 0 (every ReLU layer) and otherwise sets
   it to min - 1e7; zeroing is the paper's ablation, and the one here.
 - rise (Petsiuk et al. 2018): N random binary s x s grids (each cell kept with probability p),
@@ -180,10 +181,12 @@ def ablation_graphs(model: onnx.ModelProto, card: dict[str, Any], layer: str | N
     """Ablation-CAM as three graphs around a per-image choice of channels (`ablation_plan`):
 
     - `acts`: images [B, 3, H, W] -> `acts` [B, C, h, w], the layer's maps;
-    - `scores`: one image and target, the call's `points` channels (`channels` [P] int64, a
-      per-point input; -1 ablates nothing) -> `score` [1] the target logit of the image and
-      `scores` [1, P] the target logits with each channel zeroed (the prefix once, the tail on
-      P + 1 rows);
+    - `scores`: one image's maps (`acts` [1, C, h, w], and `images` [1, 3, H, W] only when
+      the tail also reads the input: a path around the layer) and target, the call's `points`
+      channels (`channels` [P] int64, a per-point input; -1 ablates nothing) -> `score` [1] the
+      target logit of the image and `scores` [1, P] the target logits with each channel zeroed
+      (the tail alone, on P + 1 rows: the prefix is not run again per call, which on a large
+      model was most of the method's time);
     - `finish`: `acts` [B, C, h, w] and `weights` [B, C] -> `map` [B, H, W].
     """
     from ..autodiff.prepare import prepare
@@ -203,24 +206,30 @@ def ablation_graphs(model: onnx.ModelProto, card: dict[str, Any], layer: str | N
 
     b = GraphBuilder.for_model(model)
     x, t, dims = _image_inputs(b, model, 1)
+    a = b.input("acts", FLOAT, [1, channels, *low])
     chosen = b.input("channels", INT64, [points])
-    a, _ = _layer_acts(b, model, x, tensor, 1, "prefix")
     keep = b.op("Sub", [b.f(1.0), one_hot(b, chosen, channels, [channels])])  # [P, C]
     ablated = b.op("Mul", [a, b.reshape(keep, [points, channels, 1, 1])])
     rows = points + 1
     tail = prepare(tail_model(model, tensor, [_output_name(card, model)]), rows)
     feeds = {tensor: b.op("Concat", [a, ablated], axis=0)}
     x_name = model_input_name(model)
-    if any(i.name == x_name for i in tail.graph.input):  # a path around the layer
+    reads_input = any(i.name == x_name for i in tail.graph.input)  # a path around the layer
+    if reads_input:
         feeds[x_name] = repeat_rows(b, x, [1, *dims], rows)
+    else:
+        b.inputs = [i for i in b.inputs if i.name != "images"]
     names = b.inline(tail, feeds, "tail")
     scores = _target_scores(b, card, names[tail.graph.output[0].name], rows,
                             repeat_rows(b, t, [1], rows), probability=False)
     b.output("score", b.op("Slice", [scores, b.ints([0]), b.ints([1]), b.ints([0])]))
     b.output("scores", b.reshape(
         b.op("Slice", [scores, b.ints([1]), b.ints([rows]), b.ints([0])]), [1, points]))
-    scorer = MethodGraph(b.build("ablationcam_scores"), 1, points, point_inputs=("channels",),
-                         per_point=("scores",), point_padding={"channels": -1})
+    scorer = MethodGraph(b.build("ablationcam_scores"), 1, points,
+                         image_inputs=("images", "acts", "targets") if reads_input
+                         else ("acts", "targets"),
+                         point_inputs=("channels",), per_point=("scores",),
+                         point_padding={"channels": -1})
 
     b = GraphBuilder.for_model(model)
     a = b.input("acts", FLOAT, [images, channels, *low])
@@ -237,17 +246,19 @@ def ablation_plan(acts: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.any(flat != 0, axis=1))
 
 
-def ablation_weights(scorer: Any, image: np.ndarray, target: int, channels: np.ndarray,
-                     count: int) -> tuple[np.ndarray, float]:
-    """One image's weights [count] (float32) w_k = (y - y_k) / y over the ablated `channels`
+def ablation_weights(scorer: Any, image: np.ndarray, acts: np.ndarray, target: int,
+                     channels: np.ndarray) -> tuple[np.ndarray, float]:
+    """One image's weights [C] (float32) w_k = (y - y_k) / y over the ablated `channels`
     (0 elsewhere: zeroing an all-zero channel changes nothing), and y, its target logit.
-    `scorer`: the runner of `ablation_graphs`' scores graph; image [1, 3, H, W]."""
+    `scorer`: the runner of `ablation_graphs`' scores graph; image [1, 3, H, W], acts its layer
+    maps [1, C, h, w] (from the acts graph)."""
     channels = np.asarray(channels, np.int64)
     fed = channels if len(channels) else np.array([-1], np.int64)  # -1: the image itself
-    out = scorer.run({"images": image, "targets": np.array([target], np.int64)},
+    feeds = {"images": image, "acts": acts, "targets": np.array([target], np.int64)}
+    out = scorer.run({k: v for k, v in feeds.items() if k in scorer.graph.image_inputs},
                      {"channels": fed})
     score = float(out["score"][0])
-    weights = np.zeros(count, np.float64)
+    weights = np.zeros(acts.shape[1], np.float64)
     ablated = out["scores"][0][: len(channels)].astype(np.float64)
     weights[channels] = (score - ablated) / score
     return weights.astype(np.float32), score
@@ -270,7 +281,7 @@ def run_ablationcam(job: Any) -> Iterator[Any]:
     for i, target in job.rows:
         own = acts[position[i]]
         channels = ablation_plan(own)
-        w, score = ablation_weights(scorer, job.inputs[i : i + 1], target, channels, len(own))
+        w, score = ablation_weights(scorer, job.inputs[i : i + 1], own[None], target, channels)
         weights.append(w)
         infos.append({"layer": tensor, "channels": len(own), "ablated": len(channels),
                       "score": round(score, 6)})
